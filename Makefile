@@ -1,0 +1,43 @@
+# rnnscale: every target sets itself up on a fresh machine (Python 3.10+ on PATH as python3).
+#   make quickstart   create .venv, install, train the quickstart run, print where it is
+#   make test         create .venv if missing, install .[dev], run the whole test suite
+#   make lint         ruff + the import-direction contract
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch goes in first, and is pinned for every later install: DeepSpeed builds against it, and
+# without the pin pip may swap it for another build while resolving torchvision (pulled in by
+# mosaicml-streaming). torchvision must come from the same build as torch, or it fails to import.
+# On a GPU cluster set TORCH_SPEC to the build that matches your CUDA.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.rnnscale-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv quickstart test lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	$(PY) -c "from importlib.metadata import version as v; print(f'torch=={v(\"torch\")}\ntorchvision=={v(\"torchvision\")}')" > $(VENV)/constraints.txt
+	@$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install -c $(VENV)/constraints.txt --no-build-isolation deepspeed
+	$(PIP) install -c $(VENV)/constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/rnnscale train configs/debug_cpu.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

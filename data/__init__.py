@@ -1,0 +1,1 @@
+"""rnnscale.data: token sources, document packing into rows with cu_seqlens, batches."""

@@ -1,0 +1,6 @@
+"""rnnscale.kernels: the recurrent scans as pure functions on tensors.
+
+Layout `[B, T, H, K]` for queries and keys, `[B, T, H, V]` for values and outputs, recurrent
+state `[N, H, K, V]`. Every op returns `(out, final_state)`. This package knows nothing of
+configs, modules or torch.distributed (docs/architecture.md).
+"""

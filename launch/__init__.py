@@ -1,0 +1,1 @@
+"""rnnscale.launch: how processes start (the `rnnscale` command); the work is train.run(cfg)."""

@@ -1,0 +1,76 @@
+"""The `rnnscale` command and `python -m rnnscale.train`, as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def rnnscale(*args, cwd):
+    return subprocess.run(
+        [str(BIN / "rnnscale"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [("optim.lrr=1", "optim.lrr"), ("train.max_steps=abc", "train.max_steps")],
+)
+def test_train_refuses_bad_config_at_once(repo_root, tmp_path, override, needle):
+    r = rnnscale(
+        "train", "configs/debug_cpu.yaml", override, f"run.dir={tmp_path}/run", cwd=repo_root
+    )
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_config_show_prints_the_resolved_config(repo_root):
+    r = rnnscale("config", "show", "configs/debug_cpu.yaml", "optim.lr=0.5", cwd=repo_root)
+    assert r.returncode == 0, r.stderr
+    assert "lr: 0.5" in r.stdout and "mixer_pattern: [gla, attn]" in r.stdout
+
+
+def test_no_subcommand_is_usage_error(repo_root):
+    r = rnnscale(cwd=repo_root)
+    assert r.returncode == 2 and "usage: rnnscale" in r.stderr
+
+
+def test_module_entry_trains(repo_root, tmp_path):
+    run_dir = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnscale.train",
+            "configs/debug_cpu.yaml",
+            "train.max_steps=3",
+            f"run.dir={run_dir}",
+            "log.progress_bar=false",
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert "max_steps: 3" in (run_dir / "config.yaml").read_text()
+    bad = subprocess.run(
+        [sys.executable, "-m", "rnnscale.train", "configs/debug_cpu.yaml", "optim.lrr=1"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "optim.lrr" in bad.stderr

@@ -1,0 +1,132 @@
+import dataclasses
+import os
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rnnscale.train.config import (
+    ConfigError,
+    RunConfig,
+    dump_yaml,
+    from_dict,
+    load_config,
+    reference_markdown,
+)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert any(p.name == "debug_cpu.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    # the resolved YAML loads back to the same tree
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_overrides_apply_with_yaml_types(repo_root):
+    cfg = load_config(
+        repo_root / "configs/debug_cpu.yaml",
+        [
+            "optim.lr=1e-3",
+            "optim.eps=2E+1",
+            "train.max_steps=7",
+            "model.mixer_pattern=[attn, gla, gla]",
+            "log.progress_bar=false",
+            "run.name=x",
+            "optim.betas=[0.8, 0.9]",
+        ],
+    )
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float) and cfg.optim.eps == 20.0
+    assert cfg.train.max_steps == 7
+    assert cfg.model.mixer_pattern == ["attn", "gla", "gla"]
+    assert cfg.log.progress_bar is False
+    assert cfg.run_dir == Path("runs/x")
+    assert cfg.optim.betas == [0.8, 0.9]
+
+
+def test_integer_given_for_float_is_a_float():
+    assert from_dict({"optim": {"lr": 1}}).optim.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "optim.lrr=1",
+            r"optim\.lrr: unknown key; valid keys under optim: lr, .*did you mean optim\.lr",
+        ),
+        ("optimm.lr=1", r"optimm: unknown key; valid keys: run, model"),
+        ("train.max_steps=abc", r"train\.max_steps: expected an integer, got 'abc'"),
+        ("train.max_steps=1.5", r"train\.max_steps: expected an integer, got 1\.5"),
+        ("log.progress_bar=yes please", r"log\.progress_bar: expected true or false"),
+        (
+            "schedule.kind=exp",
+            r"schedule\.kind: 'exp' \(str\) is not one of: cosine, linear, wsd, constant",
+        ),
+        (
+            "model.mixer_pattern=[gla, mamba9]",
+            r"model\.mixer_pattern\[1\]: 'mamba9' .* not one of: gla, attn",
+        ),
+        ("model.mixer_pattern=gla", r"model\.mixer_pattern: expected a list"),
+        ("model.gla.chunk_size=0", r"model\.gla\.chunk_size: must be > 0"),
+        ("model.d_model=65", r"model\.d_model: must divide by model\.num_heads=2"),
+        (
+            "train.global_batch_size=6",
+            r"train\.global_batch_size: must be a multiple of train\.micro_batch_size",
+        ),
+        ("optim.betas=[0.9]", r"optim\.betas: must be two numbers"),
+        ("optim.lr.x=1", r"optim\.lr is not a section"),
+        ("optim.lr", r"not of the form section\.key=value"),
+        ("model=3", r"model: expected a mapping"),
+    ],
+)
+def test_bad_values_name_their_dotted_path(repo_root, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(repo_root / "configs/debug_cpu.yaml", [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+
+
+def _fields(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield f"{prefix}{f.name}", f
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _fields(hints[f.name], f"{prefix}{f.name}.")
+
+
+def test_every_field_is_documented():
+    fields = dict(_fields(RunConfig))
+    assert "model.gla.chunk_size" in fields
+    undocumented = [name for name, f in fields.items() if not f.metadata.get("doc")]
+    assert undocumented == []
+
+
+def test_defaults_are_valid():
+    from_dict({})
+
+
+def test_config_reference_doc_is_current(repo_root):
+    doc_path = repo_root / "docs" / "configs.md"
+    text = reference_markdown()
+    if os.environ.get("RNNSCALE_UPDATE_DOCS"):
+        doc_path.write_text(text)
+    assert doc_path.read_text() == text, "regenerate: see the top of docs/configs.md"

@@ -1,0 +1,30 @@
+"""`python -m rnnscale.train CONFIG [key=value ...]`: train in this process.
+
+This is what torchrun, DeepSpeed's launcher and Ray workers start; `rnnscale train` is the
+command for people.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from rnnscale.train import run
+from rnnscale.train.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m rnnscale.train CONFIG [key=value ...]")
+        return 0 if argv else 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,409 @@
+"""The run configuration: one tree of dataclasses, loaded from YAML with dotted overrides.
+
+    cfg = load_config("configs/debug_cpu.yaml", ["optim.lr=3e-4", "train.max_steps=50"])
+
+Every field carries its documentation in `field(metadata={"doc": ...})` (see `doc()`), so the
+reference in docs/ can be generated from the code. Loading checks every key and value against the
+dataclasses before anything starts: an unknown key, a wrong type or a value out of range raises
+`ConfigError` naming the dotted path and what is allowed. This module imports no torch, so the
+CLI can reject a bad config at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+MixerName = Literal["gla", "attn"]
+"""Token mixers that `model.mixer_pattern` may name (the keys of `rnnscale.train.model.MIXERS`)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; read it as a number, as YAML 1.2 and users do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the dotted path."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and its documentation (lists are copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def section(cls: type, text: str) -> Any:
+    """A nested config section with its documentation."""
+    return field(default_factory=cls, metadata={"doc": text})
+
+
+@dataclass
+class RunSection:
+    name: str = doc("run", "Name of the run; also its directory name under runs/ by default.")
+    dir: str = doc("", "Run directory (config.yaml, metrics.jsonl). Empty: runs/<run.name>.")
+    seed: int = doc(0, "Seed of the Python, NumPy and torch generators and of synthetic data.")
+
+    def check(self, path: str) -> None:
+        _require(self.name.strip() != "", f"{path}.name", "must not be empty")
+        _require("/" not in self.name, f"{path}.name", "must not contain '/' (use run.dir)")
+
+
+@dataclass
+class GLASection:
+    expand_k: float = doc(0.5, "Key width per head as a fraction of the head width (GLA uses 0.5).")
+    expand_v: float = doc(1.0, "Value width per head as a fraction of the head width.")
+    gate_low_rank_dim: int = doc(16, "Rank of the low-rank projection that makes the forget gate.")
+    gate_logit_normalizer: float = doc(
+        16.0, "Divides logsigmoid(gate logits): keeps the decay near 1 at init (GLA paper: 16)."
+    )
+    chunk_size: int = doc(16, "Chunk length C of the chunkwise scan (the PyTorch path).")
+
+    def check(self, path: str) -> None:
+        _require(self.expand_k > 0, f"{path}.expand_k", "must be > 0")
+        _require(self.expand_v > 0, f"{path}.expand_v", "must be > 0")
+        _require(self.gate_low_rank_dim > 0, f"{path}.gate_low_rank_dim", "must be > 0")
+        _require(self.gate_logit_normalizer > 0, f"{path}.gate_logit_normalizer", "must be > 0")
+        _require(self.chunk_size > 0, f"{path}.chunk_size", "must be > 0")
+
+
+@dataclass
+class AttnSection:
+    rope_theta: float = doc(10000.0, "Base of the rotary position embedding.")
+
+    def check(self, path: str) -> None:
+        _require(self.rope_theta > 0, f"{path}.rope_theta", "must be > 0")
+
+
+@dataclass
+class ModelSection:
+    vocab_size: int = doc(512, "Vocabulary size (rows of the embedding and the output head).")
+    d_model: int = doc(64, "Width of the residual stream.")
+    num_layers: int = doc(2, "Number of blocks (mixer + MLP).")
+    num_heads: int = doc(2, "Heads of every token mixer; d_model must divide by it.")
+    mixer_pattern: list[MixerName] = doc(
+        ["gla", "attn"], "Token mixers, tiled over num_layers: [gla, gla, gla, attn] is 3:1."
+    )
+    mlp_hidden: int = doc(0, "Hidden width of the SwiGLU MLP; 0: 8/3 d_model rounded up to 64.")
+    tie_embeddings: bool = doc(True, "Share the input embedding with the output head.")
+    norm_eps: float = doc(1e-6, "Epsilon of every RMSNorm.")
+    init_std: float = doc(0.02, "Standard deviation of the normal init of linear and embedding.")
+    gla: GLASection = section(GLASection, "Options of the gated linear attention mixer.")
+    attn: AttnSection = section(AttnSection, "Options of the softmax attention mixer.")
+
+    def check(self, path: str) -> None:
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
+            _require(getattr(self, name) > 0, f"{path}.{name}", "must be > 0")
+        _require(
+            self.d_model % self.num_heads == 0,
+            f"{path}.d_model",
+            f"must divide by model.num_heads={self.num_heads} (got {self.d_model})",
+        )
+        _require(len(self.mixer_pattern) > 0, f"{path}.mixer_pattern", "must name a mixer")
+        _require(self.mlp_hidden >= 0, f"{path}.mlp_hidden", "must be >= 0 (0: automatic)")
+        _require(self.norm_eps > 0, f"{path}.norm_eps", "must be > 0")
+        _require(self.init_std > 0, f"{path}.init_std", "must be > 0")
+
+
+@dataclass
+class DataSection:
+    source: Literal["synthetic"] = doc(
+        "synthetic",
+        "Where tokens come from. synthetic: documents drawn from a fixed random Markov chain "
+        "(seeded by run.seed), for tests and smoke runs.",
+    )
+    mean_doc_len: int = doc(48, "synthetic: mean document length in tokens (geometric).")
+    pack_documents: bool = doc(
+        True, "Pass document boundaries as cu_seqlens so recurrent state resets at each one."
+    )
+
+    def check(self, path: str) -> None:
+        _require(self.mean_doc_len >= 2, f"{path}.mean_doc_len", "must be >= 2 (BOS and EOS)")
+
+
+@dataclass
+class OptimSection:
+    lr: float = doc(3e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = doc(0.1, "Decoupled weight decay; norms, biases and embeddings get 0.")
+    betas: list[float] = doc([0.9, 0.95], "AdamW betas (beta1, beta2).")
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 turns clipping off.")
+
+    def check(self, path: str) -> None:
+        _require(self.lr > 0, f"{path}.lr", "must be > 0")
+        _require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"{path}.betas",
+            f"must be two numbers in [0, 1) (got {self.betas})",
+        )
+        _require(self.eps > 0, f"{path}.eps", "must be > 0")
+        _require(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0 (0: off)")
+
+
+@dataclass
+class ScheduleSection:
+    kind: Literal["cosine", "linear", "wsd", "constant"] = doc(
+        "cosine",
+        "Learning-rate shape after warmup: cosine or linear decay to min_lr_ratio * lr, "
+        "wsd (warmup-stable-decay: constant, then a linear decay over decay_fraction), constant.",
+    )
+    warmup_steps: int = doc(0, "Steps of linear warmup from 0 to optim.lr.")
+    min_lr_ratio: float = doc(0.1, "Final learning rate as a fraction of optim.lr.")
+    decay_fraction: float = doc(0.2, "wsd: fraction of train.max_steps spent decaying.")
+
+    def check(self, path: str) -> None:
+        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", "must be in [0, 1]")
+        _require(0 < self.decay_fraction <= 1, f"{path}.decay_fraction", "must be in (0, 1]")
+
+
+@dataclass
+class TrainSection:
+    seq_len: int = doc(64, "Tokens per row (the model sees seq_len inputs, predicts seq_len).")
+    micro_batch_size: int = doc(4, "Rows per forward/backward pass on one rank.")
+    global_batch_size: int = doc(
+        8, "Rows per optimizer step over all ranks; the rest is gradient accumulation."
+    )
+    max_steps: int = doc(20, "Optimizer steps to train.")
+    log_interval: int = doc(1, "Write metrics every this many steps.")
+
+    def check(self, path: str) -> None:
+        for name in ("seq_len", "micro_batch_size", "global_batch_size", "max_steps"):
+            _require(getattr(self, name) > 0, f"{path}.{name}", "must be > 0")
+        _require(self.log_interval > 0, f"{path}.log_interval", "must be > 0")
+
+
+@dataclass
+class LogSection:
+    progress_bar: bool = doc(True, "Show a console progress bar (step, loss, tokens/s, ETA).")
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = section(RunSection, "Name, directory and seed of the run.")
+    model: ModelSection = section(ModelSection, "Architecture of the language model.")
+    data: DataSection = section(DataSection, "Where training tokens come from.")
+    optim: OptimSection = section(OptimSection, "Optimizer (AdamW) settings.")
+    schedule: ScheduleSection = section(ScheduleSection, "Learning-rate schedule.")
+    train: TrainSection = section(TrainSection, "Batch sizes, sequence length and run length.")
+    log: LogSection = section(LogSection, "Console and metric logging.")
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory: `run.dir`, or runs/<run.name> when it is empty."""
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def check(self, path: str = "") -> None:
+        t = self.train
+        _require(
+            t.global_batch_size % t.micro_batch_size == 0,
+            "train.global_batch_size",
+            f"must be a multiple of train.micro_batch_size ({t.global_batch_size} rows per step "
+            f"do not split into micro batches of {t.micro_batch_size})",
+        )
+
+
+def _check_tree(node: Any, path: str) -> None:
+    """Run every section's own `check(path)`, innermost sections first."""
+    for f in dataclasses.fields(node):
+        child = getattr(node, f.name)
+        if dataclasses.is_dataclass(child):
+            _check_tree(child, _join(path, f.name))
+    if hasattr(node, "check"):
+        node.check(path)
+
+
+def _require(ok: bool, path: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {what}")
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config, apply `key.sub=value` overrides, check everything, return the tree."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs/ holds the shipped ones)")
+    try:
+        raw = _yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw, source=str(path))
+
+
+def from_dict(raw: dict, source: str = "config") -> RunConfig:
+    """Build and check a RunConfig from plain dicts (as YAML gives them)."""
+    try:
+        cfg = _build(RunConfig, raw, "")
+        _check_tree(cfg, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML: 3e-4, true, [a, b]) in place."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    try:
+        value = _yaml(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config tree as plain dicts and lists (for YAML and for checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'top level'}: expected a mapping, got {_show(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(_unknown_key(_join(path, str(key)), str(key), list(fields)))
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _convert(hints[name], value, _join(path, name))
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            options = ", ".join(map(str, allowed))
+            raise ConfigError(f"{path}: {_show(value)} is not one of: {options}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list like [a, b], got {_show(value)}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {_show(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_show(value)}")
+        return value
+    raise TypeError(f"config field {path} has an unsupported type {tp!r}")
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> str:
+    parent = path.rpartition(".")[0]
+    msg = f"{path}: unknown key; valid keys{' under ' + parent if parent else ''}: "
+    msg += ", ".join(valid)
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        msg += f" (did you mean {_join(parent, close[0])}?)"
+    return msg
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+# ---- reference -----------------------------------------------------------------------------
+
+
+def reference_markdown() -> str:
+    """docs/configs.md: every section and field with its type, default and documentation."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from the dataclasses in `train/config.py` (tests/test_config.py checks it is",
+        "current; regenerate with `RNNSCALE_UPDATE_DOCS=1 .venv/bin/python -m pytest",
+        "tests/test_config.py`). Set any field from the command line as a dotted override:",
+        "`rnnscale train CONFIG optim.lr=3e-4 model.mixer_pattern=[gla,attn]`.",
+    ]
+    _reference(RunConfig, "", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _reference(cls: type, path: str, lines: list[str]) -> None:
+    hints = typing.get_type_hints(cls)
+    rows, nested = [], []
+    for f in dataclasses.fields(cls):
+        tp, name = hints[f.name], _join(path, f.name)
+        if dataclasses.is_dataclass(tp):
+            nested.append((tp, name, f.metadata["doc"]))
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        rows.append(f"| `{name}` | {_type_name(tp)} | `{default!r}` | {f.metadata['doc']} |")
+    if rows:
+        lines += ["", "| key | type | default | meaning |", "|---|---|---|---|", *rows]
+    for tp, name, text in nested:
+        lines += ["", f"{'#' * min(name.count('.') + 2, 4)} `{name}`", "", text]
+        _reference(tp, name, lines)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return tp.__name__

@@ -1,0 +1,68 @@
+"""The language model: embedding -> blocks (x + mixer(norm x), x + mlp(norm x)) -> norm -> head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from rnnscale.train.model.layers import RMSNorm, SwiGLU, mlp_hidden_size
+
+
+class Block(nn.Module):
+    def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.mixer_norm = RMSNorm(d_model, eps)
+        self.mixer = mixer
+        self.mlp_norm = RMSNorm(d_model, eps)
+        self.mlp = SwiGLU(d_model, mlp_hidden)
+
+    def forward(self, x, *, cu_seqlens=None, state=None):
+        y, state = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, state=state)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class LanguageModel(nn.Module):
+    """A causal language model over a stack of token mixers (see `build_model`).
+
+    `forward(input_ids [B, T], *, cu_seqlens=None, state=None) -> (logits [B, T, vocab], state)`,
+    where state is a list with one entry per layer (the recurrent state or the attention cache);
+    feeding it back continues the sequences exactly where they stopped.
+    """
+
+    def __init__(self, cfg, mixers: list[nn.Module], layer_types: list[str]):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_types = layer_types
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        hidden = mlp_hidden_size(cfg.d_model, cfg.mlp_hidden)
+        self.blocks = nn.ModuleList(Block(m, cfg.d_model, hidden, cfg.norm_eps) for m in mixers)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, *, cu_seqlens=None, state=None):
+        if cu_seqlens is not None and input_ids.shape[0] != 1:
+            raise ValueError(
+                "cu_seqlens needs input_ids packed into one row, got shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        state = [None] * len(self.blocks) if state is None else state
+        x = self.embed(input_ids)  # (B, T, d_model)
+        new_state = []
+        for block, s in zip(self.blocks, state, strict=True):
+            x, s = block(x, cu_seqlens=cu_seqlens, state=s)
+            new_state.append(s)
+        return self.head(self.norm(x)), new_state  # (B, T, vocab)
+
+    def num_params(self) -> int:
+        """Parameters counted once (a tied head is not counted twice)."""
+        return sum(p.numel() for p in self.parameters())
