@@ -2,5 +2,6 @@
 
 from rnnscale.kernels.gla.chunk_torch import chunk_gla
 from rnnscale.kernels.gla.naive import naive_recurrent_gla
+from rnnscale.kernels.gla.recurrent import gla_step
 
-__all__ = ["chunk_gla", "naive_recurrent_gla"]
+__all__ = ["chunk_gla", "gla_step", "naive_recurrent_gla"]

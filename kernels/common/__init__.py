@@ -1,0 +1,2 @@
+"""Pieces shared by the scan families: chunk layout of (packed) sequences, the chunk-state scan,
+input checks."""

@@ -1,0 +1,102 @@
+"""Chunk layout of (packed) sequences and the sequential scan over chunk states.
+
+Legend: B batch, T time, N sequences (rows, or packed documents), C chunk size, M chunks in all.
+
+Every chunkwise path works on chunks that never straddle two sequences: a batch of B rows is
+read as B documents of length T laid end to end, and a packed batch (`cu_seqlens`) as its
+documents. Each sequence is cut into ceil(len / C) chunks; the last is padded. Padded positions
+read zeros, so a family pads its gates with 0 (decay 1) and its keys with 0, and the state
+leaving the padding is the state leaving the sequence.
+
+The only sequential part of a chunkwise scan is the pass of states from chunk to chunk. It runs
+in `max chunks per sequence` steps, each over all the sequences that still have a chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ChunkLayout:
+    """Where every chunk row comes from, and the order of the state scan."""
+
+    B: int
+    T: int
+    C: int
+    N: int  # sequences
+    index: torch.Tensor  # (M, C) long: position in the flat [B*T] sequence; B*T means padding
+    steps: list[tuple[torch.Tensor, torch.Tensor]]  # per scan step: (chunk ids, sequence ids)
+
+    @property
+    def M(self) -> int:
+        return self.index.shape[0]
+
+
+def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, C: int, device) -> ChunkLayout:
+    """Lay out B rows of T tokens (or the documents of `cu_seqlens`, B = 1) in chunks of C."""
+    if cu_seqlens is None:
+        bounds = [i * T for i in range(B + 1)]
+    else:
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+    starts, ends = bounds[:-1], bounds[1:]
+    n_chunks = [-(-(e - s) // C) for s, e in zip(starts, ends)]
+    first_chunk = [0]
+    for n in n_chunks:
+        first_chunk.append(first_chunk[-1] + n)
+    rows = []
+    for s, e, n in zip(starts, ends, n_chunks):
+        pos = torch.arange(s, s + n * C)
+        rows.append(torch.where(pos < e, pos, B * T).view(n, C))
+    index = torch.cat(rows) if rows else torch.empty(0, C, dtype=torch.long)
+    steps = []
+    for j in range(max(n_chunks, default=0)):
+        seqs = [i for i, n in enumerate(n_chunks) if n > j]
+        chunk_ids = torch.tensor([first_chunk[i] + j for i in seqs], device=device)
+        steps.append((chunk_ids, torch.tensor(seqs, device=device)))
+    return ChunkLayout(B, T, C, len(starts), index.to(device), steps)
+
+
+def to_chunks(
+    x: torch.Tensor, layout: ChunkLayout, dtype: torch.dtype, fill: float = 0.0
+) -> torch.Tensor:
+    """`[B, T, *F]` -> `[M, C, *F]` in `dtype`, `fill` at padded positions."""
+    flat = x.reshape(layout.B * layout.T, *x.shape[2:]).to(dtype)
+    flat = torch.cat([flat, flat.new_full((1, *flat.shape[1:]), fill)])  # row B*T: the padding
+    return flat[layout.index]
+
+
+def from_chunks(y: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    """`[M, C, *F]` -> `[B, T, *F]`, dropping padded positions."""
+    flat = y.new_zeros(layout.B * layout.T + 1, *y.shape[2:])
+    flat = flat.index_copy(0, layout.index.flatten(), y.flatten(0, 1))
+    return flat[:-1].view(layout.B, layout.T, *y.shape[2:])
+
+
+def scan_chunks(
+    layout: ChunkLayout,
+    state: torch.Tensor,
+    step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass states through the chunks of every sequence, in order.
+
+    `state [N, ...]` enters the first chunk of each sequence. `step(S, chunk_ids)` gets the
+    states entering the chunks `chunk_ids` (one per active sequence) and returns
+    `(states leaving them, per-chunk record)`. Returns `(records [M, ...] in chunk order,
+    final states [N, ...])`. Out-of-place throughout, so autograd sees every step.
+    """
+    records, order = [], []
+    for chunk_ids, seq_ids in layout.steps:
+        new, rec = step(state[seq_ids], chunk_ids)
+        state = state.index_copy(0, seq_ids, new)
+        records.append(rec)
+        order.append(chunk_ids)
+    if not records:
+        raise ValueError("scan_chunks needs at least one chunk")
+    rec = torch.cat(records)
+    inverse = torch.empty_like(torch.cat(order))
+    inverse[torch.cat(order)] = torch.arange(len(inverse), device=inverse.device)
+    return rec[inverse], state
