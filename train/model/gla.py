@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rnnscale.kernels.gla import chunk_gla
+from rnnscale.kernels.norm import gated_rms_norm
 from rnnscale.train.model.layers import RMSNorm
 
 
@@ -58,5 +59,5 @@ class GatedLinearAttention(nn.Module):
             chunk_size=self.chunk_size,
         )  # o: (B, T, H, V), state: (N, H, K, V)
         gate = self.g_proj(x).view(B, T, H, -1)
-        o = self.g_norm(o) * F.silu(gate)
+        o = gated_rms_norm(o, gate, self.g_norm.weight, self.g_norm.eps)
         return self.o_proj(o.reshape(B, T, self.value_dim)), state

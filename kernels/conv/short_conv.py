@@ -1,0 +1,111 @@
+"""Causal depthwise convolution over time, `y_t = sum_j w_j * x_{t - (W-1) + j}` per channel.
+
+Legend: B batch, T time, D channels, W kernel width, N sequences.
+The state of a sequence is its last W - 1 inputs, `[N, D, W - 1]` (oldest first), so a later
+call (the next slice in sequence parallelism, the next token in generation) continues it.
+Inputs before a sequence's start come from its row of `initial_state`, or are zero; a packed
+document never sees the previous document's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rnnscale.kernels.common.checks import check_sequences, check_shape, check_state
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Args: x `[B, T, D]`; weight `[D, W]`; bias `[D]` or None; activation None or "silu";
+    initial_state `[N, D, W - 1]`; cu_seqlens int `[N + 1]` (B = 1).
+    Returns `(y [B, T, D], final_state [N, D, W - 1] or None)`."""
+    check_shape("x", x, (None, None, None), "[B, T, D]")
+    B, T, D = x.shape
+    check_shape("weight", weight, (D, None), "[D, W]")
+    W = weight.shape[1]
+    if bias is not None:
+        check_shape("bias", bias, (D,), "[D]")
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    N = check_sequences(B, T, cu_seqlens)
+    check_state(initial_state, (N, D, W - 1), "[N, D, W - 1]")
+    taps, tail = _sources(B, T, W, cu_seqlens, x.device)
+    # one buffer: the inputs, then every sequence's carried inputs, then a zero row
+    if initial_state is None:
+        past = x.new_zeros(N * (W - 1), D)
+    else:
+        past = initial_state.to(x.dtype).transpose(1, 2).reshape(N * (W - 1), D)
+    buf = torch.cat([x.reshape(B * T, D), past, x.new_zeros(1, D)])  # (B*T + N*(W-1) + 1, D)
+    y = torch.einsum("twd,dw->td", buf[taps], weight.to(x.dtype))  # (B*T, D)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    if activation == "silu":
+        y = F.silu(y)
+    final = buf[tail].permute(0, 2, 1) if output_final_state else None  # (N, D, W-1)
+    return y.view(B, T, D), final
+
+
+def _sources(B, T, W, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the buffer each output tap reads, `[B*T, W]`, and each sequence's last W - 1
+    inputs, `[N, W - 1]`. Row B*T + n*(W-1) + i is input i of sequence n's carried state."""
+    if cu_seqlens is None:
+        bounds = torch.arange(B + 1, device=device) * T
+    else:
+        bounds = cu_seqlens.to(device=device, dtype=torch.long)
+    starts, ends = bounds[:-1], bounds[1:]
+    lengths = ends - starts
+    N = len(starts)
+    seq = torch.repeat_interleave(torch.arange(N, device=device), lengths, output_size=B * T)
+    lag = torch.arange(W - 1, -1, -1, device=device)  # tap j reads t - lag_j
+    src = torch.arange(B * T, device=device)[:, None] - lag  # (B*T, W)
+    before = src - starts[seq][:, None]  # < 0: before the sequence starts
+    carried = B * T + seq[:, None] * (W - 1) + (W - 1) + before  # into the carried state
+    taps = torch.where(before >= 0, src, carried)
+    ends_src = ends[:, None] - torch.arange(W - 1, 0, -1, device=device)  # (N, W-1)
+    before_end = ends_src - starts[:, None]
+    tail = torch.where(
+        before_end >= 0,
+        ends_src,
+        B * T + torch.arange(N, device=device)[:, None] * (W - 1) + (W - 1) + before_end,
+    )
+    return taps, tail
+
+
+def naive_causal_conv1d(
+    x,
+    weight,
+    bias=None,
+    *,
+    activation=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+):
+    """The step-by-step definition (a rolling window per sequence), any dtype: the reference."""
+    B, T, D = x.shape
+    W = weight.shape[1]
+    if cu_seqlens is None:
+        spans = [(b, 0, T) for b in range(B)]
+    else:
+        c = cu_seqlens.tolist()
+        spans = [(0, c[i], c[i + 1]) for i in range(len(c) - 1)]
+    y = torch.zeros_like(x)
+    finals = []
+    for n, (b, t0, t1) in enumerate(spans):
+        window = x.new_zeros(D, W - 1) if initial_state is None else initial_state[n].to(x.dtype)
+        for t in range(t0, t1):
+            full = torch.cat([window, x[b, t][:, None]], dim=1)  # (D, W)
+            out = (full * weight).sum(-1) + (0 if bias is None else bias)
+            y[b, t] = F.silu(out) if activation == "silu" else out
+            window = full[:, 1:]
+        finals.append(window)
+    return y, (torch.stack(finals) if output_final_state else None)
