@@ -79,24 +79,34 @@ def from_chunks(y: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
 def scan_chunks(
     layout: ChunkLayout,
     state: torch.Tensor,
-    step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    step: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    per_chunk: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass states through the chunks of every sequence, in order.
 
-    `state [N, ...]` enters the first chunk of each sequence. `step(S, chunk_ids)` gets the
-    states entering the chunks `chunk_ids` (one per active sequence) and returns
-    `(states leaving them, per-chunk record)`. Returns `(records [M, ...] in chunk order,
-    final states [N, ...])`. Out-of-place throughout, so autograd sees every step.
+    `state [N, ...]` enters the first chunk of each sequence. `per_chunk` are tensors `[M, ...]`
+    with one row per chunk; `step(S, *rows)` gets the states entering some chunks (one per active
+    sequence) and those chunks' rows, and returns `(states leaving them, per-chunk record)`.
+    Returns `(records [M, ...] in chunk order, final states [N, ...])`.
+
+    The rows are put in scan order once and split, not indexed per step: the backward of an
+    index into an [M, ...] tensor allocates all of it, which would make the scan O(M^2).
+    Out-of-place throughout, so autograd sees every step.
     """
-    records, order = [], []
-    for chunk_ids, seq_ids in layout.steps:
-        new, rec = step(state[seq_ids], chunk_ids)
-        state = state.index_copy(0, seq_ids, new)
-        records.append(rec)
-        order.append(chunk_ids)
-    if not records:
+    if not layout.steps:
         raise ValueError("scan_chunks needs at least one chunk")
-    rec = torch.cat(records)
-    inverse = torch.empty_like(torch.cat(order))
-    inverse[torch.cat(order)] = torch.arange(len(inverse), device=inverse.device)
-    return rec[inverse], state
+    order = torch.cat([chunk_ids for chunk_ids, _ in layout.steps])
+    sizes = [len(chunk_ids) for chunk_ids, _ in layout.steps]
+    pieces = [x[order].split(sizes) for x in per_chunk]
+    records = []
+    for j, (_, seq_ids) in enumerate(layout.steps):
+        rows = [p[j] for p in pieces]
+        if len(seq_ids) == layout.N:  # every sequence active: no gather, no scatter
+            state, rec = step(state, *rows)
+        else:
+            new, rec = step(state[seq_ids], *rows)
+            state = state.index_copy(0, seq_ids, new)
+        records.append(rec)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return torch.cat(records)[inverse], state

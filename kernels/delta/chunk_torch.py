@@ -72,13 +72,13 @@ def chunk_gated_delta_rule(
     chunk_decay = b_last.exp()[..., None]  # (M, H, 1, 1)
 
     # 4 + 6. the scan over chunks carries S and records (S entering, U') per chunk
-    def step(S, ids):
-        u_new = U[ids] - W[ids] @ S  # (n, H, C, V)
-        S_next = chunk_decay[ids] * S + k_decay[ids].transpose(-1, -2) @ u_new
+    def step(S, U, W, decay, k_decay):
+        u_new = U - W @ S  # (n, H, C, V)
+        S_next = decay * S + k_decay.transpose(-1, -2) @ u_new
         return S_next, torch.cat([S, u_new], dim=-2)  # record: (n, H, K + C, V)
 
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
-    rec, final = scan_chunks(layout, S0.to(acc), step)
+    rec, final = scan_chunks(layout, S0.to(acc), step, (U, W, chunk_decay, k_decay))
     S_in, u_new = rec[..., :K, :], rec[..., K:, :]  # (M, H, K, V), (M, H, C, V)
 
     # 5. outputs

@@ -64,7 +64,9 @@ def linear_scan(
 
     # 2. scan over chunks
     h0 = b.new_zeros(N, D, dtype=acc) if initial_state is None else initial_state.to(acc)
-    h_in, final = scan_chunks(layout, h0, lambda h, ids: (hloc[ids, -1] + prod[ids, -1] * h, h))
+    h_in, final = scan_chunks(
+        layout, h0, lambda h, hl, p: (hl + p * h, h), (hloc[:, -1], prod[:, -1])
+    )
 
     # 3. outputs
     out = from_chunks(hloc + prod * h_in[:, None], layout)  # (B, T, D)

@@ -63,7 +63,7 @@ def chunk_simple_gla(
     # 3. scan over chunks
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
     S_in, final = scan_chunks(
-        layout, S0.to(acc), lambda S, ids: (chunk_decay[ids] * S + dS[ids], S)
+        layout, S0.to(acc), lambda S, decay, dS: (decay * S + dS, S), (chunk_decay, dS)
     )  # (M, H, K, V)
 
     # 4. outputs
