@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnscale.kernels.common.checks import check_sequences, check_shape, check_state
+from rnnscale.kernels.common.naive import step_loop
 
 
 def causal_conv1d(
@@ -93,19 +94,18 @@ def naive_causal_conv1d(
     """The step-by-step definition (a rolling window per sequence), any dtype: the reference."""
     B, T, D = x.shape
     W = weight.shape[1]
-    if cu_seqlens is None:
-        spans = [(b, 0, T) for b in range(B)]
-    else:
-        c = cu_seqlens.tolist()
-        spans = [(0, c[i], c[i + 1]) for i in range(len(c) - 1)]
-    y = torch.zeros_like(x)
-    finals = []
-    for n, (b, t0, t1) in enumerate(spans):
-        window = x.new_zeros(D, W - 1) if initial_state is None else initial_state[n].to(x.dtype)
-        for t in range(t0, t1):
-            full = torch.cat([window, x[b, t][:, None]], dim=1)  # (D, W)
-            out = (full * weight).sum(-1) + (0 if bias is None else bias)
-            y[b, t] = F.silu(out) if activation == "silu" else out
-            window = full[:, 1:]
-        finals.append(window)
-    return y, (torch.stack(finals) if output_final_state else None)
+
+    def step(xs, window):  # xs: [x_t (1, D)], window: (1, D, W - 1), oldest first
+        full = torch.cat([window, xs[0][..., None]], dim=-1)  # (1, D, W)
+        out = (full * weight).sum(-1) + (0 if bias is None else bias)
+        return (F.silu(out) if activation == "silu" else out), full[..., 1:]
+
+    return step_loop(
+        step,
+        [x],
+        x.new_zeros(D, W - 1),
+        initial_state,
+        cu_seqlens,
+        output_final_state,
+        out_shape=(B, T, D),
+    )
