@@ -5,6 +5,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Without a GPU the Triton kernels are tested in Triton's interpreter (NumPy on CPU). Triton
+# reads this when it decorates a kernel, so it is set before any test imports one.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests run only where CUDA is; everything else runs everywhere."""

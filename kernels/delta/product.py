@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from rnnscale.kernels.common.backend import dispatch
 from rnnscale.kernels.delta.chunk_torch import chunk_gated_delta_rule
 
 
@@ -25,10 +26,12 @@ def chunk_delta_product(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q `[B, T, H, K]`, k `[B, T, n, H, K]`, v `[B, T, n, H, V]`, g `[B, T, H]`,
-    beta `[B, T, n, H]`; cu_seqlens count tokens. Returns `(o [B, T, H, V], final_state)`."""
+    beta `[B, T, n, H]`; cu_seqlens count tokens; chunk_size counts sub-steps; backend as in
+    `chunk_gated_delta_rule`. Returns `(o [B, T, H, V], final_state)`."""
     if k.dim() != 5 or v.dim() != 5 or beta.dim() != 4:
         raise ValueError(
             "chunk_delta_product takes k [B, T, n, H, K], v [B, T, n, H, V] and beta "
@@ -40,7 +43,11 @@ def chunk_delta_product(
     g_n = g.new_zeros(B, T, n, H)
     g_n[:, :, 0] = g  # the token's decay, once
     flat = lambda x: x.reshape(B, T * n, *x.shape[3:])  # noqa: E731 (B, T*n, ...)
-    o, final = chunk_gated_delta_rule(
+    o, final = dispatch(
+        backend,
+        q,
+        chunk_gated_delta_rule,
+        "rnnscale.kernels.delta.chunk_triton:chunk_gated_delta_rule_triton",
         flat(q_n),
         flat(k),
         flat(v),

@@ -1,6 +1,10 @@
-"""Every scan family's chunkwise PyTorch path against its float64 step loop: outputs, final
-state, the gradient of every input (gates and initial state included), packed documents,
-odd lengths, non-power-of-two head sizes; and the one-step form against the chunkwise one."""
+"""Every scan family's two fast paths, chunkwise PyTorch and Triton (on CPU in Triton's
+interpreter, see tests/conftest.py), against its float64 step loop: outputs, final state, the
+gradient of every input (gates and initial state included), packed documents, odd lengths,
+non-power-of-two head sizes; and the one-step form against the chunkwise one.
+
+The Triton path computes in fp32, bf16 or fp16 only, so its cases run in fp32; the interpreter
+runs every program in NumPy, so its shapes stay tiny."""
 
 import pytest
 import torch
@@ -35,7 +39,12 @@ def assert_close(name, got, want, dtype):
     assert err <= TOLERANCE[dtype], f"{name}: relative RMS error {err:.2e} > {TOLERANCE[dtype]}"
 
 
-def run_case(fam, B, T, H, K, V, dtype, with_state, cu_seqlens=None, chunk_size=16, seed=0):
+BACKENDS = ["torch", "triton"]
+
+
+def run_case(
+    fam, B, T, H, K, V, dtype, with_state, cu_seqlens=None, chunk_size=16, seed=0, backend="torch"
+):
     gen = torch.Generator().manual_seed(seed)
     base = fam.make(B, T, H, K, V, gen)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
@@ -54,7 +63,7 @@ def run_case(fam, B, T, H, K, V, dtype, with_state, cu_seqlens=None, chunk_size=
         )
 
     o_ref, s_ref = call(fam.naive, ref_in)
-    o, s = call(fam.chunk, fast_in, chunk_size=chunk_size)
+    o, s = call(fam.chunk, fast_in, chunk_size=chunk_size, backend=backend)
     assert o.dtype == dtype
     assert s.shape == s_ref.shape
     do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
@@ -72,22 +81,32 @@ def run_case(fam, B, T, H, K, V, dtype, with_state, cu_seqlens=None, chunk_size=
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
 @pytest.mark.parametrize("T", [1, 15, 63, 100])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_step_loop(fam, T, dtype):
-    run_case(fam, B=2, T=T, H=2, K=12, V=20, dtype=dtype, with_state=False)
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)],
+)
+def test_matches_step_loop(fam, T, backend, dtype):
+    run_case(fam, B=2, T=T, H=2, K=12, V=20, dtype=dtype, with_state=False, backend=backend)
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
 @pytest.mark.parametrize("K,V", [(8, 8), (12, 20), (16, 6)])
-def test_initial_state_and_head_sizes(fam, K, V):
-    run_case(fam, B=2, T=37, H=3, K=K, V=V, dtype=torch.float32, with_state=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_initial_state_and_head_sizes(fam, K, V, backend):
+    run_case(fam, B=2, T=37, H=3, K=K, V=V, dtype=torch.float32, with_state=True, backend=backend)
+
+
+# uneven documents, one empty, one of a single token, one longer than a chunk
+PACKED = torch.tensor([0, 5, 22, 22, 23, 63], dtype=torch.int32)
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
-@pytest.mark.parametrize("chunk_size", [4, 16, 64])
-def test_packed_documents(fam, chunk_size):
-    # uneven documents, one empty, one of a single token, one longer than a chunk
-    cu = torch.tensor([0, 5, 22, 22, 23, 63], dtype=torch.int32)
+@pytest.mark.parametrize(
+    "backend,dtype,chunk_size",
+    [("torch", torch.float64, c) for c in (4, 16, 64)]
+    + [("triton", torch.float32, c) for c in (16, 64)],
+)
+def test_packed_documents(fam, backend, dtype, chunk_size):
     run_case(
         fam,
         B=1,
@@ -95,24 +114,37 @@ def test_packed_documents(fam, chunk_size):
         H=2,
         K=8,
         V=12,
-        dtype=torch.float64,
+        dtype=dtype,
         with_state=True,
-        cu_seqlens=cu,
+        cu_seqlens=PACKED,
         chunk_size=chunk_size,
+        backend=backend,
     )
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
-def test_packed_equals_separate_runs(fam):
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_packed_equals_separate_runs(fam, backend, dtype):
     lengths = [9, 30, 1, 17]
     gen = torch.Generator().manual_seed(3)
-    xs = fam.make(1, sum(lengths), 2, 8, 8, gen)
+    xs = [x.to(dtype) for x in fam.make(1, sum(lengths), 2, 8, 8, gen)]
     cu = torch.tensor([0, 9, 39, 40, 57], dtype=torch.int32)
-    o, s = fam.chunk(*xs, output_final_state=True, cu_seqlens=cu)
+    o, s = fam.chunk(*xs, output_final_state=True, cu_seqlens=cu, backend=backend)
     for n, (t0, t1) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        o_n, s_n = fam.chunk(*[x[:, t0:t1] for x in xs], output_final_state=True)
-        assert_close(f"document {n}", o[:, t0:t1], o_n, torch.float64)
-        assert_close(f"document {n} state", s[n : n + 1], s_n, torch.float64)
+        o_n, s_n = fam.chunk(*[x[:, t0:t1] for x in xs], output_final_state=True, backend=backend)
+        assert_close(f"document {n}", o[:, t0:t1], o_n, dtype)
+        assert_close(f"document {n} state", s[n : n + 1], s_n, dtype)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_triton_matches_torch_on_a_longer_sequence(fam):
+    """Several chunks per sequence at the default chunk sizes of both paths, bf16-free."""
+    gen = torch.Generator().manual_seed(11)
+    xs = [x.float() for x in fam.make(1, 150, 2, 16, 16, gen)]
+    o_t, s_t = fam.chunk(*xs, output_final_state=True, backend="torch")
+    o, s = fam.chunk(*xs, output_final_state=True, backend="triton")
+    assert_close("output", o, o_t, torch.float32)
+    assert_close("final state", s, s_t, torch.float32)
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
@@ -166,3 +198,38 @@ def test_bad_input_names_the_argument(fam):
     ints[0] = ints[0].long()
     with pytest.raises(ValueError, match=rf"^{first} must be a floating-point tensor"):
         fam.chunk(*ints)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_bad_input_for_the_triton_path(fam, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    xs = fam.make(2, 10, 2, 4, 4, gen)  # float64
+    first = "a" if fam.name == "scan" else "q"
+    with pytest.raises(ValueError, match=rf"^{first} has dtype torch.float64; backend='triton'"):
+        fam.chunk(*xs, backend="triton")
+    fp32 = [x.float() for x in xs]
+    mixed = list(fp32)
+    mixed[1] = mixed[1].bfloat16()
+    second = "b" if fam.name == "scan" else "k"
+    with pytest.raises(ValueError, match=rf"^{second} has dtype torch.bfloat16 but {first} has"):
+        fam.chunk(*mixed, backend="triton")
+    with pytest.raises(ValueError, match=r"^chunk_size must be a power of two >= 16"):
+        fam.chunk(*fp32, backend="triton", chunk_size=24)
+    with pytest.raises(ValueError, match=r"^backend must be one of auto, torch, triton"):
+        fam.chunk(*fp32, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^backend='triton' needs CUDA tensors"):
+        fam.chunk(*fp32, backend="triton")
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_non_contiguous_inputs_give_the_same_result(fam):
+    """Strided views (e.g. q, k, v split from one projection) are copied, not misread."""
+    gen = torch.Generator().manual_seed(2)
+    xs = [x.float() for x in fam.make(2, 20, 2, 8, 8, gen)]
+    wide = [torch.cat([x, x], dim=-1)[..., : x.shape[-1]] for x in xs]
+    assert not wide[0].is_contiguous()
+    for backend in BACKENDS:
+        o, _ = fam.chunk(*xs, backend=backend)
+        o_strided, _ = fam.chunk(*wide, backend=backend)
+        assert torch.equal(o, o_strided), backend

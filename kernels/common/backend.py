@@ -1,0 +1,104 @@
+"""Choosing between the PyTorch and the Triton path, and what every Triton launch needs.
+
+`backend="auto"` runs Triton on CUDA tensors when Triton imports, PyTorch otherwise.
+`backend="triton"` on CPU tensors runs the kernels in Triton's interpreter, which is how the
+tests check them; that needs `TRITON_INTERPRET=1` in the environment before the kernels are
+first imported (Triton reads it when it decorates the kernels).
+
+The Triton kernels run one program per (sequence, head) that walks the sequence's chunks in
+order (forward) or in reverse (backward). Sequences are given to them as offsets: `bounds`
+`[N + 1]` (the rows of a batch laid end to end, or `cu_seqlens`) and `chunk_offsets` `[N + 1]`
+(where each sequence's chunks start among all M chunks; the forward stores the state entering
+every chunk there for the backward, memory linear in T).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """ "torch" or "triton" for inputs on `x`'s device; a clear error for what cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and triton_importable() else "torch"
+    if backend == "triton":
+        if not triton_importable():
+            raise ValueError("backend='triton' needs the triton package; use backend='torch'")
+        if not x.is_cuda and not interpreting():
+            raise ValueError(
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import "
+                "to run the kernels on CPU in Triton's interpreter; use backend='torch' on CPU"
+            )
+    return backend
+
+
+def check_triton(chunk_size: int, tensors: dict[str, torch.Tensor]) -> None:
+    """What the Triton path adds to the shared checks: a chunk a power of two >= 16 (the size
+    `tl.dot` needs), and inputs of one floating dtype it computes with."""
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(
+            f"chunk_size must be a power of two >= 16 for backend='triton', got {chunk_size}"
+        )
+    dtypes = {name: x.dtype for name, x in tensors.items()}
+    first, dtype = next(iter(dtypes.items()))
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"{first} has dtype {dtype}; backend='triton' computes in float32, bfloat16 or "
+            "float16 (use backend='torch' for float64)"
+        )
+    for name, other in dtypes.items():
+        if other != dtype:
+            raise ValueError(f"{name} has dtype {other} but {first} has {dtype}; pass one dtype")
+
+
+def sequence_offsets(
+    B: int, T: int, cu_seqlens: torch.Tensor | None, C: int, device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`(bounds [N + 1], chunk_offsets [N + 1], M)` as int32 on `device`: token offsets of the
+    sequences in the flat `[B * T]` layout, and where each one's chunks start."""
+    if cu_seqlens is None:
+        bounds = [i * T for i in range(B + 1)]
+    else:
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+    offsets = [0]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        offsets.append(offsets[-1] + -(-(e - s) // C))
+    as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    return as_tensor(bounds), as_tensor(offsets), offsets[-1]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs keep fp32 products (tests compare them at 1e-5); half inputs, which carry 8
+    to 11 bits already, let `tl.dot` use TF32 tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def dispatch(backend: str, x: torch.Tensor, torch_fn, triton_fn: str, *args, **kwargs):
+    """Call `torch_fn` or the Triton function named "module:function" (imported only when it
+    runs, so CPU-only installs never import Triton) with `args` and `kwargs`; a `chunk_size`
+    of None is left to each path's own default."""
+    if kwargs.get("chunk_size", 0) is None:
+        del kwargs["chunk_size"]
+    if resolve_backend(backend, x) == "torch":
+        return torch_fn(*args, **kwargs)
+    module, name = triton_fn.split(":")
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
