@@ -2,18 +2,29 @@
 
     .venv/bin/python benchmarks/kernels.py              # B=1, H=8, K=V=64 (scan D=1024)
     .venv/bin/python benchmarks/kernels.py --smoke      # tiny shapes, seconds (the test runs it)
+    .venv/bin/python benchmarks/kernels.py --memory     # peak memory of fwd+bwd against T
 
 Both paths run in the same process on the same inputs (fp32), so the ratio is what to read;
 absolute times move with the machine's load. FLOPs count the chunkwise algorithm's matmuls
 (2 m n k each) forward and twice that backward; the peak is a square fp32 matmul measured in
 the same run. The scan family is elementwise (memory-bound): its GFLOP/s are not comparable to a
-matmul peak and are left out. The Triton path is not measured here (no GPU on this machine).
+matmul peak and are left out.
+
+`--memory` runs every (family, T) in a fresh process and reports the growth of its peak resident
+memory over what it held just before the forward (inputs made): on CPU there is no allocator
+high-water mark, so the process's peak RSS stands in for one.
+
+On a CUDA device the Triton path is timed beside flash-linear-attention's kernels (when `fla`
+is installed) in the same run; without one the table says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -79,6 +90,69 @@ def _timed(f) -> float:
     return time.perf_counter() - start
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def memory_child(name: str, T: int, H: int, K: int, V: int) -> None:
+    """In a fresh process: one fwd+bwd; print the peak RSS growth in MiB."""
+    chunk, _, C, _ = FAMILIES[name]
+    leaves = [x.requires_grad_() for x in inputs(name, 1, T, H, K, V)]
+    before = rss_mb()
+    out, _ = chunk(*leaves, chunk_size=C, backend="torch")
+    out.sum().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"{peak - before:.1f}")
+
+
+def memory_table(lengths: list[int], H: int, K: int, V: int) -> None:
+    print("| family | T | peak memory growth MiB | MiB per 1K tokens |")
+    print("|---|---|---|---|")
+    for name in FAMILIES:
+        for T in lengths:
+            cmd = [sys.executable, __file__, "--memory-child", name, str(T), str(H), str(K), str(V)]
+            mib = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            print(f"| {name} | {T} | {mib:.0f} | {1024 * mib / T:.1f} |", flush=True)
+
+
+def triton_vs_fla(lengths: list[int], H: int, K: int, V: int) -> None:
+    """On CUDA: the Triton path against flash-linear-attention's chunk kernels, fwd+bwd."""
+    if not torch.cuda.is_available():
+        print("Triton path vs flash-linear-attention: not run (no CUDA device on this machine)")
+        return
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_delta
+        from fla.ops.gla import chunk_gla as fla_gla
+        from fla.ops.simple_gla import chunk_simple_gla as fla_simple
+
+        peers = {"gla": fla_gla, "simple_gla": fla_simple, "delta": fla_delta}
+    except ImportError:
+        peers = {}
+    print(f"device: {torch.cuda.get_device_name()}; fla {'found' if peers else 'not installed'}")
+    print("| family | T | rnnscale triton ms | fla ms | rnnscale / fla time |")
+    print("|---|---|---|---|---|")
+    for name, (chunk, *_) in FAMILIES.items():
+        for T in lengths:
+            xs = [x.cuda().bfloat16() for x in inputs(name, 1, T, H, K, V)]
+            ours = _cuda_ms(chunk, xs, backend="triton")
+            theirs = _cuda_ms(peers[name], xs) if name in peers else None
+            ratio = f"{ours / theirs:.2f}" if theirs else "no peer"
+            fla_ms = f"{theirs:.2f}" if theirs else "no peer"
+            print(f"| {name} | {T} | {ours:.2f} | {fla_ms} | {ratio} |", flush=True)
+
+
+def _cuda_ms(fn, xs, **kw) -> float:
+    for _ in range(3):  # warm-up: compilation and the autotuner
+        fwd_bwd_seconds(fn, xs, 1, **kw)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        fwd_bwd_seconds(fn, xs, 1, **kw)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 100
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check it runs")
@@ -86,9 +160,16 @@ def main() -> None:
     parser.add_argument(
         "--loop-max-len", type=int, default=4096, help="longest T for the step loop (it is slow)"
     )
+    parser.add_argument("--memory", action="store_true", help="peak memory against T instead")
+    parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        name, *dims = args.memory_child
+        return memory_child(name, *map(int, dims))
     H, K, V = (2, 16, 16) if args.smoke else (8, 64, 64)
     lengths = [64] if args.smoke else args.lengths
+    if args.memory:
+        return memory_table([256, 512] if args.smoke else lengths, H, K, V)
     repeats = 1 if args.smoke else 3
     torch.manual_seed(0)
     peak = matmul_peak_gflops(256 if args.smoke else 1024)
@@ -104,7 +185,7 @@ def main() -> None:
     for name, (chunk, loop, C, flops) in FAMILIES.items():
         for T in lengths:
             xs = inputs(name, 1, T, H, K, V)
-            t_chunk = fwd_bwd_seconds(chunk, xs, repeats, chunk_size=C)
+            t_chunk = fwd_bwd_seconds(chunk, xs, repeats, chunk_size=C, backend="torch")
             t_loop = fwd_bwd_seconds(loop, xs, 1) if T <= args.loop_max_len else None
             speedup = f"{t_loop / t_chunk:.0f}x" if t_loop else "not run"
             loop_s = f"{t_loop:.3f}" if t_loop else "not run"
@@ -117,6 +198,7 @@ def main() -> None:
                 f"| {name} | {T} | {t_chunk:.3f} | {loop_s} | {speedup} | {rate} | {share} |",
                 flush=True,
             )
+    triton_vs_fla(lengths, H, K, V)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class ChunkLayout:
     N: int  # sequences
     index: torch.Tensor  # (M, C) long: position in the flat [B*T] sequence; B*T means padding
     steps: list[tuple[torch.Tensor, torch.Tensor]]  # per scan step: (chunk ids, sequence ids)
+    rows: bool = False  # B rows of T, no cu_seqlens: chunks are a padded view, no gather
 
     @property
     def M(self) -> int:
@@ -57,13 +58,19 @@ def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, C: int, device
         seqs = [i for i, n in enumerate(n_chunks) if n > j]
         chunk_ids = torch.tensor([first_chunk[i] + j for i in seqs], device=device)
         steps.append((chunk_ids, torch.tensor(seqs, device=device)))
-    return ChunkLayout(B, T, C, len(starts), index.to(device), steps)
+    return ChunkLayout(B, T, C, len(starts), index.to(device), steps, rows=cu_seqlens is None)
 
 
 def to_chunks(
     x: torch.Tensor, layout: ChunkLayout, dtype: torch.dtype, fill: float = 0.0
 ) -> torch.Tensor:
     """`[B, T, *F]` -> `[M, C, *F]` in `dtype`, `fill` at padded positions."""
+    if layout.rows:  # pad each row to whole chunks and view: no gather, no scatter backward
+        x = x.to(dtype)
+        pad = layout.M // layout.B * layout.C - layout.T
+        if pad:
+            x = torch.cat([x, x.new_full((layout.B, pad, *x.shape[2:]), fill)], dim=1)
+        return x.reshape(layout.M, layout.C, *x.shape[2:])
     flat = x.reshape(layout.B * layout.T, *x.shape[2:]).to(dtype)
     flat = torch.cat([flat, flat.new_full((1, *flat.shape[1:]), fill)])  # row B*T: the padding
     return flat[layout.index]
@@ -71,6 +78,8 @@ def to_chunks(
 
 def from_chunks(y: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """`[M, C, *F]` -> `[B, T, *F]`, dropping padded positions."""
+    if layout.rows:
+        return y.reshape(layout.B, -1, *y.shape[2:])[:, : layout.T]
     flat = y.new_zeros(layout.B * layout.T + 1, *y.shape[2:])
     flat = flat.index_copy(0, layout.index.flatten(), y.flatten(0, 1))
     return flat[:-1].view(layout.B, layout.T, *y.shape[2:])
@@ -95,6 +104,13 @@ def scan_chunks(
     """
     if not layout.steps:
         raise ValueError("scan_chunks needs at least one chunk")
+    if layout.rows:  # every row has the same chunks: step j reads column j of a [B, M / B] view
+        columns = [x.view(layout.B, -1, *x.shape[1:]).unbind(1) for x in per_chunk]
+        records = []
+        for rows in zip(*columns):
+            state, rec = step(state, *rows)
+            records.append(rec)
+        return torch.stack(records, 1).flatten(0, 1), state
     order = torch.cat([chunk_ids for chunk_ids, _ in layout.steps])
     sizes = [len(chunk_ids) for chunk_ids, _ in layout.steps]
     pieces = [x[order].split(sizes) for x in per_chunk]

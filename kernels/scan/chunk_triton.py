@@ -5,13 +5,14 @@ One program per (sequence, block of BD channels) walks the sequence's chunks. Th
 (a, b) compose as (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2), an associative operator, so
 within a chunk one parallel scan gives every step from a zero state (README.md steps 1-3):
   1. (P_r, hloc_r) = scan of (a, b) over the chunk; padding is (1, 0), which keeps h
-  2. h_r = hloc_r + P_r h_in; the last row enters the next chunk
+  3. h_r = hloc_r + P_r h_in
+  2. the last row is the h entering the next chunk
 and the forward stores h_in per chunk (M x D fp32) for the backward, which walks the chunks in
 reverse with dz, the gradient reaching the state that leaves the chunk:
-  3. dh_t = a_{t+1} dh_{t+1} + dy_t, a reverse scan of (a_{t+1}, dy_t) started from dz
+  4. dh_t = a_{t+1} dh_{t+1} + dy_t, a reverse scan of (a_{t+1}, dy_t) started from dz
      (a_{t+1} = 1 past the end, where dz is the final state's gradient)
-  4. h_{t-1} by a forward scan of the pairs shifted one step (identity on the first row)
-  5. db_t = dh_t, da_t = dh_t h_{t-1}; dz for the previous chunk is dh of the first row,
+  5. h_{t-1} by a forward scan of the pairs shifted one step (identity on the first row)
+  6. db_t = dh_t, da_t = dh_t h_{t-1}; dz for the previous chunk is dh of the first row,
      and the initial state's gradient is a_1 dh_1.
 """
 
@@ -61,10 +62,10 @@ def _scan_fwd(a_ptr, b_ptr, y_ptr, h0_ptr, ht_ptr, hs_ptr, bounds_ptr, offs_ptr,
         a = _load(a_ptr, t, ok, D, dd, 1.0)
         b = _load(b_ptr, t, ok, D, dd, 0.0)
         prod, h_loc = tl.associative_scan((a, b), 0, _compose)  # 1.
-        h = h_loc + prod * h_in[None, :]  # 2.
+        h = h_loc + prod * h_in[None, :]  # 3.
         tl.store(y_ptr + t[:, None] * D + dd[None, :], h.to(y_ptr.dtype.element_ty),
                  mask=ok[:, None] & (dd < D)[None, :])  # fmt: skip
-        h_in = tl.sum(tl.where(rows[:, None] == BC - 1, h, 0.0), 0)
+        h_in = tl.sum(tl.where(rows[:, None] == BC - 1, h, 0.0), 0)  # 2.
     tl.store(ht_ptr + n * D + dd, h_in, mask=dd < D)
 
 
@@ -84,18 +85,18 @@ def _scan_bwd(a_ptr, b_ptr, dy_ptr, dht_ptr, hs_ptr, bounds_ptr, offs_ptr, da_pt
         h_in = tl.load(hs_ptr + (first_chunk + c) * D + dd, mask=dd < D, other=0.0)
         t = bos + c * BC + rows
         ok = t < eos
-        # 3. dh by a reverse scan
+        # 4. dh by a reverse scan
         a_next = _load(a_ptr, t + 1, t + 1 < eos, D, dd, 1.0)
         dy = _load(dy_ptr, t, ok, D, dd, 0.0)
         prod, dh_loc = tl.associative_scan((a_next, dy), 0, _compose, reverse=True)
         dh = dh_loc + prod * dz[None, :]
-        # 4. h_{t-1}: the forward scan of the pairs one step back
+        # 5. h_{t-1}: the forward scan of the pairs one step back
         back = (rows >= 1) & (t - 1 < eos)
         a_prev = _load(a_ptr, t - 1, back, D, dd, 1.0)
         b_prev = _load(b_ptr, t - 1, back, D, dd, 0.0)
         prod, h_loc = tl.associative_scan((a_prev, b_prev), 0, _compose)
         h_prev = h_loc + prod * h_in[None, :]
-        # 5. gradients
+        # 6. gradients
         mask = ok[:, None] & (dd < D)[None, :]
         off = t[:, None] * D + dd[None, :]
         tl.store(db_ptr + off, dh.to(db_ptr.dtype.element_ty), mask=mask)
