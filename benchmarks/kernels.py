@@ -49,7 +49,7 @@ def inputs(family: str, B: int, T: int, H: int, K: int, V: int) -> list[torch.Te
 
 
 FAMILIES = {  # name: (chunkwise, step loop, chunk size, forward FLOPs per token and head)
-    "gla": (chunk_gla, naive_recurrent_gla, 16, lambda C, K, V: 3 * C * K + 2 * C * V + 4 * K * V),
+    "gla": (chunk_gla, naive_recurrent_gla, 32, lambda C, K, V: 2 * C * K + 2 * C * V + 4 * K * V),
     "simple_gla": (
         chunk_simple_gla,
         naive_recurrent_simple_gla,

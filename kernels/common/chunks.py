@@ -95,7 +95,8 @@ def scan_chunks(
 
     `state [N, ...]` enters the first chunk of each sequence. `per_chunk` are tensors `[M, ...]`
     with one row per chunk; `step(S, *rows)` gets the states entering some chunks (one per active
-    sequence) and those chunks' rows, and returns `(states leaving them, per-chunk record)`.
+    sequence) and those chunks' rows, and returns `(states leaving them, per-chunk record)`;
+    a record may be a tuple of tensors.
     Returns `(records [M, ...] in chunk order, final states [N, ...])`.
 
     The rows are put in scan order once and split, not indexed per step: the backward of an
@@ -110,7 +111,7 @@ def scan_chunks(
         for rows in zip(*columns):
             state, rec = step(state, *rows)
             records.append(rec)
-        return torch.stack(records, 1).flatten(0, 1), state
+        return _gather(records, lambda rs: torch.stack(rs, 1).flatten(0, 1)), state
     order = torch.cat([chunk_ids for chunk_ids, _ in layout.steps])
     sizes = [len(chunk_ids) for chunk_ids, _ in layout.steps]
     pieces = [x[order].split(sizes) for x in per_chunk]
@@ -125,4 +126,11 @@ def scan_chunks(
         records.append(rec)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=order.device)
-    return torch.cat(records)[inverse], state
+    return _gather(records, lambda rs: torch.cat(rs)[inverse]), state
+
+
+def _gather(records: list, put_in_order: Callable):
+    """Per-step records (tensors, or tuples of tensors) as [M, ...] tensors in chunk order."""
+    if isinstance(records[0], tuple):
+        return tuple(put_in_order(list(rs)) for rs in zip(*records))
+    return put_in_order(records)

@@ -51,7 +51,7 @@ def chunk_gated_delta_rule(
     scale = K**-0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, q.device)
-    qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2) for x in (q, k, v))  # (M, H, C, D)
+    qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v))
     b = to_chunks(g, layout, acc).transpose(1, 2).cumsum(dim=-1)  # (M, H, C)
     bc = to_chunks(beta, layout, acc).transpose(1, 2)  # (M, H, C), 0 on padding
     b_last = b[..., -1:]  # (M, H, 1)
@@ -75,11 +75,11 @@ def chunk_gated_delta_rule(
     def step(S, U, W, decay, k_decay):
         u_new = U - W @ S  # (n, H, C, V)
         S_next = decay * S + k_decay.transpose(-1, -2) @ u_new
-        return S_next, torch.cat([S, u_new], dim=-2)  # record: (n, H, K + C, V)
+        return S_next, (S, u_new)
 
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
-    rec, final = scan_chunks(layout, S0.to(acc), step, (U, W, chunk_decay, k_decay))
-    S_in, u_new = rec[..., :K, :], rec[..., K:, :]  # (M, H, K, V), (M, H, C, V)
+    (S_in, u_new), final = scan_chunks(layout, S0.to(acc), step, (U, W, chunk_decay, k_decay))
+    # S_in: (M, H, K, V), u_new: (M, H, C, V)
 
     # 5. outputs
     o = scale * ((qc * b.exp()[..., None]) @ S_in + A @ u_new)  # (M, H, C, V)

@@ -8,10 +8,12 @@ log-gates b_r = g_1 + ... + g_r (a K-vector per row):
   2. chunk-local state dS = (k * exp(b_C - b))^T v and chunk decay exp(b_C)
   3. states entering each chunk: S_next = exp(b_C) * S + dS (the scan over chunks)
   4. o = scale * ((q * exp(b)) S + A v)
-Step 1 forms the C x C x K tensor of pairwise gate differences instead of the factorised
-(q exp b)(k exp -b)^T: every exponent is then <= 0, so nothing overflows however strong the
-decay (the factorised form overflows fp32 once b < -80). Gates accumulate in fp32 or wider.
-Gradients come from autograd through these ops.
+Step 1 is two matmuls in the factorised form `(q exp(b - b_m)) (k exp(b_m - b))^T` around the
+chunk's middle row m wherever the chunk's gates span at most SAFE_SPAN (60) in log space, and
+the C x C x K tensor of pairwise differences (every exponent <= 0: no overflow at any decay)
+in the chunks where they span more. Gates accumulate in fp32 or wider. Gradients come from
+autograd, except through the pairwise scores: `PairwiseScores` recomputes their decays in its
+backward instead of keeping the C x C x K tensors alive.
 """
 
 from __future__ import annotations
@@ -20,6 +22,54 @@ import torch
 
 from rnnscale.kernels.common.checks import check_linear_attention
 from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, scan_chunks, to_chunks
+
+
+def _pairwise_decay(b: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """exp(b_r - b_s) for s <= r, else 0: (M, H, C, K) -> (M, H, C, C, K)."""
+    diff = b[:, :, :, None, :] - b[:, :, None, :, :]
+    return torch.where(causal[..., None], diff, float("-inf")).exp()
+
+
+class PairwiseScores(torch.autograd.Function):
+    """Step 1, `A_rs = sum_k q_rk k_sk exp(b_rk - b_sk)` for s <= r, with the gradients
+    `dq = [dA * decay] k`, `dk = [dA * decay]^T q`, and `db = q dq - k dk` (b_r enters with +,
+    b_s with -; on the diagonal the two cancel)."""
+
+    @staticmethod
+    def forward(ctx, q, k, b, causal):
+        ctx.save_for_backward(q, k, b, causal)
+        return torch.einsum("mhrk,mhsk,mhrsk->mhrs", q, k, _pairwise_decay(b, causal))
+
+    @staticmethod
+    def backward(ctx, dA):
+        q, k, b, causal = ctx.saved_tensors
+        decay = _pairwise_decay(b, causal)
+        dq = torch.einsum("mhrs,mhsk,mhrsk->mhrk", dA, k, decay)
+        dk = torch.einsum("mhrs,mhrk,mhrsk->mhsk", dA, q, decay)
+        return dq, dk, q * dq - k * dk, None
+
+
+# Largest in-chunk gate span (max over keys of b_1 - b_C) scored in factorised form: its factors
+# stay within exp(+-SAFE_SPAN / 2) of 1, far from fp32 overflow (exp(88)) and underflow.
+SAFE_SPAN = 60.0
+
+
+def intra_chunk_scores(q, k, b, causal):
+    """Step 1 for (M, H, C, K) chunks. Where a chunk's gates span at most SAFE_SPAN, the
+    factorised `(q exp(b - b_m)) (k exp(b_m - b))^T` around its middle row m is exact up to
+    rounding and is two matmuls; only the other chunks (strong decay) form the pairwise
+    C x C x K tensor. Exponents are clamped to +-SAFE_SPAN so the discarded factorised scores
+    of those chunks stay finite (and so do their zero gradients)."""
+    C = q.shape[2]
+    span = (b[:, :, 0] - b[:, :, -1]).amax(-1)  # (M, H)
+    ref = b[:, :, C // 2 : C // 2 + 1]  # (M, H, 1, K)
+    up = (b - ref).clamp(-SAFE_SPAN, SAFE_SPAN)
+    A = ((q * up.exp()) @ (k * (-up).exp()).transpose(-1, -2)) * causal  # (M, H, C, C)
+    strong = (span > SAFE_SPAN).nonzero(as_tuple=True)
+    if strong[0].numel():
+        pairwise = PairwiseScores.apply(*(x[strong][:, None] for x in (q, k, b)), causal)
+        A = A.index_put(strong, pairwise[:, 0])
+    return A
 
 
 def chunk_gla(
@@ -32,7 +82,7 @@ def chunk_gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 16,
+    chunk_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention: `S_t = diag(exp g_t) S_{t-1} + k_t v_t^T`, `o_t = scale q_t^T S_t`.
 
@@ -56,16 +106,14 @@ def chunk_gla(
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least; float64 stays float64
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, q.device)
     # (M, H, C, D): padded keys are 0 and padded gates 0 (decay 1), so the state passes unchanged
-    qc, kc, vc, gc = (to_chunks(x, layout, acc).transpose(1, 2) for x in (q, k, v, g))
+    qc, kc, vc, gc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v, g))
     b = gc.cumsum(dim=2)  # (M, H, C, K) in-chunk cumulative log-gates
     b_last = b[:, :, -1:]  # (M, H, 1, K)
 
     # 1. intra-chunk scores with pairwise differences: every exponent <= 0 on and below the diagonal
     C = chunk_size
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    diff = b[:, :, :, None, :] - b[:, :, None, :, :]  # (M, H, C, C, K)
-    decay = torch.where(causal[..., None], diff, float("-inf")).exp()
-    A = torch.einsum("mhrk,mhsk,mhrsk->mhrs", qc, kc, decay)  # (M, H, C, C)
+    A = intra_chunk_scores(qc, kc, b, causal)  # (M, H, C, C)
 
     # 2. chunk-local states and chunk decays
     dS = (kc * (b_last - b).exp()).transpose(-1, -2) @ vc  # (M, H, K, V)

@@ -46,7 +46,7 @@ def chunk_simple_gla(
     scale = K**-0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, q.device)
-    qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2) for x in (q, k, v))  # (M, H, C, D)
+    qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v))
     b = to_chunks(g, layout, acc).transpose(1, 2).cumsum(dim=-1)  # (M, H, C)
     b_last = b[..., -1:]  # (M, H, 1)
 
