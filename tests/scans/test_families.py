@@ -43,7 +43,19 @@ BACKENDS = ["torch", "triton"]
 
 
 def run_case(
-    fam, B, T, H, K, V, dtype, with_state, cu_seqlens=None, chunk_size=16, seed=0, backend="torch"
+    fam,
+    B,
+    T,
+    H,
+    K,
+    V,
+    dtype,
+    with_state,
+    cu_seqlens=None,
+    chunk_size=16,
+    seed=0,
+    backend="torch",
+    device="cpu",
 ):
     gen = torch.Generator().manual_seed(seed)
     base = fam.make(B, T, H, K, V, gen)
@@ -52,7 +64,7 @@ def run_case(
         base.append(torch.randn(fam.state_shape(N, H, K, V), generator=gen, dtype=torch.float64))
     ref_in = [x.clone().requires_grad_() for x in base]
     # the fast path gets the inputs rounded to dtype; the reference sees the same rounded values
-    fast_in = [x.to(dtype).requires_grad_() for x in base]
+    fast_in = [x.to(dtype).to(device).requires_grad_() for x in base]
     ref_in = [x.to(dtype).double().requires_grad_() for x in base]
     n_args = len(base) - with_state
 
@@ -63,7 +75,17 @@ def run_case(
         )
 
     o_ref, s_ref = call(fam.naive, ref_in)
-    o, s = call(fam.chunk, fast_in, chunk_size=chunk_size, backend=backend)
+    fast_cu = None if cu_seqlens is None else cu_seqlens.to(device)
+    state = fast_in[n_args] if with_state else None
+    o, s = fam.chunk(
+        *fast_in[:n_args],
+        initial_state=state,
+        output_final_state=True,
+        cu_seqlens=fast_cu,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
+    o, s = o.cpu(), s.cpu()
     assert o.dtype == dtype
     assert s.shape == s_ref.shape
     do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
@@ -71,7 +93,7 @@ def run_case(
     loss_ref = (o_ref * do).sum() + (s_ref * ds).sum()
     loss = (o.double() * do).sum() + (s.double() * ds).sum()
     grads_ref = torch.autograd.grad(loss_ref, ref_in)
-    grads = torch.autograd.grad(loss, fast_in)
+    grads = [x.cpu() for x in torch.autograd.grad(loss, fast_in)]
     assert_close("output", o, o_ref, dtype)
     assert_close("final state", s, s_ref, dtype)
     names = [f"input {i}" for i in range(n_args)] + (["initial_state"] if with_state else [])
@@ -145,6 +167,18 @@ def test_triton_matches_torch_on_a_longer_sequence(fam):
     o, s = fam.chunk(*xs, output_final_state=True, backend="triton")
     assert_close("output", o, o_t, torch.float32)
     assert_close("final state", s, s_t, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_triton_on_cuda(fam, chunk_size):
+    """The compiled kernels (not the interpreter): longer sequences, packed documents."""
+    run_case(fam, B=2, T=300, H=4, K=64, V=48, dtype=torch.float32, with_state=True,
+             chunk_size=chunk_size, backend="triton", device="cuda")  # fmt: skip
+    cu = torch.tensor([0, 100, 101, 350, 512], dtype=torch.int32)
+    run_case(fam, B=1, T=512, H=2, K=32, V=32, dtype=torch.float32, with_state=True,
+             cu_seqlens=cu, chunk_size=chunk_size, backend="triton", device="cuda")  # fmt: skip
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
