@@ -3,8 +3,8 @@ interpreter, see tests/conftest.py), against its float64 step loop: outputs, fin
 gradient of every input (gates and initial state included), packed documents, odd lengths,
 non-power-of-two head sizes; and the one-step form against the chunkwise one.
 
-The Triton path computes in fp32, bf16 or fp16 only, so its cases run in fp32; the interpreter
-runs every program in NumPy, so its shapes stay tiny."""
+The Triton path takes fp32, bf16 or fp16 inputs (and computes in fp32), so its cases run in fp32
+and bf16; the interpreter runs every program in NumPy, so its shapes stay tiny."""
 
 import pytest
 import torch
@@ -182,8 +182,11 @@ def test_triton_on_cuda(fam, chunk_size):
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
-def test_bf16_inputs(fam):
-    run_case(fam, B=2, T=50, H=2, K=16, V=16, dtype=torch.bfloat16, with_state=False)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_inputs(fam, backend):
+    run_case(
+        fam, B=2, T=50, H=2, K=16, V=16, dtype=torch.bfloat16, with_state=False, backend=backend
+    )
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
