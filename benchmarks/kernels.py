@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import subprocess
 import sys
 import time
 
 import torch
+from measure import matmul_peak_gflops, peak_rss_mb, rss_mb
 
 from rnnscale.kernels.delta import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 from rnnscale.kernels.gla import chunk_gla, naive_recurrent_gla
@@ -77,24 +77,6 @@ def fwd_bwd_seconds(fn, xs, repeats: int, **kw) -> float:
     return best
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(f) -> float:
-    start = time.perf_counter()
-    f()
-    return time.perf_counter() - start
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def memory_child(name: str, T: int, H: int, K: int, V: int) -> None:
     """In a fresh process: one fwd+bwd; print the peak RSS growth in MiB."""
     chunk, _, C, _ = FAMILIES[name]
@@ -102,8 +84,7 @@ def memory_child(name: str, T: int, H: int, K: int, V: int) -> None:
     before = rss_mb()
     out, _ = chunk(*leaves, chunk_size=C, backend="torch")
     out.sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"{peak - before:.1f}")
+    print(f"{peak_rss_mb() - before:.1f}")
 
 
 def memory_table(lengths: list[int], H: int, K: int, V: int) -> None:

@@ -72,7 +72,7 @@ def test_integer_given_for_float_is_a_float():
         ),
         (
             "model.mixer_pattern=[gla, mamba9]",
-            r"model\.mixer_pattern\[1\]: 'mamba9' .* not one of: gla, attn",
+            r"model\.mixer_pattern\[1\]: 'mamba9' .* not one of: gla, retnet, mamba2, ",
         ),
         ("model.mixer_pattern=gla", r"model\.mixer_pattern: expected a list"),
         ("model.gla.chunk_size=0", r"model\.gla\.chunk_size: must be > 0"),

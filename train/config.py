@@ -22,7 +22,18 @@ from typing import Any, Literal
 
 import yaml
 
-MixerName = Literal["gla", "attn"]
+MixerName = Literal[
+    "gla",
+    "retnet",
+    "mamba2",
+    "hgrn2",
+    "gated_deltanet",
+    "mingru",
+    "minlstm",
+    "rglru",
+    "attn",
+    "swa",
+]
 """Token mixers that `model.mixer_pattern` may name (the keys of `rnnscale.train.model.MIXERS`)."""
 
 
@@ -86,12 +97,109 @@ class GLASection:
         _require(self.chunk_size > 0, f"{path}.chunk_size", "must be > 0")
 
 
+def _positive(node: Any, path: str, *names: str) -> None:
+    for name in names:
+        _require(getattr(node, name) > 0, f"{path}.{name}", "must be > 0")
+
+
 @dataclass
 class AttnSection:
     rope_theta: float = doc(10000.0, "Base of the rotary position embedding.")
 
     def check(self, path: str) -> None:
-        _require(self.rope_theta > 0, f"{path}.rope_theta", "must be > 0")
+        _positive(self, path, "rope_theta")
+
+
+@dataclass
+class SWASection:
+    window: int = doc(
+        2048, "Tokens each query sees, itself included (Mistral/Griffin local attention)."
+    )
+    rope_theta: float = doc(10000.0, "Base of the rotary position embedding.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "window", "rope_theta")
+
+
+@dataclass
+class RetNetSection:
+    expand_k: float = doc(1.0, "Key width per head as a fraction of the head width.")
+    expand_v: float = doc(2.0, "Value width per head as a fraction of the head width (RetNet: 2).")
+    rope_theta: float = doc(10000.0, "Base of the rotary embedding of queries and keys (xPos).")
+    chunk_size: int = doc(64, "Chunk length C of the chunkwise scan.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "expand_k", "expand_v", "rope_theta", "chunk_size")
+
+
+@dataclass
+class Mamba2Section:
+    expand: int = doc(2, "Inner width d_inner = expand * d_model.")
+    head_dim: int = doc(64, "Channels per SSM head; heads = d_inner / head_dim (not num_heads).")
+    state_size: int = doc(128, "SSM state size N per head (the width of B and C).")
+    n_groups: int = doc(1, "Groups sharing B and C (heads per group = heads / n_groups).")
+    conv_size: int = doc(4, "Width of the causal depthwise convolution over x, B and C.")
+    dt_min: float = doc(1e-3, "Smallest initial step size dt (log-uniform init).")
+    dt_max: float = doc(0.1, "Largest initial step size dt.")
+    a_init_max: float = doc(16.0, "A = -exp(A_log) starts uniform in [-a_init_max, -1].")
+    chunk_size: int = doc(64, "Chunk length C of the chunkwise scan.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "expand", "head_dim", "state_size", "n_groups", "conv_size")
+        _positive(self, path, "dt_min", "chunk_size")
+        _require(self.dt_max >= self.dt_min, f"{path}.dt_max", "must be >= dt_min")
+        _require(self.a_init_max >= 1, f"{path}.a_init_max", "must be >= 1")
+
+
+@dataclass
+class HGRN2Section:
+    expand_ratio: int = doc(128, "Key (forget-gate) width per head: the state is this x head_dim.")
+    chunk_size: int = doc(64, "Chunk length C of the chunkwise scan.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "expand_ratio", "chunk_size")
+
+
+@dataclass
+class GatedDeltaNetSection:
+    head_dim: int = doc(0, "Key width per head; 0: d_model / num_heads.")
+    expand_v: float = doc(2.0, "Value width per head as a multiple of head_dim (paper: 2).")
+    use_forget_gate: bool = doc(True, "The decay exp(g) of Gated DeltaNet; false: plain DeltaNet.")
+    allow_neg_eigval: bool = doc(
+        False, "beta in (0, 2) instead of (0, 1): transitions with negative eigenvalues."
+    )
+    num_householder: int = doc(1, "Householder steps per token; > 1 is DeltaProduct.")
+    conv_size: int = doc(4, "Width of the short convolutions over q, k and v.")
+    chunk_size: int = doc(64, "Chunk length C of the chunkwise scan.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "expand_v", "num_householder", "conv_size", "chunk_size")
+        _require(self.head_dim >= 0, f"{path}.head_dim", "must be >= 0 (0: d_model / num_heads)")
+
+
+@dataclass
+class MinRNNSection:
+    expand: float = doc(2.0, "Hidden width of the recurrence as a multiple of d_model.")
+    conv_size: int = doc(4, "Width of a causal convolution before the recurrence; 0: none.")
+    chunk_size: int = doc(32, "Chunk length C of the chunkwise scan.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "expand", "chunk_size")
+        _require(self.conv_size >= 0, f"{path}.conv_size", "must be >= 0 (0: none)")
+
+
+@dataclass
+class RGLRUSection:
+    expand: float = doc(4 / 3, "Width of the recurrence as a multiple of d_model (Griffin: 4/3).")
+    conv_size: int = doc(4, "Width of the causal convolution before the RG-LRU.")
+    c: float = doc(8.0, "The constant c of a_t = a^(c r_t).")
+    a_min: float = doc(0.9, "a^c starts uniform in [a_min, a_max] (Griffin: 0.9, 0.999).")
+    a_max: float = doc(0.999, "See a_min.")
+    chunk_size: int = doc(32, "Chunk length C of the chunkwise scan.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "expand", "conv_size", "c", "chunk_size")
+        _require(0 < self.a_min <= self.a_max < 1, f"{path}.a_min", "need 0 < a_min <= a_max < 1")
 
 
 @dataclass
@@ -107,8 +215,23 @@ class ModelSection:
     tie_embeddings: bool = doc(True, "Share the input embedding with the output head.")
     norm_eps: float = doc(1e-6, "Epsilon of every RMSNorm.")
     init_std: float = doc(0.02, "Standard deviation of the normal init of linear and embedding.")
-    gla: GLASection = section(GLASection, "Options of the gated linear attention mixer.")
-    attn: AttnSection = section(AttnSection, "Options of the softmax attention mixer.")
+    loss_chunk_tokens: int = doc(
+        4096,
+        "Tokens per chunk of the cross-entropy: the [tokens, vocab] logits are never held whole "
+        "(train/model/loss.py).",
+    )
+    gla: GLASection = section(GLASection, "Options of the gla mixer (Gated Linear Attention).")
+    retnet: RetNetSection = section(RetNetSection, "Options of the retnet mixer (retention).")
+    mamba2: Mamba2Section = section(Mamba2Section, "Options of the mamba2 mixer (SSD).")
+    hgrn2: HGRN2Section = section(HGRN2Section, "Options of the hgrn2 mixer.")
+    gated_deltanet: GatedDeltaNetSection = section(
+        GatedDeltaNetSection, "Options of the gated_deltanet mixer (DeltaNet, DeltaProduct)."
+    )
+    mingru: MinRNNSection = section(MinRNNSection, "Options of the mingru mixer.")
+    minlstm: MinRNNSection = section(MinRNNSection, "Options of the minlstm mixer.")
+    rglru: RGLRUSection = section(RGLRUSection, "Options of the rglru mixer (Griffin/Hawk).")
+    attn: AttnSection = section(AttnSection, "Options of the attn mixer (softmax attention).")
+    swa: SWASection = section(SWASection, "Options of the swa mixer (sliding-window attention).")
 
     def check(self, path: str) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
@@ -122,6 +245,7 @@ class ModelSection:
         _require(self.mlp_hidden >= 0, f"{path}.mlp_hidden", "must be >= 0 (0: automatic)")
         _require(self.norm_eps > 0, f"{path}.norm_eps", "must be > 0")
         _require(self.init_std > 0, f"{path}.init_std", "must be > 0")
+        _require(self.loss_chunk_tokens > 0, f"{path}.loss_chunk_tokens", "must be > 0")
 
 
 @dataclass

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rnnscale.data.packing import PackedRows, collate
 from rnnscale.data.synthetic import MarkovDocuments
 from rnnscale.train.config import RunConfig, dump_yaml
+from rnnscale.train.export import export_model
 from rnnscale.train.logger import Logger
 from rnnscale.train.model import LanguageModel, build_model
 from rnnscale.train.schedule import lr_multiplier
@@ -51,10 +51,12 @@ def run(cfg: RunConfig) -> dict:
                 logger.log(step, {**metrics, "tokens_seen": tokens_seen})
     finally:
         logger.close()
+    export_model(model, run_dir)
     final = metrics.get("loss", float("nan"))
     print(
         f"rnnscale: done: {cfg.train.max_steps} steps, final loss {final:.4f}\n"
-        f"run directory: {run_dir.resolve()} (config.yaml, metrics.jsonl)",
+        f"run directory: {run_dir.resolve()} (config.yaml, metrics.jsonl, model.safetensors)\n"
+        f"sample from it: rnnscale generate {run_dir} --prompt-ids 1",
         flush=True,
     )
     return {"run_dir": str(run_dir), "steps": cfg.train.max_steps, "loss": metrics.get("loss")}
@@ -94,8 +96,7 @@ def lm_loss(model: LanguageModel, batch: dict, device) -> torch.Tensor:
     if cu_seqlens is not None:
         input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)  # (1, B*T)
         cu_seqlens = cu_seqlens.to(device)
-    logits, _ = model(input_ids, cu_seqlens=cu_seqlens)  # (B, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    return model.loss(input_ids, labels, cu_seqlens=cu_seqlens)
 
 
 def synthetic_batches(cfg: RunConfig) -> Iterator[dict]:
@@ -108,13 +109,15 @@ def synthetic_batches(cfg: RunConfig) -> Iterator[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on matrices only: no decay on norms, biases, embeddings."""
+    """AdamW with decoupled weight decay on matrices only: no decay on norms, biases, embeddings,
+    or parameters a mixer marks `_no_weight_decay` (decay rates, step sizes)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+        skip = p.ndim < 2 or id(p) in embeddings or getattr(p, "_no_weight_decay", False)
+        (no_decay if skip else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

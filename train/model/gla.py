@@ -13,12 +13,14 @@ import torch.nn.functional as F
 
 from rnnscale.kernels.gla import chunk_gla
 from rnnscale.kernels.norm import gated_rms_norm
-from rnnscale.train.model.layers import RMSNorm
+from rnnscale.train.model import flops
+from rnnscale.train.model.layers import MixerDims, RMSNorm
 
 
 class GatedLinearAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, cfg, norm_eps: float):
+    def __init__(self, cfg, dims: MixerDims):
         super().__init__()
+        d_model, num_heads, norm_eps = dims.d_model, dims.num_heads, dims.norm_eps
         head_dim = d_model // num_heads
         self.num_heads = num_heads
         self.key_dim = int(head_dim * cfg.expand_k) * num_heads
@@ -40,6 +42,15 @@ class GatedLinearAttention(nn.Module):
         self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
         self.g_norm = RMSNorm(self.value_dim // num_heads, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
+        self.d_model, self.low_rank = d_model, cfg.gate_low_rank_dim
+
+    def flops_per_token(self, seq_len: int) -> int:
+        d, k, v, r = self.d_model, self.key_dim, self.value_dim, self.low_rank
+        projections = 2 * flops.linear(d, k) + 2 * flops.linear(d, v) + flops.linear(v, d)
+        gate = flops.linear(d, r) + flops.linear(r, k)
+        H = self.num_heads
+        scan = flops.linear_attention_scan(H, k // H, v // H, self.chunk_size)
+        return projections + gate + scan
 
     def forward(self, x, *, cu_seqlens=None, state=None):
         B, T, _ = x.shape

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rnnscale.kernels.conv import causal_conv1d
 from rnnscale.kernels.norm import rms_norm
+from rnnscale.kernels.simple_gla import chunk_simple_gla, simple_gla_step
+
+
+@dataclass(frozen=True)
+class MixerDims:
+    """The explicit scalars every mixer gets beside its own options section."""
+
+    d_model: int
+    num_heads: int
+    norm_eps: float
+    layer_idx: int  # 0-based position of the layer in the model
+    num_layers: int
 
 
 class RMSNorm(nn.Module):
@@ -19,6 +34,33 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise convolution over time (Mamba2, DeltaNet, Griffin, minGRU use one).
+
+    `forward(x [B, T, D], *, cu_seqlens=None, state=None) -> (y, state)`: state is the last
+    W - 1 inputs of every sequence, `[N, D, W - 1]`; packed documents never see each other.
+    Initialised as `nn.Conv1d` is (uniform in +-1/sqrt(W)).
+    """
+
+    def __init__(self, dim: int, size: int, *, bias: bool = False, activation: str | None = "silu"):
+        super().__init__()
+        bound = size**-0.5
+        self.weight = nn.Parameter(torch.empty(dim, size).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound)) if bias else None
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens=None, state=None):
+        return causal_conv1d(
+            x,
+            self.weight,
+            self.bias,
+            activation=self.activation,
+            initial_state=state,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
 
 
 class SwiGLU(nn.Module):
@@ -55,8 +97,32 @@ def positions(B: int, T: int, cu_seqlens: torch.Tensor | None, offset: int, devi
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i + D/2}) of `x [B, T, H, D]` by pos * theta^(-2i/D) (fp32 angles)."""
     D = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, D // 2, device=x.device, dtype=torch.float32) / (D // 2))
-    angle = pos[..., None].float() * inv_freq  # (B, T, D/2)
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 angles at least
+    inv_freq = theta ** (-torch.arange(0, D // 2, device=x.device, dtype=acc) / (D // 2))
+    angle = pos[..., None].to(acc) * inv_freq  # (B, T, D/2)
     cos, sin = angle.cos()[:, :, None, :], angle.sin()[:, :, None, :]  # (B, T, 1, D/2)
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(acc).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def simple_gla_scan(q, k, v, g, S, cu_seqlens, scale: float, chunk_size: int):
+    """Scalar-decay linear attention for a mixer (retnet, mamba2): `chunk_simple_gla`, or one
+    `simple_gla_step` when a single token of plain sequences comes in (generation), which
+    skips padding the token to a whole chunk. Returns `(o [B, T, H, V], S [N, H, K, V])`."""
+    if q.shape[1] > 1 or cu_seqlens is not None:
+        return chunk_simple_gla(
+            q,
+            k,
+            v,
+            g,
+            scale=scale,
+            initial_state=S,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
+            chunk_size=chunk_size,
+        )
+    acc = g.dtype
+    B, _, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=acc) if S is None else S.to(acc)
+    o, S = simple_gla_step(q[:, 0].to(acc), k[:, 0].to(acc), v[:, 0].to(acc), g[:, 0], S, scale)
+    return o[:, None].to(v.dtype), S  # o: (B, 1, H, V), S: (B, H, K, V)

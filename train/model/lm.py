@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from rnnscale.train.model import flops
 from rnnscale.train.model.layers import RMSNorm, SwiGLU, mlp_hidden_size
+from rnnscale.train.model.loss import chunked_cross_entropy
 
 
 class Block(nn.Module):
@@ -40,6 +42,9 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
+        for mixer in mixers:  # a mixer's own parameterisation (decay ranges, dt, ...) comes last
+            if hasattr(mixer, "init_weights"):
+                mixer.init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
@@ -50,6 +55,11 @@ class LanguageModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, *, cu_seqlens=None, state=None):
+        hidden, state = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, state=state)
+        return self.head(hidden), state  # (B, T, vocab)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, cu_seqlens=None, state=None):
+        """The normalised last hidden states `[B, T, d_model]` (before the head) and the state."""
         if cu_seqlens is not None and input_ids.shape[0] != 1:
             raise ValueError(
                 "cu_seqlens needs input_ids packed into one row, got shape "
@@ -61,8 +71,25 @@ class LanguageModel(nn.Module):
         for block, s in zip(self.blocks, state, strict=True):
             x, s = block(x, cu_seqlens=cu_seqlens, state=s)
             new_state.append(s)
-        return self.head(self.norm(x)), new_state  # (B, T, vocab)
+        return self.norm(x), new_state
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, cu_seqlens=None):
+        """Mean next-token cross-entropy against `labels [B, T]` (-100: ignored), computed
+        `model.loss_chunk_tokens` tokens at a time without the whole logits tensor."""
+        hidden, _ = self.hidden_states(input_ids, cu_seqlens=cu_seqlens)
+        return chunked_cross_entropy(
+            hidden.flatten(0, 1), self.head.weight, labels.flatten(), self.cfg.loss_chunk_tokens
+        )
 
     def num_params(self) -> int:
         """Parameters counted once (a tied head is not counted twice)."""
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token at sequence length `seq_len`: every mixer's own count (its
+        projections and its scan or attention), the SwiGLU MLPs and the output head. A training
+        step costs 3x this per token (train/model/flops.py)."""
+        d, hidden = self.cfg.d_model, self.blocks[0].mlp.up.out_features if self.blocks else 0
+        mlp = 2 * flops.linear(d, hidden) + flops.linear(hidden, d)
+        mixers = sum(block.mixer.flops_per_token(seq_len) for block in self.blocks)
+        return mixers + len(self.blocks) * mlp + flops.linear(d, self.cfg.vocab_size)

@@ -1,0 +1,158 @@
+"""Model training steps on CPU: rnnscale's models beside Hugging Face transformers' in one run.
+
+    .venv/bin/python benchmarks/models.py                 # d_model 512, 4 layers, vocab 8192
+    .venv/bin/python benchmarks/models.py --smoke         # tiny, seconds (the test runs it)
+
+At equal width, depth and vocabulary: our mamba2 against transformers' Mamba2 (its pure-PyTorch
+path: no CUDA kernels on CPU), and our gla, gated_deltanet and a gated_deltanet+attn 3:1 hybrid
+against transformers' Llama with SDPA attention. One training step is forward, backward and an
+AdamW step on one row of T tokens, fp32; tokens/s is the best of a few steps (the first is a
+warm-up). Peak memory: each (model, T) in a fresh process, the growth of peak resident memory
+over the built model. MFU: 3 x flops_per_token x tokens/s over this machine's fp32 matmul peak,
+measured in the same run (ours only: the peers have no FLOP count of their own). Read ratios,
+not absolute numbers: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+from measure import matmul_peak_gflops, peak_rss_mb, rss_mb
+
+OURS = {  # name: mixer pattern
+    "rnnscale mamba2": ["mamba2"],
+    "rnnscale gla": ["gla"],
+    "rnnscale gated_deltanet": ["gated_deltanet"],
+    "rnnscale gdn+attn 3:1": ["gated_deltanet", "gated_deltanet", "gated_deltanet", "attn"],
+}
+PEERS = ["transformers Mamba2", "transformers Llama (sdpa)"]
+
+
+def build(name: str, d: int, layers: int, vocab: int):
+    """(model, loss function of input ids, flops per token or None)."""
+    if name in OURS:
+        from rnnscale.train.config import from_dict
+        from rnnscale.train.model import build_model
+
+        heads = max(1, d // 64)
+        model = build_model(
+            from_dict(
+                {
+                    "model": {
+                        "vocab_size": vocab,
+                        "d_model": d,
+                        "num_layers": layers,
+                        "num_heads": heads,
+                        "mixer_pattern": OURS[name],
+                        "tie_embeddings": False,
+                    }
+                }  # fmt: skip
+            ).model
+        )
+        return model, lambda ids: model.loss(ids[:, :-1], ids[:, 1:]), model.flops_per_token
+    import transformers
+
+    if name == "transformers Mamba2":
+        cfg = transformers.Mamba2Config(
+            hidden_size=d, num_hidden_layers=layers, vocab_size=vocab, expand=2, head_dim=64,
+            num_heads=2 * d // 64, state_size=128, n_groups=1, tie_word_embeddings=False,
+        )  # fmt: skip
+        model = transformers.Mamba2ForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(
+            hidden_size=d, num_hidden_layers=layers, vocab_size=vocab, num_attention_heads=d // 64,
+            num_key_value_heads=d // 64, intermediate_size=64 * -(-(8 * d) // 192),
+            tie_word_embeddings=False, attn_implementation="sdpa",
+            max_position_embeddings=1 << 16,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(cfg)
+    return model, lambda ids: model(input_ids=ids, labels=ids).loss, None
+
+
+def step_seconds(model, loss_fn, T: int, vocab: int, steps: int) -> float:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, vocab, (1, T + 1), generator=torch.Generator().manual_seed(0))
+    best = float("inf")
+    for i in range(steps + 1):  # the first step is a warm-up
+        start = time.perf_counter()
+        loss = loss_fn(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def child(name: str, T: int, d: int, layers: int, vocab: int, steps: int) -> None:
+    """One (model, T) in a fresh process: print JSON with seconds, memory, params, flops."""
+    torch.manual_seed(0)
+    model, loss_fn, flops = build(name, d, layers, vocab)
+    before = rss_mb()
+    seconds = step_seconds(model, loss_fn, T, vocab, steps)
+    params = sum(p.numel() for p in model.parameters())
+    result = {"seconds": seconds, "peak_mib": peak_rss_mb() - before, "params": params,
+              "flops": flops(T) if flops else None}  # fmt: skip
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: check it runs")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per model and T")
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, *dims = args.child
+        return child(name, *map(int, dims))
+    d, layers, vocab = (64, 2, 256) if args.smoke else (512, 4, 8192)
+    lengths = [64] if args.smoke else args.lengths
+    steps = 1 if args.smoke else args.steps
+    peak = matmul_peak_gflops(256 if args.smoke else 1024)
+    print(
+        f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads; fp32 matmul peak {peak:.1f} GFLOP/s; d_model {d}, {layers} layers, vocab {vocab}"
+    )
+    print("| model | T | params | tokens/s | peak memory MiB | MFU |")
+    print("|---|---|---|---|---|---|")
+    for T in lengths:
+        for name in [*OURS, *PEERS]:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                *map(str, (T, d, layers, vocab, steps)),
+            ]
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"| {name} | {T} | not run: over {args.timeout} s | | | |", flush=True)
+                continue
+            if r.returncode != 0:
+                reason = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"
+                print(f"| {name} | {T} | not run: {reason} | | | |", flush=True)
+                continue
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            mfu = (
+                f"{100 * 3 * m['flops'] * T / m['seconds'] / 1e9 / peak:.1f}%"
+                if m["flops"]
+                else "-"
+            )
+            print(
+                f"| {name} | {T} | {m['params'] / 1e6:.1f}M | {T / m['seconds']:.0f} | "
+                f"{m['peak_mib']:.0f} | {mfu} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Every token mixer in the registry, alone and in a hybrid: token-by-token decoding with the
+carried state gives the parallel forward's logits, packed documents equal separate sequences,
+gradients reach every parameter, and the FLOP count behaves (constant per token for recurrent
+mixers, growing with T for global attention)."""
+
+import pytest
+import torch
+
+from rnnscale.train.config import from_dict
+from rnnscale.train.model import MIXERS, build_model
+
+# Small options for every mixer (chunks shorter than the test sequences, so several chunks run)
+TINY = {
+    "gla": {"chunk_size": 8},
+    "retnet": {"chunk_size": 8},
+    "mamba2": {"head_dim": 8, "state_size": 16, "chunk_size": 8},
+    "hgrn2": {"expand_ratio": 8, "chunk_size": 8},
+    "gated_deltanet": {"chunk_size": 8},
+    "mingru": {"chunk_size": 8},
+    "minlstm": {"chunk_size": 8},
+    "rglru": {"chunk_size": 8},
+    "attn": {},
+    "swa": {"window": 6},
+}
+RECURRENT = [name for name in MIXERS if name not in ("attn", "swa")]
+HYBRID = ["gated_deltanet", "mamba2", "gla", "attn", "rglru", "swa"]
+
+
+def tiny_model(pattern, dtype=torch.float64, **model):
+    cfg = {"vocab_size": 97, "d_model": 32, "num_layers": len(pattern), "num_heads": 2}
+    cfg.update(mixer_pattern=pattern, **TINY, **model)
+    torch.manual_seed(0)
+    return build_model(from_dict({"model": cfg}).model).to(dtype)
+
+
+def decode(model, ids, state=None):
+    """Logits of feeding `ids [B, T]` one token at a time, carrying the state."""
+    out = []
+    for t in range(ids.shape[1]):
+        logits, state = model(ids[:, t : t + 1], state=state)
+        out.append(logits)
+    return torch.cat(out, 1), state
+
+
+def test_registry_matches_the_config_names():
+    import typing
+
+    from rnnscale.train.config import MixerName
+
+    assert set(MIXERS) == set(typing.get_args(MixerName)) == set(TINY)
+
+
+PATTERNS = [[name] for name in MIXERS] + [HYBRID]
+IDS = [p[0] if len(p) == 1 else "hybrid" for p in PATTERNS]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=IDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_decoding_token_by_token_matches_the_parallel_forward(pattern, dtype, tol):
+    model = tiny_model(pattern * (2 if len(pattern) == 1 else 1), dtype)
+    ids = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(ids)
+        prefix, state = model(ids[:, :9])  # a parallel prefill, then one token at a time
+        rest, _ = decode(model, ids[:, 9:], state)
+        stepped, _ = decode(model, ids)
+    torch.testing.assert_close(torch.cat([prefix, rest], 1), full, atol=tol, rtol=tol)
+    torch.testing.assert_close(stepped, full, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=IDS)
+def test_packed_documents_equal_separate_decoding(pattern):
+    model = tiny_model(pattern)
+    lengths = [7, 20, 1, 12]
+    gen = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, 97, (1, n), generator=gen) for n in lengths]
+    cu = torch.tensor([0, 7, 27, 28, 40], dtype=torch.int32)
+    with torch.no_grad():
+        packed, _ = model(torch.cat(docs, 1), cu_seqlens=cu)
+        alone = torch.cat([decode(model, d)[0] for d in docs], 1)
+    torch.testing.assert_close(packed, alone, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_packed_states_continue_each_document(name):
+    """A packed forward returns one state per document; continuing document n from it gives
+    what running document n whole gives."""
+    model = tiny_model([name, name])
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 97, (1, n), generator=gen) for n in (9, 14, 5)]
+    cu = torch.tensor([0, 9, 23, 28], dtype=torch.int32)
+    nxt = torch.randint(0, 97, (3, 4), generator=gen)
+    with torch.no_grad():
+        _, state = model(torch.cat(docs, 1), cu_seqlens=cu)
+        cont, _ = model(nxt, state=state)  # row n continues document n
+        for n, doc in enumerate(docs):
+            whole, _ = model(torch.cat([doc, nxt[n : n + 1]], 1))
+            torch.testing.assert_close(cont[n], whole[0, -4:], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_gradients_reach_every_parameter(name):
+    model = tiny_model([name, name], torch.float32)
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(4))
+    logits, _ = model(ids)
+    logits.logsumexp(-1).mean().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {pname}"
+        assert torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_flops_per_token(name):
+    model = tiny_model([name], torch.float32)
+    mixer = model.blocks[0].mixer
+    short, long = mixer.flops_per_token(64), mixer.flops_per_token(4096)
+    assert isinstance(short, int) and short > 0
+    if name == "attn":
+        assert long > short  # the quadratic term grows with T
+    else:  # recurrent mixers and the window: constant per token once T passes the window
+        assert mixer.flops_per_token(8192) == long
+    total = model.flops_per_token(64)
+    assert total > short + 2 * 32 * 97  # mixer + MLP + head
