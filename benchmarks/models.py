@@ -138,7 +138,10 @@ def main() -> None:
                 print(f"| {name} | {T} | not run: over {args.timeout} s | | | |", flush=True)
                 continue
             if r.returncode != 0:
-                reason = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"
+                errors = [x for x in r.stderr.splitlines() if "Error" in x] or ["failed"]
+                reason = errors[-1][:120]
+                if r.returncode < 0:  # killed: on this machine, by the kernel's OOM killer
+                    reason = f"killed by signal {-r.returncode} (out of memory)"
                 print(f"| {name} | {T} | not run: {reason} | | | |", flush=True)
                 continue
             m = json.loads(r.stdout.strip().splitlines()[-1])
