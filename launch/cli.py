@@ -3,6 +3,9 @@
     rnnscale train CONFIG [key=value ...]        train (one process on this machine, for now)
     rnnscale config show CONFIG [key=value ...]  print the resolved config, start nothing
     rnnscale generate RUN_DIR --prompt TEXT      sample from a trained model (recurrent form)
+    rnnscale data tokenizer --input GLOB --vocab-size N --out DIR    train a sentencepiece BPE
+    rnnscale data prepare --input GLOB --tokenizer PATH --out DIR    corpus -> MDS shards
+    (either data command takes --builtin python-stdlib instead of --input: no download)
 
 Overrides are dotted paths into the config tree, values parsed as YAML:
 `optim.lr=3e-4 model.mixer_pattern=[gla,attn] log.progress_bar=false`.
@@ -11,6 +14,7 @@ Overrides are dotted paths into the config tree, values parsed as YAML:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rnnscale.train.config import ConfigError, RunConfig, dump_yaml, load_config
@@ -21,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "data":
+        return _data(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -57,7 +63,72 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     gen.add_argument("--seed", type=int, default=0)
+    _data_parser(commands)
     return parser
+
+
+def _data_parser(commands) -> None:
+    data = commands.add_parser("data", help="tokenizer and shards")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    tok = actions.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer")
+    prep = actions.add_parser("prepare", help="tokenize a corpus into MDS shards")
+    for p in (tok, prep):
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--input", action="append", metavar="GLOB",
+                            help="text, .jsonl or .parquet files (repeatable)")  # fmt: skip
+        source.add_argument("--builtin", choices=["python-stdlib"],
+                            help="a corpus already on this machine")  # fmt: skip
+        p.add_argument("--out", required=True, metavar="DIR")
+        p.add_argument("--text-key", default="text", help="JSONL field / Parquet column")
+        p.add_argument("--split-blank-lines", action="store_true",
+                       help="plain text: one document per blank-line-separated block")  # fmt: skip
+    tok.add_argument("--vocab-size", type=int, required=True)
+    tok.add_argument("--max-sentences", type=int, default=2_000_000,
+                     help="lines sampled from the corpus (bounds memory)")  # fmt: skip
+    prep.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer.model")
+    prep.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prep.add_argument("--compression", default=None, help="e.g. zstd (MDS shard compression)")
+    prep.add_argument(
+        "--bad-bytes",
+        choices=["replace", "skip"],
+        default="replace",
+        help="undecodable UTF-8: replace with U+FFFD (reported) or skip the item",
+    )
+    prep.add_argument("--no-progress", action="store_true")
+
+
+def _data(args: argparse.Namespace) -> int:
+    from rnnscale.data.builtin import builtin_inputs
+
+    inputs = builtin_inputs(args.builtin) if args.builtin else args.input
+    try:
+        if args.data_command == "tokenizer":
+            from rnnscale.data.tokenizer import train_tokenizer
+
+            info = train_tokenizer(
+                inputs,
+                args.vocab_size,
+                args.out,
+                max_sentences=args.max_sentences,
+                text_key=args.text_key,
+                split_blank_lines=args.split_blank_lines,
+            )
+            print(
+                f"rnnscale: {args.out}/tokenizer.model: {info['vocab_size']} pieces, trained on "
+                f"{info['trained_on_lines']:,} lines; fingerprint {info['fingerprint'][:16]}"
+            )
+            return 0
+        from rnnscale.data.prepare import prepare, report
+
+        stats = prepare(inputs, args.tokenizer, args.out, text_key=args.text_key,
+                        workers=args.workers, compression=args.compression,
+                        split_blank_lines=args.split_blank_lines, bad_bytes=args.bad_bytes,
+                        progress=not args.no_progress)  # fmt: skip
+        print(report(stats, args.out))
+        return 0
+    except (FileNotFoundError, ValueError) as e:
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return 2
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +141,11 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 def _train(cfg: RunConfig) -> int:
     from rnnscale.train import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as e:  # found once the run looks at its inputs (e.g. the tokenizer)
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -249,19 +249,49 @@ class ModelSection:
 
 
 @dataclass
+class StreamSection:
+    path: str = doc(
+        "", "A directory written by `rnnscale data prepare`: a local path or an s3:// gs:// URL."
+    )
+    proportion: float = doc(1.0, "Weight of this stream in the mixture (normalised over streams).")
+
+    def check(self, path: str) -> None:
+        _require(self.path.strip() != "", f"{path}.path", "must name a prepared directory")
+        _require(self.proportion > 0, f"{path}.proportion", "must be > 0")
+
+
+@dataclass
 class DataSection:
-    source: Literal["synthetic"] = doc(
+    source: Literal["synthetic", "mds"] = doc(
         "synthetic",
         "Where tokens come from. synthetic: documents drawn from a fixed random Markov chain "
-        "(seeded by run.seed), for tests and smoke runs.",
+        "(seeded by run.seed), for tests and smoke runs. mds: the shards of data.streams.",
     )
     mean_doc_len: int = doc(48, "synthetic: mean document length in tokens (geometric).")
     pack_documents: bool = doc(
         True, "Pass document boundaries as cu_seqlens so recurrent state resets at each one."
     )
+    streams: list[StreamSection] = doc(
+        [], "mds: training streams, e.g. [{path: data/shards, proportion: 1.0}]."
+    )
+    tokenizer: str = doc(
+        "",
+        "mds: the tokenizer.model the shards were made with; it is copied into the run directory "
+        "(rnnscale generate reads it there).",
+    )
+    num_canonical_nodes: int = doc(
+        1,
+        "mds: streaming's canonical node count. The shuffle depends on it, not on the real "
+        "node count: keep it fixed for a run and its resumes.",
+    )
+    docs_per_batch: int = doc(16, "mds: documents per streaming batch (the unit of the shuffle).")
 
     def check(self, path: str) -> None:
         _require(self.mean_doc_len >= 2, f"{path}.mean_doc_len", "must be >= 2 (BOS and EOS)")
+        if self.source == "mds":
+            _require(len(self.streams) > 0, f"{path}.streams", "data.source=mds needs streams")
+            _require(self.tokenizer != "", f"{path}.tokenizer", "data.source=mds needs one")
+        _positive(self, path, "num_canonical_nodes", "docs_per_batch")
 
 
 @dataclass
@@ -353,6 +383,10 @@ def _check_tree(node: Any, path: str) -> None:
         child = getattr(node, f.name)
         if dataclasses.is_dataclass(child):
             _check_tree(child, _join(path, f.name))
+        elif isinstance(child, list):
+            for i, item in enumerate(child):
+                if dataclasses.is_dataclass(item):
+                    _check_tree(item, f"{_join(path, f.name)}[{i}]")
     if hasattr(node, "check"):
         node.check(path)
 

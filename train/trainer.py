@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from rnnscale.data.packing import PackedRows, collate
 from rnnscale.data.synthetic import MarkovDocuments
-from rnnscale.train.config import RunConfig, dump_yaml
+from rnnscale.train.config import ConfigError, RunConfig, dump_yaml
 from rnnscale.train.export import export_model
 from rnnscale.train.logger import Logger
 from rnnscale.train.model import LanguageModel, build_model
@@ -37,7 +38,7 @@ def run(cfg: RunConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(cfg.schedule, cfg.train.max_steps)
     )
-    batches = synthetic_batches(cfg)
+    batches = make_batches(cfg, run_dir)
     accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
     logger = Logger.for_rank(0, run_dir, cfg.train.max_steps, cfg.log.progress_bar)
     tokens_seen = 0
@@ -97,6 +98,39 @@ def lm_loss(model: LanguageModel, batch: dict, device) -> torch.Tensor:
         input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)  # (1, B*T)
         cu_seqlens = cu_seqlens.to(device)
     return model.loss(input_ids, labels, cu_seqlens=cu_seqlens)
+
+
+def make_batches(cfg: RunConfig, run_dir: Path) -> Iterator[dict]:
+    """Micro batches from data.source: synthetic documents, or MDS shards (whose tokenizer is
+    copied into the run directory, after checking it fits the model's vocabulary)."""
+    if cfg.data.source == "synthetic":
+        return synthetic_batches(cfg)
+    from streaming.base.util import clean_stale_shared_memory
+
+    from rnnscale.data.loader import PackedLoader
+    from rnnscale.data.tokenizer import load_tokenizer
+
+    clean_stale_shared_memory()  # left by a killed earlier run; it would hang this one
+    try:
+        pieces = load_tokenizer(cfg.data.tokenizer).vocab_size()
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    if pieces > cfg.model.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer {cfg.data.tokenizer} has {pieces} pieces but model.vocab_size is "
+            f"{cfg.model.vocab_size}: raise model.vocab_size to at least {pieces}"
+        )
+    shutil.copyfile(cfg.data.tokenizer, run_dir / "tokenizer.model")
+    d = cfg.data
+    return PackedLoader(
+        [(s.path, s.proportion) for s in d.streams],
+        seq_len=cfg.train.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seed=cfg.run.seed,
+        num_canonical_nodes=d.num_canonical_nodes,
+        docs_per_batch=d.docs_per_batch,
+        pack_documents=d.pack_documents,
+    )
 
 
 def synthetic_batches(cfg: RunConfig) -> Iterator[dict]:

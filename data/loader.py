@@ -1,0 +1,169 @@
+"""The training loader: documents from mosaicml-streaming MDS shards, packed into rows.
+
+Legend: B rows per micro batch, T = seq_len, W ranks, D documents per streaming batch.
+
+`StreamingDataset` over one or more `Stream`s (a prepared directory, local or remote, each with
+a proportion) shuffles with a fixed seed and a fixed canonical node count, so the order of
+documents a rank sees depends only on (seed, canonical nodes, world size, D). It is read in the
+training process, D documents at a time, by `PackedRows`, which lays them end to end into rows
+of T + 1 tokens; `collate` marks every document start inside a row in `cu_seqlens`.
+
+No DataLoader worker processes: reading memory-mapped MDS samples costs little next to a
+training step, streaming downloads remote shards in its own background threads, and
+tokenization happened in `data prepare`. (Measured: streaming's resume through a DataLoader with
+worker processes continued at other samples than the same resume without workers, and worker
+processes killed mid-epoch leave shared memory that hangs the next run; docs/data.md.)
+
+Exact resume. The packer's position is (documents pulled from the stream, the unused part of
+the last ones). Ranks pull different numbers of documents (documents differ in length), but
+streaming resumes all ranks at one global sample count. So `state_dict()` first makes every rank
+pull up to the same count (the largest, in whole streaming batches), keeping the extra documents
+in its buffer, and saves the buffer per rank; `load_state_dict()` resumes the stream there and
+restores the buffer. The next rows are exactly those of the loader that never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rnnscale.data.packing import PackedRows, collate
+
+
+class _Documents:
+    """Documents pulled from the stream, indexable by their running number (what PackedRows
+    needs); keeps only the ones not yet fully packed."""
+
+    def __init__(self, batches: Iterator[list[np.ndarray]]):
+        self.batches = batches
+        self.first = 0  # running number of buffer[0]
+        self.buffer: list[np.ndarray] = []
+
+    @property
+    def pulled(self) -> int:
+        return self.first + len(self.buffer)
+
+    def pull(self) -> None:
+        try:
+            self.buffer.extend(next(self.batches))
+        except StopIteration:
+            raise StopIteration("the data streams ran out of documents") from None
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        while index >= self.pulled:
+            self.pull()
+        if index > self.first:  # packed documents are never read again
+            del self.buffer[: index - self.first]
+            self.first = index
+        return self.buffer[index - self.first]
+
+
+class PackedLoader:
+    """Micro batches `{input_ids, labels [B, T], cu_seqlens}` from MDS shards, resumable.
+
+    streams: `[(path, proportion)]`; proportions are normalised (None for a single stream).
+    """
+
+    def __init__(
+        self,
+        streams: list[tuple[str, float | None]],
+        *,
+        seq_len: int,
+        micro_batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        num_canonical_nodes: int = 1,
+        docs_per_batch: int = 16,
+        pack_documents: bool = True,
+    ):
+        from streaming import Stream, StreamingDataset
+
+        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        self.pack_documents = pack_documents
+        self.docs_per_batch = docs_per_batch
+        weighted = len(streams) > 1
+        self.dataset = StreamingDataset(
+            streams=[_stream(Stream, path, p if weighted else None) for path, p in streams],
+            shuffle=shuffle,
+            shuffle_seed=seed,
+            num_canonical_nodes=num_canonical_nodes,
+            batch_size=docs_per_batch,
+            replication=None,
+        )
+        self._restart(None)
+
+    def _restart(self, buffer_state: dict | None) -> None:
+        self.docs = _Documents(self._batches())
+        self.rows = PackedRows(self.docs, self.seq_len)
+        if buffer_state is not None:
+            self.docs.first = buffer_state["first"]
+            self.docs.buffer = [np.asarray(d, dtype=np.int64) for d in buffer_state["buffer"]]
+            self.rows.load_state_dict(buffer_state["rows"])
+
+    def _batches(self) -> Iterator[list[np.ndarray]]:
+        """The rank's documents, D at a time (the last batch of an epoch may be shorter)."""
+        batch = []
+        for sample in self.dataset:
+            batch.append(sample["tokens"].astype(np.int64))
+            if len(batch) == self.docs_per_batch:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        picked = [self.rows.next_row() for _ in range(self.micro_batch_size)]
+        return collate(picked, self.pack_documents)
+
+    def state_dict(self) -> dict:
+        """This rank's position. Collective under torch.distributed: every rank calls it."""
+        pulled = self.docs.pulled
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = torch.tensor([pulled], dtype=torch.long)
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+            target = int(counts)
+        else:
+            target = pulled
+        while self.docs.pulled < target:  # line the ranks up on one stream position
+            self.docs.pull()
+        return {
+            "stream": self.dataset.state_dict(
+                num_samples=self.docs.pulled * _world_size(), from_beginning=True
+            ),
+            "first": self.docs.first,
+            "buffer": [d.tolist() for d in self.docs.buffer],
+            "rows": self.rows.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state["stream"])
+        self._restart(state)
+
+
+def _stream(Stream, path: str, proportion: float | None):
+    """A local directory is read in place; a remote one (s3://, gs://, ...) is cached under the
+    system temp directory, one folder per URL."""
+    if "://" not in path:
+        return Stream(local=path, proportion=proportion)
+    cache = (
+        Path(tempfile.gettempdir())
+        / "rnnscale-streams"
+        / hashlib.sha1(path.encode()).hexdigest()[:16]
+    )
+    return Stream(remote=path, local=str(cache), proportion=proportion)
+
+
+def _world_size() -> int:
+    """The ranks that share the stream (streaming reads the same from the environment)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))

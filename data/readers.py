@@ -1,0 +1,177 @@
+"""Reading a corpus: plain text, JSONL and Parquet files into documents, with every item that
+cannot be used reported with its reason and location. Nothing is dropped silently.
+
+Reading is split in two so `data prepare` can parallelise the expensive half:
+- `raw_records(files)` (one process, in order): cheap slicing of the files into records, each
+  with its location (file, line or row): a JSONL line as bytes, a text file or blank-line
+  block as bytes, a Parquet cell as a string.
+- `parse(record)` (worker processes): decoding (bad UTF-8 is replaced or skipped, by policy),
+  JSON parsing, the text field, the empty check. It returns a `Document` or a `Skip`.
+
+Formats go by extension: `.jsonl`/`.json` (one JSON object per line, text in `text_key`),
+`.parquet` (text in column `text_key`), anything else is plain text: one document per file, or
+one per blank-line-separated block with `split_blank_lines`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+BAD_BYTES = ("replace", "skip")
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: str  # "bytes" (text or a JSONL line, still to decode), "str" (a Parquet cell), "skip"
+    payload: bytes | str | None
+    file: str
+    line: int  # 1-based line (text, JSONL) or row (Parquet)
+    json: bool = False  # the payload is a JSON object holding the text
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    file: str
+    line: int
+    repaired: bool = False  # undecodable bytes were replaced by U+FFFD
+
+
+@dataclass(frozen=True)
+class Skip:
+    file: str
+    line: int
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "reason": self.reason}
+
+
+def list_files(inputs: list[str]) -> list[str]:
+    """Expand globs (sorted, so the order is the same everywhere); a glob that matches no file
+    is an error, not an empty corpus."""
+    files: list[str] = []
+    for pattern in inputs:
+        matched = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not matched:
+            raise FileNotFoundError(f"--input {pattern!r} matches no file")
+        files.extend(matched)
+    return list(dict.fromkeys(files))  # a file named by two globs is read once
+
+
+def raw_records(
+    files: list[str], *, text_key: str = "text", split_blank_lines: bool = False
+) -> Iterator[Record]:
+    for path in files:
+        suffix = Path(path).suffix.lower()
+        if suffix in JSON_SUFFIXES:
+            with open(path, "rb") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        yield Record("bytes", line, path, number, json=True)
+        elif suffix in PARQUET_SUFFIXES:
+            yield from _parquet_records(path, text_key)
+        else:
+            yield from _text_records(path, split_blank_lines)
+
+
+def _text_records(path: str, split_blank_lines: bool) -> Iterator[Record]:
+    data = Path(path).read_bytes()
+    if not split_blank_lines:
+        yield Record("bytes", data, path, 1)
+        return
+    block: list[bytes] = []
+    start = 1
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        if line.strip():
+            if not block:
+                start = number
+            block.append(line)
+        elif block:
+            yield Record("bytes", b"".join(block), path, start)
+            block = []
+    if block:
+        yield Record("bytes", b"".join(block), path, start)
+
+
+def _parquet_records(path: str, text_key: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    if text_key not in table.schema_arrow.names:
+        names = ", ".join(table.schema_arrow.names)
+        yield Record("skip", f"no column {text_key!r} (columns: {names})", path, 0)
+        return
+    row = 0
+    for batch in table.iter_batches(columns=[text_key], batch_size=8192):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if value is None:
+                yield Record("skip", f"{text_key!r} is null", path, row)
+            elif not isinstance(value, str):
+                yield Record("skip", f"{text_key!r} is not a string", path, row)
+            else:
+                yield Record("str", value, path, row)
+
+
+def parse(record: Record, *, text_key: str = "text", bad_bytes: str = "replace") -> Document | Skip:
+    """A record's document, or why it has none."""
+    if record.kind == "skip":
+        return Skip(record.file, record.line, str(record.payload))
+    repaired = False
+    if record.kind == "bytes":
+        try:
+            text = record.payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if bad_bytes == "skip":
+                return Skip(
+                    record.file, record.line, f"undecodable bytes ({e.reason} at byte {e.start})"
+                )
+            text, repaired = record.payload.decode("utf-8", errors="replace"), True
+    else:
+        text = record.payload
+    if record.json:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            return Skip(record.file, record.line, f"malformed JSON ({e.msg})")
+        if not isinstance(obj, dict) or text_key not in obj:
+            return Skip(record.file, record.line, f"missing field {text_key!r}")
+        text = obj[text_key]
+        if not isinstance(text, str):
+            return Skip(record.file, record.line, f"field {text_key!r} is not a string")
+    if not text.strip():
+        return Skip(record.file, record.line, "empty document")
+    return Document(text, record.file, record.line, repaired)
+
+
+@dataclass
+class Corpus:
+    """Documents of some inputs, read in one process (for the tokenizer's sample)."""
+
+    files: list[str]
+    text_key: str = "text"
+    split_blank_lines: bool = False
+    bad_bytes: str = "replace"
+    skips: list[Skip] = field(default_factory=list)
+
+    def documents(self) -> Iterator[Document]:
+        records = raw_records(
+            self.files, text_key=self.text_key, split_blank_lines=self.split_blank_lines
+        )
+        for record in records:
+            item = parse(record, text_key=self.text_key, bad_bytes=self.bad_bytes)
+            if isinstance(item, Skip):
+                self.skips.append(item)
+            else:
+                yield item
+
+
+def read_documents(inputs: list[str], **options) -> Corpus:
+    return Corpus(list_files(inputs), **options)

@@ -1,0 +1,200 @@
+"""The tokenizer and `data prepare`: shards hold exactly what the tokenizer gives for every
+document, the skip report is exact for a corpus seeded with known bad items, re-running is a
+no-op, an interrupted run comes back identical, and the worker count does not change the shards."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece
+from streaming.base.format import reader_from_json
+
+from rnnscale.data.prepare import MARKER, prepare
+from rnnscale.data.readers import list_files
+from rnnscale.data.tokenizer import BOS, EOS, train_tokenizer
+
+GOOD = [f"def f{i}(x):\n    return x * {i}  # item {i}\n" for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Files with known bad items; returns (dir, expected skips, expected repairs, good texts)."""
+    root = tmp_path_factory.mktemp("corpus")
+    jsonl = root / "a.jsonl"
+    lines = [json.dumps({"text": t}).encode() for t in GOOD[:10]]
+    lines.insert(2, b'{"text": "unterminated')  # line 3
+    lines.insert(4, b'{"title": "no text field"}')  # line 5
+    lines.insert(6, json.dumps({"text": 42}).encode())  # line 7
+    lines.insert(8, json.dumps({"text": "   "}).encode())  # line 9
+    lines.insert(10, b'{"text": "bad \xff byte"}')  # line 11: undecodable, replaced
+    jsonl.write_bytes(b"\n".join(lines) + b"\n")
+    (root / "b.txt").write_bytes(GOOD[10].encode() + b"\xfe tail\n")  # repaired
+    (root / "c.txt").write_text("")  # empty document
+    table = pa.table({"text": [GOOD[11], None, GOOD[12], ""]})
+    pq.write_table(table, root / "d.parquet")
+    pq.write_table(pa.table({"body": ["x"]}), root / "e.parquet")  # no text column
+    skips = [
+        (str(jsonl), 3, "malformed JSON"),
+        (str(jsonl), 5, "missing field 'text'"),
+        (str(jsonl), 7, "field 'text' is not a string"),
+        (str(jsonl), 9, "empty document"),
+        (str(root / "c.txt"), 1, "empty document"),
+        (str(root / "d.parquet"), 2, "'text' is null"),
+        (str(root / "d.parquet"), 4, "empty document"),
+        (str(root / "e.parquet"), 0, "no column 'text'"),
+    ]
+    repairs = [(str(jsonl), 11), (str(root / "b.txt"), 1)]
+    texts = GOOD[:6] + ["bad \ufffd byte"] + GOOD[6:10]
+    texts += [GOOD[10] + "\ufffd tail\n", GOOD[11], GOOD[12]]
+    return root, skips, repairs, texts
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus, tmp_path_factory):
+    root = corpus[0]
+    out = tmp_path_factory.mktemp("tok")
+    info = train_tokenizer([str(root / "*")], 300, out)
+    return out / "tokenizer.model", info
+
+
+def shard_samples(out) -> list[np.ndarray]:
+    index = json.loads((out / "index.json").read_text())
+    samples = []
+    for shard in index["shards"]:
+        reader = reader_from_json(str(out), None, shard)
+        samples += [reader[i]["tokens"] for i in range(reader.samples)]
+    return samples
+
+
+def digest(out) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard.*"))}
+
+
+def test_tokenizer_files_and_properties(tokenizer):
+    path, info = tokenizer
+    assert info["fingerprint"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    saved = json.loads((path.parent / "tokenizer.json").read_text())
+    assert saved == info and (saved["bos_id"], saved["eos_id"]) == (BOS, EOS)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    assert sp.vocab_size() == 300
+    text = "x  =\t42\n    y = '\u00e9\U0001f600'\n"
+    assert sp.decode(sp.encode(text)) == text  # whitespace kept, unseen characters as bytes
+    assert sp.unk_id() not in sp.encode(text)
+    digits = [p for p in sp.encode("98765", out_type=str) if p.strip("\u2581")]
+    assert all(len(p) == 1 for p in digits)  # digits split one by one
+
+
+def test_shards_hold_exactly_the_tokenized_documents(corpus, tokenizer, tmp_path):
+    root, skips, repairs, texts = corpus
+    out = tmp_path / "shards"
+    stats = prepare([str(root / "*")], tokenizer[0], out, progress=False)
+    assert [(s["file"], s["line"], s["reason"].split(" (")[0]) for s in stats["skipped"]] == skips
+    assert [(r["file"], r["line"]) for r in stats["repaired"]] == repairs
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer[0]))
+    want = [[BOS, *sp.encode(t), EOS] for t in texts]
+    got = shard_samples(out)
+    assert [s.dtype for s in got] == [np.uint16] * len(got)
+    assert [s.tolist() for s in got] == want
+    assert stats["documents"] == len(want) and stats["tokens"] == sum(map(len, want))
+    assert json.loads((out / "stats.json").read_text())["tokens"] == stats["tokens"]
+
+
+def test_bad_bytes_can_be_skipped_instead(corpus, tokenizer, tmp_path):
+    root = corpus[0]
+    stats = prepare([str(root / "*")], tokenizer[0], tmp_path, bad_bytes="skip", progress=False)
+    assert stats["repaired"] == []
+    bad = [(s["file"], s["line"]) for s in stats["skipped"] if "undecodable" in s["reason"]]
+    assert bad == [(r[0], r[1]) for r in corpus[2]]
+
+
+def test_rerun_is_a_no_op_and_another_job_is_refused(corpus, tokenizer, tmp_path):
+    inputs = [str(corpus[0] / "*")]
+    first = prepare(inputs, tokenizer[0], tmp_path, progress=False)
+    stamp = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    again = prepare(inputs, tokenizer[0], tmp_path, progress=False)
+    assert again == json.loads((tmp_path / "stats.json").read_text())
+    assert again["tokens"] == first["tokens"]
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamp
+    with pytest.raises(ValueError, match="holds shards from a different prepare"):
+        prepare(inputs, tokenizer[0], tmp_path, bad_bytes="skip", progress=False)
+
+
+def test_interrupted_run_comes_back_identical_and_workers_do_not_matter(
+    corpus, tokenizer, tmp_path
+):
+    inputs = [str(corpus[0] / "*")]
+    clean = tmp_path / "clean"
+    prepare(inputs, tokenizer[0], clean, progress=False)
+    broken = tmp_path / "broken"
+    prepare(inputs, tokenizer[0], broken, progress=False)
+    (broken / MARKER).unlink()  # as if killed before the commit, with a half-written shard
+    shard = sorted(broken.glob("shard.*"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    prepare(inputs, tokenizer[0], broken, workers=2, progress=False)
+    assert digest(broken) == digest(clean)
+    assert (broken / "index.json").read_bytes() == (clean / "index.json").read_bytes()
+
+
+def test_inputs_that_match_nothing_are_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        list_files([str(tmp_path / "*.jsonl")])
+
+
+def test_cli_tokenizer_and_prepare(corpus, tmp_path, repo_root):
+    from test_cli import rnnscale
+
+    root = corpus[0]
+    r = rnnscale("data", "tokenizer", "--input", str(root / "*"), "--vocab-size", "300",
+                 "--out", str(tmp_path / "tok"), cwd=repo_root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = rnnscale("data", "prepare", "--input", str(root / "*.jsonl"), "--tokenizer",
+                 str(tmp_path / "tok" / "tokenizer.model"), "--out", str(tmp_path / "s"),
+                 "--workers", "2", "--no-progress", cwd=repo_root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "11 documents" in r.stdout and "4 items skipped" in r.stdout
+    assert f"skipped {root / 'a.jsonl'}:3: malformed JSON" in r.stdout
+    r = rnnscale("data", "prepare", "--input", str(tmp_path / "none*"), "--tokenizer", "x",
+                 "--out", str(tmp_path / "s2"), cwd=repo_root)  # fmt: skip
+    assert r.returncode == 2 and "matches no file" in r.stderr
+    assert not os.path.exists(tmp_path / "s2")
+
+
+def test_builtin_corpus_is_the_stdlib_source():
+    from rnnscale.data.builtin import builtin_inputs
+
+    files = list_files(builtin_inputs("python-stdlib"))
+    assert len(files) > 500 and all(f.endswith(".py") for f in files)
+    assert any(f.endswith(os.path.join("json", "decoder.py")) for f in files)
+    with pytest.raises(ValueError, match="--builtin must be one of python-stdlib"):
+        builtin_inputs("wikipedia")
+
+
+def test_training_and_generation_on_prepared_shards(tmp_path, repo_root):
+    import sysconfig
+
+    from test_cli import rnnscale
+
+    stdlib_json = os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
+    train_tokenizer([stdlib_json], 512, tmp_path / "tok")
+    tok = tmp_path / "tok" / "tokenizer.model"
+    prepare([stdlib_json], tok, tmp_path / "shards", progress=False)
+    run_dir = tmp_path / "run"
+    r = rnnscale("train", "configs/debug_cpu.yaml", "data.source=mds",
+                 f"data.streams=[{{path: {tmp_path / 'shards'}}}]", f"data.tokenizer={tok}",
+                 "model.vocab_size=512", "train.max_steps=3", f"run.dir={run_dir}",
+                 "log.progress_bar=false", cwd=repo_root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (run_dir / "tokenizer.model").read_bytes() == tok.read_bytes()
+    r = rnnscale("generate", str(run_dir), "--prompt", "import json", "--max-new-tokens", "8",
+                 cwd=repo_root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("import json")
+    small = rnnscale("train", "configs/debug_cpu.yaml", "data.source=mds",
+                     f"data.streams=[{{path: {tmp_path / 'shards'}}}]", f"data.tokenizer={tok}",
+                     f"run.dir={tmp_path / 'run2'}", cwd=repo_root)  # fmt: skip
+    assert small.returncode == 2 and "raise model.vocab_size to at least 512" in small.stderr
+    assert "Traceback" not in small.stderr
