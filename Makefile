@@ -1,5 +1,5 @@
 # rnnscale: every target sets itself up on a fresh machine (Python 3.10+ on PATH as python3).
-#   make quickstart   create .venv, install, train the quickstart run, print where it is
+#   make quickstart   create .venv, install, build the stdlib corpus + tokenizer, train, print the run
 #   make test         create .venv if missing, install .[dev], run the whole test suite
 #   make lint         ruff + the import-direction contract
 SHELL := /bin/bash
@@ -28,8 +28,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -c $(VENV)/constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
-quickstart: $(STAMP)
-	$(VENV)/bin/rnnscale train configs/debug_cpu.yaml
+QS := runs/quickstart-data
+quickstart: $(STAMP) $(QS)/shards/prepare.json
+	$(VENV)/bin/rnnscale train configs/quickstart.yaml
+
+# the embedded corpus (the Python standard library's source) and its tokenizer, built once
+$(QS)/tokenizer/tokenizer.model: | $(STAMP)
+	$(VENV)/bin/rnnscale data tokenizer --builtin python-stdlib --vocab-size 4096 \
+		--max-sentences 200000 --out $(QS)/tokenizer
+
+$(QS)/shards/prepare.json: $(QS)/tokenizer/tokenizer.model
+	$(VENV)/bin/rnnscale data prepare --builtin python-stdlib \
+		--tokenizer $(QS)/tokenizer/tokenizer.model --out $(QS)/shards
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -57,10 +57,15 @@ def run(cfg: RunConfig) -> dict:
     print(
         f"rnnscale: done: {cfg.train.max_steps} steps, final loss {final:.4f}\n"
         f"run directory: {run_dir.resolve()} (config.yaml, metrics.jsonl, model.safetensors)\n"
-        f"sample from it: rnnscale generate {run_dir} --prompt-ids 1",
+        f"sample from it: rnnscale generate {run_dir} {_prompt_hint(run_dir)}",
         flush=True,
     )
     return {"run_dir": str(run_dir), "steps": cfg.train.max_steps, "loss": metrics.get("loss")}
+
+
+def _prompt_hint(run_dir: Path) -> str:
+    """Text when the run has a tokenizer, else token ids (BOS)."""
+    return '--prompt "def "' if (run_dir / "tokenizer.model").exists() else "--prompt-ids 1"
 
 
 def train_step(model, optimizer, batches: Iterator[dict], accum: int, grad_clip: float, device):
