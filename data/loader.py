@@ -101,21 +101,30 @@ class PackedLoader:
     def _restart(self, buffer_state: dict | None) -> None:
         self.docs = _Documents(self._batches())
         self.rows = PackedRows(self.docs, self.seq_len)
+        self.epoch_start = 0  # running number of the first document of the current epoch
         if buffer_state is not None:
             self.docs.first = buffer_state["first"]
             self.docs.buffer = [np.asarray(d, dtype=np.int64) for d in buffer_state["buffer"]]
             self.rows.load_state_dict(buffer_state["rows"])
+            self.epoch_start = buffer_state["epoch_start"]
 
     def _batches(self) -> Iterator[list[np.ndarray]]:
-        """The rank's documents, D at a time (the last batch of an epoch may be shorter)."""
-        batch = []
-        for sample in self.dataset:
-            batch.append(sample["tokens"].astype(np.int64))
-            if len(batch) == self.docs_per_batch:
+        """The rank's documents, D at a time, epoch after epoch (streaming reshuffles each)."""
+        resumed = True  # the first epoch may be a resumed one: keep its recorded start
+        while True:
+            if not resumed:
+                self.epoch_start = self.docs.pulled
+            resumed, batch, seen = False, [], 0
+            for sample in self.dataset:
+                batch.append(sample["tokens"].astype(np.int64))
+                seen += 1
+                if len(batch) == self.docs_per_batch:
+                    yield batch
+                    batch = []
+            if batch:
                 yield batch
-                batch = []
-        if batch:
-            yield batch
+            if seen == 0 and self.docs.pulled == self.epoch_start:
+                raise ValueError("the data streams hold no documents")
 
     def __iter__(self):
         return self
@@ -137,8 +146,10 @@ class PackedLoader:
             self.docs.pull()
         return {
             "stream": self.dataset.state_dict(
-                num_samples=self.docs.pulled * _world_size(), from_beginning=True
+                num_samples=(self.docs.pulled - self.epoch_start) * _world_size(),
+                from_beginning=True,
             ),
+            "epoch_start": self.epoch_start,
             "first": self.docs.first,
             "buffer": [d.tolist() for d in self.docs.buffer],
             "rows": self.rows.state_dict(),

@@ -116,7 +116,9 @@ def _tokenize(task: tuple[list[Record], str, str, str]) -> list:
     results = []
     items = [parse(r, text_key=text_key, bad_bytes=bad_bytes) for r in records]
     docs = [item for item in items if isinstance(item, Document)]
-    encoded = iter(_SP.encode([d.text for d in docs]))
+    # one thread per worker: the processes are the parallelism (sentencepiece's batch encode
+    # would otherwise start a thread per core in every worker)
+    encoded = iter(_SP.encode([d.text for d in docs], num_threads=1))
     for item in items:
         if isinstance(item, Skip):
             results.append(item)

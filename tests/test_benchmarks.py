@@ -39,3 +39,15 @@ def test_model_benchmark_runs_with_its_peers(repo_root):
         "transformers Llama (sdpa)",
     ]
     assert not [row for row in rows if row[2].startswith("not run")], rows  # all measured
+
+
+def test_data_benchmark_runs(repo_root):
+    rows = table(repo_root, "benchmarks/data.py", "--smoke")
+    assert [row[0] for row in rows[:3]] == [
+        "sentencepiece encode, 1 process",
+        "data prepare, 1 worker",
+        "data prepare, 2 workers",
+    ]
+    assert all(float(row[1]) > 0 for row in rows[:3])
+    debug = [row for row in rows if row[0].startswith("vs debug_cpu step")]
+    assert len(debug) == 1 and debug[0][2].endswith("x")

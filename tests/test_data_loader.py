@@ -138,3 +138,25 @@ def test_mixture_keeps_its_proportions(shards):
     assert abs(share - 0.75) < 0.05, share  # stated tolerance: 5 points over 400 documents
     del it
     gc.collect()
+
+
+def test_resume_across_epochs(shards):
+    """The loader runs epoch after epoch (a new shuffle each); a resume in the second epoch,
+    or just before the first one ends, continues exactly."""
+    it = loader(shards)
+    whole = take(it, 260)  # the first epoch (300 documents) lasts about 214 batches
+    epoch_two = it.epoch_start
+    del it
+    gc.collect()
+    assert epoch_two == 300  # 260 batches went past the first epoch
+    for stop in (210, 240):
+        it = loader(shards)
+        take(it, stop)
+        state = it.state_dict()
+        del it
+        gc.collect()
+        resumed = loader(shards)
+        resumed.load_state_dict(state)
+        assert same(take(resumed, 260 - stop), whole[stop:]), stop
+        del resumed
+        gc.collect()
