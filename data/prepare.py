@@ -14,6 +14,9 @@ the same as an uninterrupted run would have.
 
 Report: `stats.json` (files, documents, tokens, repaired documents and every skipped item with
 file, line and reason), also printed.
+
+Remote output (`remote=`, `--remote URL`): `out` is the local copy; mosaicml-streaming uploads
+each shard as it closes, then the index, the stats and the marker, in that order.
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ def prepare(
     split_blank_lines: bool = False,
     bad_bytes: str = "replace",
     progress: bool = True,
+    remote: str | None = None,
 ) -> dict:
-    """Write the shards (or find them written); returns the stats."""
+    """Write the shards (or find them written); returns the stats. With `remote` (an object
+    store URL that mosaicml-streaming supports, or another directory), `out` is the local copy
+    and every file is uploaded there as it is finished, the done-marker last."""
     if bad_bytes not in BAD_BYTES:
         raise ValueError(f"--bad-bytes must be one of {', '.join(BAD_BYTES)}, got {bad_bytes!r}")
     if workers < 1:
@@ -62,7 +68,7 @@ def prepare(
         "format": FORMAT,
         "files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
         "tokenizer": fingerprint(tokenizer),
-        "options": [text_key, split_blank_lines, bad_bytes, compression, dtype],
+        "options": [text_key, split_blank_lines, bad_bytes, compression, dtype, remote],
     }
     job_id = hashlib.sha256(json.dumps(job).encode()).hexdigest()
     done = _finished(out, job_id)
@@ -71,13 +77,30 @@ def prepare(
         return done
     _clear_partial(out)
     stats = _write(files, str(tokenizer), out, dtype, text_key, workers, compression,
-                   split_blank_lines, bad_bytes, progress)  # fmt: skip
+                   split_blank_lines, bad_bytes, progress, remote)  # fmt: skip
     stats["tokenizer"] = job["tokenizer"]
     (out / STATS).write_text(json.dumps(stats, indent=2) + "\n")
+    upload = _uploader(out, remote)
+    upload(STATS)
     tmp = out / f".{MARKER}.tmp"
     tmp.write_text(json.dumps({"job": job_id, **job}, indent=2) + "\n")
     os.replace(tmp, out / MARKER)  # the commit: written last, atomically
+    try:
+        upload(MARKER)  # remote commit last too; a failed upload leaves no local marker either
+    except Exception:
+        (out / MARKER).unlink()
+        raise
     return stats
+
+
+def _uploader(out: Path, remote: str | None):
+    """`upload(name)`: copy out/name to the remote (a no-op without one)."""
+    if remote is None:
+        return lambda name: None
+    from streaming.base.storage.upload import CloudUploader
+
+    uploader = CloudUploader.get(out=(str(out), remote), keep_local=True, exist_ok=True)
+    return uploader.upload_file
 
 
 def _finished(out: Path, job_id: str) -> dict | None:
@@ -134,7 +157,7 @@ def _batches(records: Iterator[Record], options: tuple) -> Iterator[tuple]:
 
 
 def _write(files, tokenizer, out, dtype, text_key, workers, compression, split_blank_lines,
-           bad_bytes, progress) -> dict:  # fmt: skip
+           bad_bytes, progress, remote) -> dict:  # fmt: skip
     from streaming import MDSWriter
     from tqdm import tqdm
 
@@ -145,7 +168,9 @@ def _write(files, tokenizer, out, dtype, text_key, workers, compression, split_b
     start = time.perf_counter()
     bar = tqdm(desc="prepare", unit=" docs", disable=not progress, dynamic_ncols=True)
     columns = {"tokens": f"ndarray:{dtype}"}
-    with MDSWriter(out=str(out), columns=columns, compression=compression, exist_ok=True) as w:
+    target = str(out) if remote is None else (str(out), remote)  # shards upload as they close
+    with MDSWriter(out=target, columns=columns, compression=compression, exist_ok=True,
+                   keep_local=True) as w:  # fmt: skip
         for results in _map(tasks, tokenizer, workers):
             for item in results:
                 if isinstance(item, Skip):

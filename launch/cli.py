@@ -94,6 +94,11 @@ def _data_parser(commands) -> None:
         default="replace",
         help="undecodable UTF-8: replace with U+FFFD (reported) or skip the item",
     )
+    prep.add_argument(
+        "--remote",
+        metavar="URL",
+        help="also upload the shards there (s3://, gs://, oci://, ...; a path copies), marker last",
+    )
     prep.add_argument("--no-progress", action="store_true")
 
 
@@ -123,7 +128,7 @@ def _data(args: argparse.Namespace) -> int:
         stats = prepare(inputs, args.tokenizer, args.out, text_key=args.text_key,
                         workers=args.workers, compression=args.compression,
                         split_blank_lines=args.split_blank_lines, bad_bytes=args.bad_bytes,
-                        progress=not args.no_progress)  # fmt: skip
+                        progress=not args.no_progress, remote=args.remote)  # fmt: skip
         print(report(stats, args.out))
         return 0
     except (FileNotFoundError, ValueError) as e:

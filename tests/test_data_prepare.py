@@ -198,3 +198,19 @@ def test_training_and_generation_on_prepared_shards(tmp_path, repo_root):
                      f"run.dir={tmp_path / 'run2'}", cwd=repo_root)  # fmt: skip
     assert small.returncode == 2 and "raise model.vocab_size to at least 512" in small.stderr
     assert "Traceback" not in small.stderr
+
+
+def test_remote_output_gets_every_file_marker_last(corpus, tokenizer, tmp_path):
+    """A directory as the remote: streaming's uploader copies (an s3:// or gs:// URL goes
+    through the same uploader). The remote copy is complete and readable."""
+    inputs = [str(corpus[0] / "*.jsonl")]
+    remote = tmp_path / "remote"
+    stats = prepare(inputs, tokenizer[0], tmp_path / "local", remote=str(remote), progress=False)
+    local = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert sorted(p.name for p in remote.iterdir()) == local
+    assert MARKER in local and "index.json" in local and "stats.json" in local
+    on_remote = [x.tolist() for x in shard_samples(remote)]
+    assert on_remote == [x.tolist() for x in shard_samples(tmp_path / "local")]
+    assert len(on_remote) == stats["documents"]
+    marker_time = (remote / MARKER).stat().st_mtime_ns
+    assert all(p.stat().st_mtime_ns <= marker_time for p in remote.iterdir())
