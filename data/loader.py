@@ -50,10 +50,7 @@ class _Documents:
         return self.first + len(self.buffer)
 
     def pull(self) -> None:
-        try:
-            self.buffer.extend(next(self.batches))
-        except StopIteration:
-            raise StopIteration("the data streams ran out of documents") from None
+        self.buffer.extend(next(self.batches))  # endless: the batches go epoch after epoch
 
     def __getitem__(self, index: int) -> np.ndarray:
         while index >= self.pulled:
