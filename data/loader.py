@@ -4,15 +4,15 @@ Legend: B rows per micro batch, T = seq_len, W ranks, D documents per streaming 
 
 `StreamingDataset` over one or more `Stream`s (a prepared directory, local or remote, each with
 a proportion) shuffles with a fixed seed and a fixed canonical node count, so the order of
-documents a rank sees depends only on (seed, canonical nodes, world size, D). It is read in the
-training process, D documents at a time, by `PackedRows`, which lays them end to end into rows
+documents a rank sees depends only on (seed, canonical nodes, world size, D). It is read D
+documents at a time by `PackedRows` in the training process, which lays them end to end into rows
 of T + 1 tokens; `collate` marks every document start inside a row in `cu_seqlens`.
 
-No DataLoader worker processes: reading memory-mapped MDS samples costs little next to a
-training step, streaming downloads remote shards in its own background threads, and
-tokenization happened in `data prepare`. (Measured: streaming's resume through a DataLoader with
-worker processes continued at other samples than the same resume without workers, and worker
-processes killed mid-epoch leave shared memory that hangs the next run; docs/data.md.)
+Worker processes (`num_workers`, a PyTorch DataLoader over the dataset, one streaming batch of
+D documents per DataLoader batch) read and decode ahead of the step. Streaming partitions the
+samples over canonical nodes, ranks and workers so that the batches, taken round-robin from the
+workers, come in the same order for any worker count; so the packer, and its resume, do not
+depend on it (tested: resume with another worker count continues with the same rows).
 
 Exact resume. The packer's position is (documents pulled from the stream, the unused part of
 the last ones). Ranks pull different numbers of documents (documents differ in length), but
@@ -78,12 +78,13 @@ class PackedLoader:
         num_canonical_nodes: int = 1,
         docs_per_batch: int = 16,
         pack_documents: bool = True,
+        num_workers: int = 0,
     ):
         from streaming import Stream, StreamingDataset
 
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.pack_documents = pack_documents
-        self.docs_per_batch = docs_per_batch
+        self.docs_per_batch, self.num_workers = docs_per_batch, num_workers
         weighted = len(streams) > 1
         self.dataset = StreamingDataset(
             streams=[_stream(Stream, path, p if weighted else None) for path, p in streams],
@@ -96,6 +97,8 @@ class PackedLoader:
         self._restart(None)
 
     def _restart(self, buffer_state: dict | None) -> None:
+        if hasattr(self, "docs"):
+            self.docs.batches.close()  # stops the old epoch's worker processes
         self.docs = _Documents(self._batches())
         self.rows = PackedRows(self.docs, self.seq_len)
         self.epoch_start = 0  # running number of the first document of the current epoch
@@ -111,17 +114,21 @@ class PackedLoader:
         while True:
             if not resumed:
                 self.epoch_start = self.docs.pulled
-            resumed, batch, seen = False, [], 0
-            for sample in self.dataset:
-                batch.append(sample["tokens"].astype(np.int64))
-                seen += 1
-                if len(batch) == self.docs_per_batch:
-                    yield batch
-                    batch = []
-            if batch:
+            resumed, seen = False, 0
+            for batch in self._epoch():
+                seen += len(batch)
                 yield batch
             if seen == 0 and self.docs.pulled == self.epoch_start:
                 raise ValueError("the data streams hold no documents")
+
+    def _epoch(self) -> torch.utils.data.DataLoader:
+        """One epoch of the rank's documents, D per batch (the last one may be short)."""
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.docs_per_batch,
+            num_workers=self.num_workers,
+            collate_fn=_token_arrays,
+        )
 
     def __iter__(self):
         return self
@@ -155,6 +162,10 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state["stream"])
         self._restart(state)
+
+
+def _token_arrays(samples: list[dict]) -> list[np.ndarray]:
+    return [s["tokens"].astype(np.int64) for s in samples]
 
 
 def _stream(Stream, path: str, proportion: float | None):

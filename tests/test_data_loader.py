@@ -42,9 +42,10 @@ def shards(tmp_path_factory):
     return root
 
 
-def loader(shards, streams=None, **kw):
+def loader(shards, streams=None, docs_per_batch=4, **kw):
     streams = streams or [(str(shards / "a-shards"), None)]
-    return PackedLoader(streams, seq_len=32, micro_batch_size=3, seed=7, docs_per_batch=4, **kw)
+    return PackedLoader(streams, seq_len=32, micro_batch_size=3, seed=7,
+                        docs_per_batch=docs_per_batch, **kw)  # fmt: skip
 
 
 def take(it, n):
@@ -158,5 +159,26 @@ def test_resume_across_epochs(shards):
         resumed = loader(shards)
         resumed.load_state_dict(state)
         assert same(take(resumed, 260 - stop), whole[stop:]), stop
+        del resumed
+        gc.collect()
+
+
+def test_resume_across_a_change_of_loader_workers(shards):
+    """DataLoader workers read ahead without changing the order: stop with one worker count,
+    resume with another (in the first epoch, and across the epoch boundary, with a streaming
+    batch that does not divide the epoch) and the rows are those of the in-process loader."""
+    it = loader(shards, docs_per_batch=7)
+    whole = take(it, 260)
+    del it
+    gc.collect()
+    for stop, before, after in ((30, 0, 2), (210, 2, 1), (240, 1, 0)):
+        it = loader(shards, docs_per_batch=7, num_workers=before)
+        assert same(take(it, stop), whole[:stop]), (stop, before)
+        state = it.state_dict()
+        del it
+        gc.collect()
+        resumed = loader(shards, docs_per_batch=7, num_workers=after)
+        resumed.load_state_dict(state)
+        assert same(take(resumed, 260 - stop), whole[stop:]), (stop, before, after)
         del resumed
         gc.collect()

@@ -285,6 +285,11 @@ class DataSection:
         "node count: keep it fixed for a run and its resumes.",
     )
     docs_per_batch: int = doc(16, "mds: documents per streaming batch (the unit of the shuffle).")
+    num_workers: int = doc(
+        0,
+        "mds: DataLoader worker processes reading ahead per rank (0: read in the training "
+        "process). The document order, and so resume, does not depend on it.",
+    )
 
     def check(self, path: str) -> None:
         _require(self.mean_doc_len >= 2, f"{path}.mean_doc_len", "must be >= 2 (BOS and EOS)")
@@ -292,6 +297,7 @@ class DataSection:
             _require(len(self.streams) > 0, f"{path}.streams", "data.source=mds needs streams")
             _require(self.tokenizer != "", f"{path}.tokenizer", "data.source=mds needs one")
         _positive(self, path, "num_canonical_nodes", "docs_per_batch")
+        _require(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0 (0: no workers)")
 
 
 @dataclass

@@ -135,6 +135,7 @@ def make_batches(cfg: RunConfig, run_dir: Path) -> Iterator[dict]:
         num_canonical_nodes=d.num_canonical_nodes,
         docs_per_batch=d.docs_per_batch,
         pack_documents=d.pack_documents,
+        num_workers=d.num_workers,
     )
 
 
