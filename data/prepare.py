@@ -1,29 +1,39 @@
 """`rnnscale data prepare`: a corpus to mosaicml-streaming MDS shards of token ids.
 
 One sample per document: column `tokens`, `[BOS] + ids + [EOS]` as `ndarray:uint16` when the
-vocabulary fits (else `uint32`). The main process slices the files into records in order
-(`readers.raw_records`); worker processes decode, parse and tokenize batches of them
-(`readers.parse`, sentencepiece); the main process writes the results in input order with one
-`MDSWriter`, so the shards are the same whatever the number of workers.
+vocabulary fits (else `uint32`).
+
+Parts. The inputs are cut into parts of about `part_bytes` of input (`readers.spans`: whole
+files, or large JSONL / blank-line text files cut at record boundaries); the part size depends
+only on the inputs. Each part is one task: a worker process reads, decodes, parses and
+tokenizes its records and writes them with its own `MDSWriter` into `part-NNNNN/` (under a
+temporary name, renamed when whole). The main process only plans the parts and, at the end,
+merges the parts' indexes in part order into one `index.json` (streaming's `merge_index`). So
+the shards are the same for any number of workers, and the workers share no bottleneck.
 
 Done-marker: `prepare.json`, written last, holds a fingerprint of the job (input files with
 sizes and modification times, the tokenizer's fingerprint, the options). Re-running the same
 command finds it and does nothing; a different job into the same directory is refused. A run
-that was interrupted left no marker: a re-run removes its partial shards and writes them again,
-the same as an uninterrupted run would have.
+that was interrupted left no marker: a re-run of the same job (`.prepare-job` names it) keeps
+the parts that were finished (each shard file at its indexed size), redoes the others and
+gives the same shards as an uninterrupted run; another job's leftovers are removed first.
 
 Report: `stats.json` (files, documents, tokens, repaired documents and every skipped item with
 file, line and reason), also printed.
 
 Remote output (`remote=`, `--remote URL`): `out` is the local copy; mosaicml-streaming uploads
-each shard as it closes, then the index, the stats and the marker, in that order.
+each shard as it closes (to `URL/part-NNNNN/`), then the merged index, the stats and the
+marker, in that order.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+import sys
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -32,12 +42,28 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnscale.data.readers import BAD_BYTES, Document, Record, Skip, list_files, parse, raw_records
+from rnnscale.data.readers import (
+    BAD_BYTES,
+    Document,
+    Record,
+    Skip,
+    Span,
+    list_files,
+    parse,
+    raw_records,
+    spans,
+)
 from rnnscale.data.tokenizer import BOS, EOS, fingerprint, load_tokenizer
 
-MARKER, STATS = "prepare.json", "stats.json"
-FORMAT = 1  # bump when the shard contents change for the same inputs
-BATCH = 256  # records per task sent to a worker
+MARKER, STATS, JOB, PART_STATS = "prepare.json", "stats.json", ".prepare-job", "part-stats.json"
+FORMAT = 2  # bump when the shard contents or layout change for the same inputs
+BATCH = 256  # records tokenized at a time
+
+
+def default_part_bytes(total: int) -> int:
+    """Input bytes per part: 1/64 of the corpus, within [1 MiB, 64 MiB]. It depends on the
+    inputs only, never on the worker count, so the shards do not either."""
+    return min(max(total // 64, 1 << 20), 64 << 20)
 
 
 def prepare(
@@ -52,6 +78,7 @@ def prepare(
     bad_bytes: str = "replace",
     progress: bool = True,
     remote: str | None = None,
+    part_bytes: int | None = None,
 ) -> dict:
     """Write the shards (or find them written); returns the stats. With `remote` (an object
     store URL that mosaicml-streaming supports, or another directory), `out` is the local copy
@@ -61,6 +88,8 @@ def prepare(
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     files = list_files(inputs)
+    if part_bytes is None:
+        part_bytes = default_part_bytes(sum(os.path.getsize(f) for f in files))
     out = Path(out)
     sp = load_tokenizer(tokenizer)
     dtype = "uint16" if sp.vocab_size() <= 1 << 16 else "uint32"
@@ -68,16 +97,16 @@ def prepare(
         "format": FORMAT,
         "files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
         "tokenizer": fingerprint(tokenizer),
-        "options": [text_key, split_blank_lines, bad_bytes, compression, dtype, remote],
+        "options": [text_key, split_blank_lines, bad_bytes, compression, dtype, remote, part_bytes],
     }
     job_id = hashlib.sha256(json.dumps(job).encode()).hexdigest()
     done = _finished(out, job_id)
     if done is not None:
         print(f"rnnscale: {out} already holds these shards ({MARKER} matches): nothing to do")
         return done
-    _clear_partial(out)
+    _clear_partial(out, job_id)
     stats = _write(files, str(tokenizer), out, dtype, text_key, workers, compression,
-                   split_blank_lines, bad_bytes, progress, remote)  # fmt: skip
+                   split_blank_lines, bad_bytes, progress, remote, part_bytes)  # fmt: skip
     stats["tokenizer"] = job["tokenizer"]
     (out / STATS).write_text(json.dumps(stats, indent=2) + "\n")
     upload = _uploader(out, remote)
@@ -115,14 +144,22 @@ def _finished(out: Path, job_id: str) -> dict | None:
     return json.loads((out / STATS).read_text())
 
 
-def _clear_partial(out: Path) -> None:
-    """Remove what an interrupted run left (only files prepare writes)."""
-    if not out.exists():
-        return
+def _clear_partial(out: Path, job_id: str) -> None:
+    """Keep the whole parts an interrupted run of the same job left (`_write` checks each one);
+    remove everything else prepare writes, and everything of another job's unfinished run."""
+    out.mkdir(parents=True, exist_ok=True)
+    job = out / JOB
+    same_job = job.exists() and job.read_text().strip() == job_id
     for path in out.iterdir():
         name = path.name
-        if name in ("index.json", STATS) or name.startswith(("shard.", f".{MARKER}")):
+        if name.startswith("part-") and path.is_dir():
+            if not same_job:
+                shutil.rmtree(path)
+        elif name.startswith(".part-") and path.is_dir():
+            shutil.rmtree(path)
+        elif name in ("index.json", STATS) or name.startswith(("shard.", f".{MARKER}")):
             path.unlink()
+    job.write_text(job_id + "\n")
 
 
 _SP = None  # the tokenizer of a worker process, loaded once
@@ -133,9 +170,8 @@ def _init_worker(tokenizer: str) -> None:
     _SP = load_tokenizer(tokenizer)
 
 
-def _tokenize(task: tuple[list[Record], str, str, str]) -> list:
-    """Worker: records -> [(token array, Document) or Skip]."""
-    records, text_key, bad_bytes, dtype = task
+def _tokenize(records: list[Record], text_key: str, bad_bytes: str, dtype: str) -> list:
+    """Records -> [(token array, Document) or Skip], in order."""
     results = []
     items = [parse(r, text_key=text_key, bad_bytes=bad_bytes) for r in records]
     docs = [item for item in items if isinstance(item, Document)]
@@ -151,28 +187,29 @@ def _tokenize(task: tuple[list[Record], str, str, str]) -> list:
     return results
 
 
-def _batches(records: Iterator[Record], options: tuple) -> Iterator[tuple]:
-    while batch := list(islice(records, BATCH)):
-        yield (batch, *options)
+def _part_name(index: int) -> str:
+    return f"part-{index:05d}"
 
 
-def _write(files, tokenizer, out, dtype, text_key, workers, compression, split_blank_lines,
-           bad_bytes, progress, remote) -> dict:  # fmt: skip
+def _write_part(task: tuple) -> dict:
+    """Worker: one part (spans of input) -> MDS shards in out/part-NNNNN, renamed into place
+    only when complete; returns the part's stats (also saved in the part)."""
     from streaming import MDSWriter
-    from tqdm import tqdm
 
-    records = raw_records(files, text_key=text_key, split_blank_lines=split_blank_lines)
-    tasks = _batches(records, (text_key, bad_bytes, dtype))
-    stats = {"files": len(files), "documents": 0, "tokens": 0, "bytes": 0, "repaired": [],
+    index, part, out, remote, options = task
+    text_key, split_blank_lines, bad_bytes, dtype, compression = options
+    name = _part_name(index)
+    tmp = Path(out) / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    stats = {"part": index, "documents": 0, "tokens": 0, "bytes": 0, "repaired": [],
              "skipped": []}  # fmt: skip
-    start = time.perf_counter()
-    bar = tqdm(desc="prepare", unit=" docs", disable=not progress, dynamic_ncols=True)
-    columns = {"tokens": f"ndarray:{dtype}"}
-    target = str(out) if remote is None else (str(out), remote)  # shards upload as they close
-    with MDSWriter(out=target, columns=columns, compression=compression, exist_ok=True,
-                   keep_local=True) as w:  # fmt: skip
-        for results in _map(tasks, tokenizer, workers):
-            for item in results:
+    records = raw_records(part, text_key=text_key, split_blank_lines=split_blank_lines)
+    target = str(tmp) if remote is None else (str(tmp), f"{remote.rstrip('/')}/{name}")
+    with MDSWriter(out=target, columns={"tokens": f"ndarray:{dtype}"}, compression=compression,
+                   exist_ok=True, keep_local=True) as w:  # fmt: skip
+        while batch := list(islice(records, BATCH)):
+            for item in _tokenize(batch, text_key, bad_bytes, dtype):
                 if isinstance(item, Skip):
                     stats["skipped"].append(item.as_dict())
                     continue
@@ -183,22 +220,111 @@ def _write(files, tokenizer, out, dtype, text_key, workers, compression, split_b
                 stats["bytes"] += len(doc.text.encode("utf-8", errors="replace"))
                 if doc.repaired:
                     stats["repaired"].append({"file": doc.file, "line": doc.line})
-            seconds = time.perf_counter() - start
-            bar.update(sum(1 for item in results if not isinstance(item, Skip)))
-            bar.set_postfix_str(f"{stats['tokens'] / seconds:,.0f} tok/s", refresh=False)
-    bar.close()
-    stats["seconds"] = round(time.perf_counter() - start, 3)
+    (tmp / PART_STATS).write_text(json.dumps(stats) + "\n")
+    os.replace(tmp, Path(out) / name)  # a part directory exists only when it is whole
     return stats
 
 
-def _map(tasks: Iterator[tuple], tokenizer: str, workers: int) -> Iterator[list]:
-    """Results in task order: in this process for one worker, else a spawn pool."""
+def _complete_part(path: Path) -> dict | None:
+    """A part left by an earlier run of the same job, if every shard file has its indexed size."""
+    try:
+        index = json.loads((path / "index.json").read_text())
+        stats = json.loads((path / PART_STATS).read_text())
+    except (OSError, ValueError):
+        return None
+    for shard in index["shards"]:
+        for key in ("raw_data", "zip_data"):
+            info = shard.get(key)
+            if info and (path / info["basename"]).stat().st_size != info["bytes"]:
+                return None
+    return stats
+
+
+def _write(files, tokenizer, out, dtype, text_key, workers, compression, split_blank_lines,
+           bad_bytes, progress, remote, part_bytes) -> dict:  # fmt: skip
+    import streaming  # noqa: F401  (imported once here: forked workers inherit it; ~5 s each)
+    from tqdm import tqdm
+
+    pieces = spans(files, part_bytes, split_blank_lines)
+    parts = _group(pieces, part_bytes)
+    options = (text_key, split_blank_lines, bad_bytes, dtype, compression)
+    done = {i: _complete_part(out / _part_name(i)) for i in range(len(parts))}
+    for i in range(len(parts)):
+        if not done[i] and (out / _part_name(i)).exists():
+            shutil.rmtree(out / _part_name(i))  # damaged: written again
+    todo = [(i, part, str(out), remote, options) for i, part in enumerate(parts) if not done[i]]
+    start = time.perf_counter()
+    total = sum(map(_span_bytes, pieces))
+    bar = tqdm(desc="prepare", total=total, unit="B", unit_scale=True, disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
+    bar.update(sum(_span_bytes(sp) for i, p in enumerate(parts) if done[i] for sp in p))
+    documents = tokens = 0
+    for stats in _map(todo, tokenizer, workers):
+        done[stats["part"]] = stats
+        documents, tokens = documents + stats["documents"], tokens + stats["tokens"]
+        seconds = time.perf_counter() - start
+        bar.update(sum(map(_span_bytes, parts[stats["part"]])))
+        bar.set_postfix_str(
+            f"{documents / seconds:,.0f} docs/s, {tokens / seconds:,.0f} tok/s", refresh=False
+        )
+    bar.close()
+    _merge(out, remote, len(parts))
+    total_stats = {"files": len(files), "parts": len(parts), "documents": 0, "tokens": 0,
+                   "bytes": 0, "repaired": [], "skipped": []}  # fmt: skip
+    for i in range(len(parts)):  # input order
+        for key in ("documents", "tokens", "bytes", "repaired", "skipped"):
+            total_stats[key] += done[i][key]
+    total_stats["seconds"] = round(time.perf_counter() - start, 3)
+    return total_stats
+
+
+def _span_bytes(span: Span) -> int:
+    end = span.end if span.end is not None else os.path.getsize(span.file)
+    return end - span.start
+
+
+def _group(pieces: list[Span], part_bytes: int) -> list[list[Span]]:
+    """Consecutive spans into parts of at least `part_bytes` (the last may be smaller)."""
+    parts: list[list[Span]] = [[]]
+    size = 0
+    for span in pieces:
+        if size >= part_bytes:
+            parts.append([])
+            size = 0
+        parts[-1].append(span)
+        size += _span_bytes(span)
+    return parts
+
+
+def _merge(out: Path, remote: str | None, count: int) -> None:
+    """One index.json over the parts, in part order (streaming's merge_index)."""
+    from streaming.base.util import merge_index
+
+    names = [_part_name(i) for i in range(count)]
+    if remote is None:
+        urls, target = [str(out / n / "index.json") for n in names], str(out)
+    else:
+        base = remote.rstrip("/")
+        urls = [(str(out / n / "index.json"), f"{base}/{n}/index.json") for n in names]
+        target = (str(out), remote)
+    logging.disable(logging.WARNING)  # merge_index logs its temporary folder at WARNING
+    try:
+        merge_index(urls, target, keep_local=True)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _map(tasks: list[tuple], tokenizer: str, workers: int) -> Iterator[dict]:
+    """Parts' stats as they finish: in this process for one worker, else a pool of processes,
+    forked on Linux (they inherit the imported mosaicml-streaming instead of importing it, with
+    torch, again each; they use no torch or OpenMP, which is what makes forking unsafe)."""
     if workers == 1:
         _init_worker(tokenizer)
-        yield from map(_tokenize, tasks)
+        yield from map(_write_part, tasks)
         return
-    with get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) as pool:
-        yield from pool.imap(_tokenize, tasks, chunksize=1)
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    with get_context(method).Pool(workers, _init_worker, (tokenizer,)) as pool:
+        yield from pool.imap_unordered(_write_part, tasks, chunksize=1)
 
 
 def report(stats: dict, out: str | Path) -> str:

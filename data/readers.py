@@ -1,11 +1,14 @@
 """Reading a corpus: plain text, JSONL and Parquet files into documents, with every item that
 cannot be used reported with its reason and location. Nothing is dropped silently.
 
-Reading is split in two so `data prepare` can parallelise the expensive half:
-- `raw_records(files)` (one process, in order): cheap slicing of the files into records, each
-  with its location (file, line or row): a JSONL line as bytes, a text file or blank-line
-  block as bytes, a Parquet cell as a string.
-- `parse(record)` (worker processes): decoding (bad UTF-8 is replaced or skipped, by policy),
+Reading is split in three so `data prepare` can parallelise it:
+- `spans(files, part_bytes)` (one process): the files cut into `Span`s of about `part_bytes`,
+  at line boundaries for JSONL (at blank lines for text split on them), with the line number
+  each span starts at; other text files and Parquet files stay whole.
+- `raw_records(spans)` (a worker, in order): cheap slicing of a span into records, each with
+  its location (file, line or row): a JSONL line as bytes, a text file or blank-line block as
+  bytes, a Parquet cell as a string.
+- `parse(record)` (the same worker): decoding (bad UTF-8 is replaced or skipped, by policy),
   JSON parsing, the text field, the empty check. It returns a `Document` or a `Skip`.
 
 Formats go by extension: `.jsonl`/`.json` (one JSON object per line, text in `text_key`),
@@ -17,6 +20,9 @@ from __future__ import annotations
 
 import glob
 import json
+import mmap
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +30,16 @@ from pathlib import Path
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 BAD_BYTES = ("replace", "skip")
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes [start, end) of a file (end None: to its end), whose first line is `line`."""
+
+    file: str
+    start: int = 0
+    end: int | None = None
+    line: int = 1
 
 
 @dataclass(frozen=True)
@@ -65,30 +81,99 @@ def list_files(inputs: list[str]) -> list[str]:
     return list(dict.fromkeys(files))  # a file named by two globs is read once
 
 
-def raw_records(
-    files: list[str], *, text_key: str = "text", split_blank_lines: bool = False
-) -> Iterator[Record]:
+def splittable(path: str, split_blank_lines: bool) -> bool:
+    """Files read record by record from byte offsets: JSONL, and text split on blank lines."""
+    suffix = Path(path).suffix.lower()
+    return suffix in JSON_SUFFIXES or (split_blank_lines and suffix not in PARQUET_SUFFIXES)
+
+
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*(\n|$)")
+
+
+def spans(files: list[str], part_bytes: int, split_blank_lines: bool = False) -> list[Span]:
+    """Every file as spans of about `part_bytes` (whole when it cannot be cut or is small)."""
+    out: list[Span] = []
     for path in files:
+        size = os.path.getsize(path)
+        if size <= part_bytes or not splittable(path, split_blank_lines):
+            out.append(Span(path))
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            start, line = 0, 1
+            while size - start > part_bytes:
+                cut = _cut(data, start + part_bytes, split_blank_lines)
+                if cut is None:
+                    break
+                out.append(Span(path, start, cut, line))
+                line += data[start:cut].count(b"\n")
+                start = cut
+            out.append(Span(path, start, None, line))
+    return out
+
+
+def _cut(data: mmap.mmap, at: int, split_blank_lines: bool) -> int | None:
+    """The first record boundary at or after byte `at`: the start of a line (JSONL), or of a
+    whitespace-only line (text split on blank lines); None when there is none."""
+    if split_blank_lines:
+        found = _BLANK_LINE.search(data, max(at - 1, 0))
+        return None if found is None or found.end() >= len(data) else found.start() + 1
+    newline = data.find(b"\n", max(at - 1, 0))
+    return None if newline < 0 or newline + 1 >= len(data) else newline + 1
+
+
+def raw_records(
+    items: list[Span] | list[str], *, text_key: str = "text", split_blank_lines: bool = False
+) -> Iterator[Record]:
+    """The records of files (paths) or spans, in order."""
+    for span in items:
+        if isinstance(span, str):
+            span = Span(span)
+        path = span.file
         suffix = Path(path).suffix.lower()
         if suffix in JSON_SUFFIXES:
-            with open(path, "rb") as f:
-                for number, line in enumerate(f, 1):
-                    if line.strip():
-                        yield Record("bytes", line, path, number, json=True)
+            for number, line in enumerate(_json_lines(span), span.line):
+                if line.strip():
+                    yield Record("bytes", line, path, number, json=True)
         elif suffix in PARQUET_SUFFIXES:
             yield from _parquet_records(path, text_key)
         else:
-            yield from _text_records(path, split_blank_lines)
+            yield from _text_records(span, split_blank_lines)
 
 
-def _text_records(path: str, split_blank_lines: bool) -> Iterator[Record]:
-    data = Path(path).read_bytes()
+def _json_lines(span: Span) -> Iterator[bytes]:
+    """The span's lines, read one at a time (memory stays bounded on a huge file)."""
+    left = span.end - span.start if span.end is not None else None
+    with open(span.file, "rb") as f:
+        f.seek(span.start)
+        for line in f:
+            if left is not None:
+                if left <= 0:
+                    return
+                left -= len(line)
+            yield line
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """Lines ending at b"\\n" (kept), as line numbers count them."""
+    lines = data.split(b"\n")
+    last = lines.pop()
+    return [line + b"\n" for line in lines] + ([last] if last else [])
+
+
+def _read(span: Span) -> bytes:
+    with open(span.file, "rb") as f:
+        f.seek(span.start)
+        return f.read() if span.end is None else f.read(span.end - span.start)
+
+
+def _text_records(span: Span, split_blank_lines: bool) -> Iterator[Record]:
+    path, data = span.file, _read(span)
     if not split_blank_lines:
         yield Record("bytes", data, path, 1)
         return
     block: list[bytes] = []
-    start = 1
-    for number, line in enumerate(data.splitlines(keepends=True), 1):
+    start = span.line
+    for number, line in enumerate(_lines(data), span.line):
         if line.strip():
             if not block:
                 start = number

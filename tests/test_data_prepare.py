@@ -71,7 +71,9 @@ def shard_samples(out) -> list[np.ndarray]:
 
 
 def digest(out) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard.*"))}
+    shards = sorted(out.glob("part-*/shard.*"))
+    assert shards
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
 
 
 def test_tokenizer_files_and_properties(tokenizer):
@@ -132,11 +134,66 @@ def test_interrupted_run_comes_back_identical_and_workers_do_not_matter(
     broken = tmp_path / "broken"
     prepare(inputs, tokenizer[0], broken, progress=False)
     (broken / MARKER).unlink()  # as if killed before the commit, with a half-written shard
-    shard = sorted(broken.glob("shard.*"))[0]
+    shard = sorted(broken.glob("part-*/shard.*"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
     prepare(inputs, tokenizer[0], broken, workers=2, progress=False)
     assert digest(broken) == digest(clean)
     assert (broken / "index.json").read_bytes() == (clean / "index.json").read_bytes()
+
+
+def test_parts_cut_inside_files_change_nothing_but_the_layout(corpus, tokenizer, tmp_path):
+    """Tiny parts cut the JSONL file at line boundaries and spread files over many parts
+    (written by 2 workers): the same documents in the same order, the same skip and repair
+    locations, as one part; an interrupted run keeps its whole parts and redoes the rest."""
+    inputs = [str(corpus[0] / "*")]
+    whole = prepare(inputs, tokenizer[0], tmp_path / "one", progress=False)
+    cut = prepare(inputs, tokenizer[0], tmp_path / "many", part_bytes=64, workers=2,
+                  progress=False)  # fmt: skip
+    assert whole["parts"] == 1 and cut["parts"] > 8
+    for key in ("documents", "tokens", "skipped", "repaired"):
+        assert cut[key] == whole[key], key
+    got = [x.tolist() for x in shard_samples(tmp_path / "many")]
+    assert got == [x.tolist() for x in shard_samples(tmp_path / "one")]
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "many").glob("part-*")}
+    (tmp_path / "many" / MARKER).unlink()  # interrupted before the commit, one part unfinished
+    os.rename(tmp_path / "many" / "part-00003", tmp_path / "many" / ".part-00003.tmp")
+    again = prepare(inputs, tokenizer[0], tmp_path / "many", part_bytes=64, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "many").glob("part-*")}
+    assert after.keys() == before.keys()
+    assert [n for n in after if after[n] != before[n]] == ["part-00003"]  # only it was redone
+    assert again["tokens"] == whole["tokens"]
+    assert [x.tolist() for x in shard_samples(tmp_path / "many")] == got
+
+
+def test_blank_line_text_is_cut_only_at_blank_lines(tokenizer, tmp_path):
+    blocks = [f"block {i}\nline two of {i}\n" for i in range(30)]
+    text = "".join(b + (" \t\n" if i % 3 else "\n") for i, b in enumerate(blocks))
+    (tmp_path / "f.txt").write_text("\n" + text)
+    inputs = [str(tmp_path / "f.txt")]
+    spans_ = list_spans(inputs[0], 50)
+    assert len(spans_) > 5
+    data = (tmp_path / "f.txt").read_bytes()
+    for span in spans_[1:]:
+        assert data[span.start - 1 : span.start] == b"\n"
+        assert data[span.start :].split(b"\n")[0].strip() == b""  # a blank line starts it
+        assert span.line == data[: span.start].count(b"\n") + 1
+    one = prepare(inputs, tokenizer[0], tmp_path / "one", split_blank_lines=True, progress=False)
+    cut = prepare(inputs, tokenizer[0], tmp_path / "cut", split_blank_lines=True, part_bytes=50,
+                  progress=False)  # fmt: skip
+    assert cut["parts"] > 5 and one["documents"] == cut["documents"] == 30
+    assert shard_lists(tmp_path / "one") == shard_lists(tmp_path / "cut")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer[0]))
+    assert shard_lists(tmp_path / "cut") == [[BOS, *sp.encode(b), EOS] for b in blocks]
+
+
+def list_spans(path, part_bytes):
+    from rnnscale.data.readers import spans
+
+    return spans([path], part_bytes, split_blank_lines=True)
+
+
+def shard_lists(out):
+    return [x.tolist() for x in shard_samples(out)]
 
 
 def test_inputs_that_match_nothing_are_an_error(tmp_path):
@@ -206,11 +263,12 @@ def test_remote_output_gets_every_file_marker_last(corpus, tokenizer, tmp_path):
     inputs = [str(corpus[0] / "*.jsonl")]
     remote = tmp_path / "remote"
     stats = prepare(inputs, tokenizer[0], tmp_path / "local", remote=str(remote), progress=False)
-    local = sorted(p.name for p in (tmp_path / "local").iterdir())
-    assert sorted(p.name for p in remote.iterdir()) == local
+    local = sorted(str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*")
+                   if p.name not in (".prepare-job", "part-stats.json"))  # fmt: skip
+    assert sorted(str(p.relative_to(remote)) for p in remote.rglob("*")) == local
     assert MARKER in local and "index.json" in local and "stats.json" in local
     on_remote = [x.tolist() for x in shard_samples(remote)]
     assert on_remote == [x.tolist() for x in shard_samples(tmp_path / "local")]
     assert len(on_remote) == stats["documents"]
     marker_time = (remote / MARKER).stat().st_mtime_ns
-    assert all(p.stat().st_mtime_ns <= marker_time for p in remote.iterdir())
+    assert all(p.stat().st_mtime_ns <= marker_time for p in remote.rglob("*"))
