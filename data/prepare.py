@@ -21,6 +21,9 @@ gives the same shards as an uninterrupted run; another job's leftovers are remov
 Report: `stats.json` (files, documents, tokens, repaired documents and every skipped item with
 file, line and reason), also printed.
 
+Remote inputs (`s3://bucket/corpus/*.jsonl`, any store streaming lists): downloaded into
+`out/.inputs/` before the parts are planned, removed after; reports name the URLs.
+
 Remote output (`remote=`, `--remote URL`): `out` is the local copy; mosaicml-streaming uploads
 each shard as it closes (to `URL/part-NNNNN/`), then the merged index, the stats and the
 marker, in that order.
@@ -48,7 +51,9 @@ from rnnscale.data.readers import (
     Record,
     Skip,
     Span,
+    is_remote,
     list_files,
+    localize,
     parse,
     raw_records,
     spans,
@@ -56,6 +61,7 @@ from rnnscale.data.readers import (
 from rnnscale.data.tokenizer import BOS, EOS, fingerprint, load_tokenizer
 
 MARKER, STATS, JOB, PART_STATS = "prepare.json", "stats.json", ".prepare-job", "part-stats.json"
+INPUTS = ".inputs"  # downloaded remote inputs, removed when the shards are written
 FORMAT = 2  # bump when the shard contents or layout change for the same inputs
 BATCH = 256  # records tokenized at a time
 
@@ -88,14 +94,15 @@ def prepare(
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     files = list_files(inputs)
-    if part_bytes is None:
-        part_bytes = default_part_bytes(sum(os.path.getsize(f) for f in files))
     out = Path(out)
     sp = load_tokenizer(tokenizer)
     dtype = "uint16" if sp.vocab_size() <= 1 << 16 else "uint32"
     job = {
         "format": FORMAT,
-        "files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
+        # a URL is known by its name only (listings give no size or version: docs/data.md)
+        "files": [
+            [f] if is_remote(f) else [f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files
+        ],  # fmt: skip
         "tokenizer": fingerprint(tokenizer),
         "options": [text_key, split_blank_lines, bad_bytes, compression, dtype, remote, part_bytes],
     }
@@ -105,8 +112,14 @@ def prepare(
         print(f"rnnscale: {out} already holds these shards ({MARKER} matches): nothing to do")
         return done
     _clear_partial(out, job_id)
+    files, origin = localize(files, out / INPUTS)  # URLs downloaded; local paths stay
+    if part_bytes is None:
+        part_bytes = default_part_bytes(sum(os.path.getsize(f) for f in files))
     stats = _write(files, str(tokenizer), out, dtype, text_key, workers, compression,
                    split_blank_lines, bad_bytes, progress, remote, part_bytes)  # fmt: skip
+    for item in stats["skipped"] + stats["repaired"]:
+        item["file"] = origin.get(item["file"], item["file"])  # report URLs, not the cache
+    shutil.rmtree(out / INPUTS, ignore_errors=True)
     stats["tokenizer"] = job["tokenizer"]
     (out / STATS).write_text(json.dumps(stats, indent=2) + "\n")
     upload = _uploader(out, remote)
@@ -155,7 +168,7 @@ def _clear_partial(out: Path, job_id: str) -> None:
         if name.startswith("part-") and path.is_dir():
             if not same_job:
                 shutil.rmtree(path)
-        elif name.startswith(".part-") and path.is_dir():
+        elif (name.startswith(".part-") or name == INPUTS) and path.is_dir():
             shutil.rmtree(path)
         elif name in ("index.json", STATS) or name.startswith(("shard.", f".{MARKER}")):
             path.unlink()

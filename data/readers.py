@@ -19,10 +19,12 @@ one per blank-line-separated block with `split_blank_lines`.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import mmap
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,16 +71,69 @@ class Skip:
         return {"file": self.file, "line": self.line, "reason": self.reason}
 
 
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
 def list_files(inputs: list[str]) -> list[str]:
     """Expand globs (sorted, so the order is the same everywhere); a glob that matches no file
-    is an error, not an empty corpus."""
+    is an error, not an empty corpus. A URL (s3://, gs://, ... any store mosaicml-streaming
+    lists) is matched against the store's listing: `*` and `?` within a path segment, `**`
+    across segments; the result stays URLs (`localize` downloads them)."""
     files: list[str] = []
     for pattern in inputs:
-        matched = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if is_remote(pattern):
+            matched = _list_remote(pattern)
+        else:
+            matched = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not matched:
             raise FileNotFoundError(f"--input {pattern!r} matches no file")
         files.extend(matched)
     return list(dict.fromkeys(files))  # a file named by two globs is read once
+
+
+def _list_remote(pattern: str) -> list[str]:
+    from urllib.parse import urlparse
+
+    from streaming.base.storage.upload import CloudUploader
+
+    wild = min((i for i, c in enumerate(pattern) if c in "*?"), default=len(pattern))
+    base = pattern[: pattern.rfind("/", 0, wild)]
+    url = urlparse(base)
+    regex = re.compile(
+        "".join(
+            ".*" if part == "**" else "[^/]*" if part == "*" else "[^/]" if part == "?"
+            else re.escape(part)
+            for part in re.split(r"(\*\*|\*|\?)", pattern)
+        )
+    )  # fmt: skip
+    uploader = CloudUploader.get(out=base, exist_ok=True)
+    try:
+        keys = uploader.list_objects()
+    finally:
+        shutil.rmtree(uploader.local, ignore_errors=True)  # the empty local dir it made
+    urls = (f"{url.scheme}://{url.netloc}/{key.lstrip('/')}" for key in keys)
+    return sorted(u for u in urls if regex.fullmatch(u))
+
+
+def localize(files: list[str], cache: Path, threads: int = 8) -> tuple[list[str], dict[str, str]]:
+    """Local paths for `files`: URLs are downloaded into `cache` (through mosaicml-streaming's
+    downloaders, `threads` at a time), local paths stay. Returns (paths, {local: URL})."""
+    remote = [f for f in files if is_remote(f)]
+    if not remote:
+        return files, {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streaming.base.storage.download import CloudDownloader
+
+    cache.mkdir(parents=True, exist_ok=True)
+    local = {
+        url: str(cache / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{Path(url).name}")
+        for url in remote
+    }
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda u: CloudDownloader.direct_download(u, local[u], 600), remote))
+    return [local.get(f, f) for f in files], {path: url for url, path in local.items()}
 
 
 def splittable(path: str, split_blank_lines: bool) -> bool:
@@ -256,7 +311,3 @@ class Corpus:
                 self.skips.append(item)
             else:
                 yield item
-
-
-def read_documents(inputs: list[str], **options) -> Corpus:
-    return Corpus(list_files(inputs), **options)

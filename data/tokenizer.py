@@ -17,12 +17,13 @@ import hashlib
 import io
 import json
 import random
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import sentencepiece
 
-from rnnscale.data.readers import Document, read_documents
+from rnnscale.data.readers import Corpus, Document, list_files, localize
 
 UNK, BOS, EOS = 0, 1, 2
 MODEL_FILE, INFO_FILE = "tokenizer.model", "tokenizer.json"
@@ -64,8 +65,11 @@ def train_tokenizer(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = read_documents(inputs, text_key=text_key, split_blank_lines=split_blank_lines)
-    lines = sample_lines(corpus.documents(), max_sentences, seed)
+    files = list_files(inputs)
+    with tempfile.TemporaryDirectory(prefix="rnnscale-inputs-") as cache:
+        files, _ = localize(files, Path(cache))  # URLs are downloaded, local paths stay
+        corpus = Corpus(files, text_key=text_key, split_blank_lines=split_blank_lines)
+        lines = sample_lines(corpus.documents(), max_sentences, seed)
     if not lines:
         raise ValueError(f"no text found in {inputs}: nothing to train a tokenizer on")
     model = io.BytesIO()
