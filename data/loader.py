@@ -133,6 +133,10 @@ class PackedLoader:
     def __iter__(self):
         return self
 
+    def close(self) -> None:
+        """Stop reading: the epoch's worker processes end; the loader is not used again."""
+        self.docs.batches.close()
+
     def __next__(self) -> dict:
         picked = [self.rows.next_row() for _ in range(self.micro_batch_size)]
         return collate(picked, self.pack_documents)

@@ -239,12 +239,18 @@ def test_training_and_generation_on_prepared_shards(tmp_path, repo_root):
     train_tokenizer([stdlib_json], 512, tmp_path / "tok")
     tok = tmp_path / "tok" / "tokenizer.model"
     prepare([stdlib_json], tok, tmp_path / "shards", progress=False)
+    stdlib_html = os.path.join(sysconfig.get_paths()["stdlib"], "html", "*.py")
+    prepare([stdlib_html], tok, tmp_path / "val", progress=False)
     run_dir = tmp_path / "run"
     r = rnnscale("train", "configs/debug_cpu.yaml", "data.source=mds",
                  f"data.streams=[{{path: {tmp_path / 'shards'}}}]", f"data.tokenizer={tok}",
+                 f"data.val_streams=[{{path: {tmp_path / 'val'}}}]", "train.eval_interval=2",
                  "model.vocab_size=512", "train.max_steps=3", f"run.dir={run_dir}",
                  "log.progress_bar=false", cwd=repo_root)  # fmt: skip
     assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    evals = [(m["step"], m["eval_loss"]) for m in records if "eval_loss" in m]
+    assert [step for step, _ in evals] == [2, 3] and all(0 < loss < 10 for _, loss in evals)
     assert (run_dir / "tokenizer.model").read_bytes() == tok.read_bytes()
     r = rnnscale("generate", str(run_dir), "--prompt", "import json", "--max-new-tokens", "8",
                  cwd=repo_root)  # fmt: skip

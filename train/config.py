@@ -274,6 +274,11 @@ class DataSection:
     streams: list[StreamSection] = doc(
         [], "mds: training streams, e.g. [{path: data/shards, proportion: 1.0}]."
     )
+    val_streams: list[StreamSection] = doc(
+        [],
+        "mds: validation streams, read in order (no shuffle); train.eval_interval > 0 needs "
+        "them. synthetic: held-out documents of the same chain are used instead.",
+    )
     tokenizer: str = doc(
         "",
         "mds: the tokenizer.model the shards were made with; it is copied into the run directory "
@@ -346,11 +351,23 @@ class TrainSection:
     )
     max_steps: int = doc(20, "Optimizer steps to train.")
     log_interval: int = doc(1, "Write metrics every this many steps.")
+    eval_interval: int = doc(
+        0,
+        "Evaluate (eval_loss, eval_ppl) on the validation data every this many steps and at "
+        "the end; 0: never.",
+    )
+    eval_batches: int = doc(
+        4,
+        "Micro batches per rank in one evaluation: the first ones of the validation data, the "
+        "same at every evaluation (kept in memory).",
+    )
 
     def check(self, path: str) -> None:
         for name in ("seq_len", "micro_batch_size", "global_batch_size", "max_steps"):
             _require(getattr(self, name) > 0, f"{path}.{name}", "must be > 0")
         _require(self.log_interval > 0, f"{path}.log_interval", "must be > 0")
+        _require(self.eval_interval >= 0, f"{path}.eval_interval", "must be >= 0 (0: never)")
+        _require(self.eval_batches > 0, f"{path}.eval_batches", "must be > 0")
 
 
 @dataclass
@@ -380,6 +397,12 @@ class RunConfig:
             "train.global_batch_size",
             f"must be a multiple of train.micro_batch_size ({t.global_batch_size} rows per step "
             f"do not split into micro batches of {t.micro_batch_size})",
+        )
+        _require(
+            t.eval_interval == 0 or self.data.source != "mds" or len(self.data.val_streams) > 0,
+            "data.val_streams",
+            "train.eval_interval > 0 with data.source=mds needs validation streams "
+            "(e.g. [{path: data/val-shards}]), or set train.eval_interval=0",
         )
 
 

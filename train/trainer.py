@@ -6,6 +6,7 @@ starting a job ends in this function, in the process that trains.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from rnnscale.data.packing import PackedRows, collate
-from rnnscale.data.synthetic import MarkovDocuments
+from rnnscale.data.synthetic import HELD_OUT, MarkovDocuments
 from rnnscale.train.config import ConfigError, RunConfig, dump_yaml
 from rnnscale.train.export import export_model
 from rnnscale.train.logger import Logger
@@ -39,6 +40,7 @@ def run(cfg: RunConfig) -> dict:
         optimizer, lr_multiplier(cfg.schedule, cfg.train.max_steps)
     )
     batches = make_batches(cfg, run_dir)
+    val_batches = make_val_batches(cfg) if cfg.train.eval_interval > 0 else []
     accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
     logger = Logger.for_rank(0, run_dir, cfg.train.max_steps, cfg.log.progress_bar)
     tokens_seen = 0
@@ -48,7 +50,10 @@ def run(cfg: RunConfig) -> dict:
             metrics = train_step(model, optimizer, batches, accum, cfg.optim.grad_clip, device)
             scheduler.step()
             tokens_seen += metrics["tokens"]
-            if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+            last = step == cfg.train.max_steps
+            if val_batches and (step % cfg.train.eval_interval == 0 or last):
+                metrics.update(evaluate(model, val_batches, device))
+            if step % cfg.train.log_interval == 0 or last or "eval_loss" in metrics:
                 logger.log(step, {**metrics, "tokens_seen": tokens_seen})
     finally:
         logger.close()
@@ -103,6 +108,52 @@ def lm_loss(model: LanguageModel, batch: dict, device) -> torch.Tensor:
         input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)  # (1, B*T)
         cu_seqlens = cu_seqlens.to(device)
     return model.loss(input_ids, labels, cu_seqlens=cu_seqlens)
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, val_batches: list[dict], device) -> dict:
+    """Token-weighted mean loss over the validation batches (summed over ranks when
+    distributed), and its perplexity."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)  # (loss * tokens, tokens)
+    for batch in val_batches:
+        n = batch["labels"].numel()
+        totals += torch.tensor([lm_loss(model, batch, device).item() * n, n], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    model.train(was_training)
+    loss = (totals[0] / totals[1]).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
+
+
+def make_val_batches(cfg: RunConfig) -> list[dict]:
+    """The first train.eval_batches micro batches of the validation data: data.val_streams in
+    order (mds), or held-out documents of the synthetic chain."""
+    n = cfg.train.eval_batches
+    if cfg.data.source == "synthetic":
+        docs = MarkovDocuments(cfg.model.vocab_size, cfg.data.mean_doc_len, cfg.run.seed,
+                               first_index=HELD_OUT)  # fmt: skip
+        rows = PackedRows(docs, cfg.train.seq_len)
+        mb = cfg.train.micro_batch_size
+        return [collate([rows.next_row() for _ in range(mb)], cfg.data.pack_documents)
+                for _ in range(n)]  # fmt: skip
+    from rnnscale.data.loader import PackedLoader
+
+    d = cfg.data
+    loader = PackedLoader(
+        [(s.path, s.proportion) for s in d.val_streams],
+        seq_len=cfg.train.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seed=cfg.run.seed,
+        shuffle=False,
+        num_canonical_nodes=d.num_canonical_nodes,
+        docs_per_batch=d.docs_per_batch,
+        pack_documents=d.pack_documents,
+    )
+    batches = [next(loader) for _ in range(n)]
+    loader.close()
+    return batches
 
 
 def make_batches(cfg: RunConfig, run_dir: Path) -> Iterator[dict]:
