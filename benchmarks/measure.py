@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import resource
-import time
 
 import torch
 
+from rnnscale.train.measure import measure_peak_flops
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of a square matmul on this machine, now (the yardstick for MFU)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+
+def matmul_peak_gflops(n: int = 1024) -> float:
+    """fp32 GFLOP/s of a square matmul on this machine, now (the yardstick for MFU; the same
+    measurement the trainer makes when train.peak_tflops is 0)."""
+    return measure_peak_flops(torch.device("cpu"), "fp32", n) / 1e9
 
 
 def rss_mb() -> float:

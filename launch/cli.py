@@ -2,10 +2,13 @@
 
     rnnscale train CONFIG [key=value ...]        train (one process on this machine, for now)
     rnnscale config show CONFIG [key=value ...]  print the resolved config, start nothing
+    rnnscale plan CONFIG --gpus N [key=value ...]  parameters, FLOPs, memory per GPU by ZeRO stage
     rnnscale generate RUN_DIR --prompt TEXT      sample from a trained model (recurrent form)
     rnnscale data tokenizer --input GLOB --vocab-size N --out DIR    train a sentencepiece BPE
     rnnscale data prepare --input GLOB --tokenizer PATH --out DIR    corpus -> MDS shards
     (either data command takes --builtin python-stdlib instead of --input: no download)
+    rnnscale status RUN_DIR                      step, loss, tokens/s, ETA, checkpoint, restarts
+    rnnscale dashboard RUN_DIR [--port 6006]     TensorBoard on RUN_DIR/tb (localhost by default)
 
 Overrides are dotted paths into the config tree, values parsed as YAML:
 `optim.lr=3e-4 model.mixer_pattern=[gla,attn] log.progress_bar=false`.
@@ -22,16 +25,24 @@ from rnnscale.train.config import ConfigError, RunConfig, dump_yaml, load_config
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "plan" and not any(a.startswith("-") for a in rest):
+        args.overrides += rest  # `plan CONFIG --gpus N key=value`: overrides after the options
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "generate":
         return _generate(args)
     if args.command == "data":
         return _data(args)
+    if args.command in ("status", "dashboard"):
+        return _monitor(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"rnnscale: {e}", file=sys.stderr)
         return 2
+    if args.command == "plan":
+        return _plan(cfg, args)
     return args.handler(cfg)
 
 
@@ -54,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(show)
     show.set_defaults(handler=_show)
 
+    plan = commands.add_parser("plan", help="memory per GPU by ZeRO stage, before submitting")
+    _config_args(plan)
+    plan.add_argument("--gpus", type=_positive_int, required=True, help="data-parallel ranks")
+    plan.add_argument("--gpus-per-node", type=_positive_int, default=8)
+    plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, GiB")
+
     gen = commands.add_parser("generate", help="sample from a trained model")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or its model.safetensors)")
     prompt = gen.add_mutually_exclusive_group(required=True)
@@ -64,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     gen.add_argument("--seed", type=int, default=0)
     _data_parser(commands)
+    status = commands.add_parser("status", help="print where a run stands")
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    dash = commands.add_parser("dashboard", help="serve TensorBoard on a run's tb/ directory")
+    dash.add_argument("run_dir", metavar="RUN_DIR")
+    dash.add_argument("--port", type=int, default=6006)
+    dash.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     return parser
 
 
@@ -136,6 +159,20 @@ def _data(args: argparse.Namespace) -> int:
         return 2
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    from rnnscale.launch.monitor import run_dashboard, status_report
+
+    try:
+        if args.command == "status":
+            print(status_report(args.run_dir))
+        else:
+            run_dashboard(args.run_dir, args.host, args.port)
+    except OSError as e:  # FileNotFoundError: no metrics.jsonl or tb/; else the port
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML file, e.g. configs/debug_cpu.yaml")
     parser.add_argument(
@@ -156,6 +193,28 @@ def _train(cfg: RunConfig) -> int:
 
 def _show(cfg: RunConfig) -> int:
     print(dump_yaml(cfg), end="")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _plan(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from rnnscale.launch.plan import plan_report
+
+    try:
+        report = plan_report(cfg, args.gpus, args.gpus_per_node, args.gpu_memory_gb)
+    except ValueError as e:
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return 2
+    print(report, end="")
     return 0
 
 

@@ -356,6 +356,16 @@ class TrainSection:
         "Evaluate (eval_loss, eval_ppl) on the validation data every this many steps and at "
         "the end; 0: never.",
     )
+    max_consecutive_skips: int = doc(
+        5,
+        "A step whose loss or gradient is not finite is skipped (no update) and counted; this "
+        "many in a row stop the run with an error.",
+    )
+    peak_tflops: float = doc(
+        0.0,
+        "Peak TFLOP/s of one device, for MFU (e.g. 989 for an H100 in bf16). 0: measured at "
+        "start with a matmul in the training dtype on this device.",
+    )
     eval_batches: int = doc(
         4,
         "Micro batches per rank in one evaluation: the first ones of the validation data, the "
@@ -367,12 +377,76 @@ class TrainSection:
             _require(getattr(self, name) > 0, f"{path}.{name}", "must be > 0")
         _require(self.log_interval > 0, f"{path}.log_interval", "must be > 0")
         _require(self.eval_interval >= 0, f"{path}.eval_interval", "must be >= 0 (0: never)")
+        _require(self.max_consecutive_skips > 0, f"{path}.max_consecutive_skips", "must be > 0")
+        _require(self.peak_tflops >= 0, f"{path}.peak_tflops", "must be >= 0 (0: measure)")
         _require(self.eval_batches > 0, f"{path}.eval_batches", "must be > 0")
+
+
+@dataclass
+class WandbSection:
+    mode: Literal["offline", "online", "disabled"] = doc(
+        "offline",
+        "offline: write wandb/ in the run directory, upload later with `wandb sync`; online: "
+        "stream to the server (needs WANDB_API_KEY or `wandb login`); disabled: no wandb. The "
+        "environment variable WANDB_MODE=disabled also turns it off.",
+    )
+    project: str = doc("rnnscale", "wandb project the run is filed under.")
+    entity: str = doc("", "wandb user or team; empty: the default entity of the API key.")
+
+    def check(self, path: str) -> None:
+        _require(self.project.strip() != "", f"{path}.project", "must not be empty")
+        _require(
+            not any(c in self.project for c in "/\\#?%:"),
+            f"{path}.project",
+            f"must not contain any of / \\ # ? % : (got {self.project!r})",
+        )
+
+
+@dataclass
+class ParallelSection:
+    zero_stage: int = doc(
+        0,
+        "DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 also "
+        "gradients, 3 also parameters.",
+    )
+    dtype: Literal["fp32", "bf16"] = doc(
+        "fp32", "Training precision: fp32, or bf16 with fp32 master weights (DeepSpeed bf16)."
+    )
+    activation_checkpointing: bool = doc(
+        False, "Keep only each block's input and recompute the block in the backward."
+    )
+    reduce_bucket_size: int = doc(
+        500_000_000, "ZeRO: elements per gradient reduce bucket (reduce_bucket_size)."
+    )
+    allgather_bucket_size: int = doc(
+        500_000_000, "ZeRO 1-2: elements per parameter all-gather bucket."
+    )
+    overlap_comm: bool = doc(False, "ZeRO: overlap gradient reduction with the backward.")
+    stage3_prefetch_bucket_size: int = doc(
+        50_000_000, "ZeRO-3: elements of parameters fetched ahead of use."
+    )
+    stage3_param_persistence_threshold: int = doc(
+        100_000, "ZeRO-3: parameters smaller than this stay whole on every rank."
+    )
+    stage3_max_live_parameters: int = doc(
+        1_000_000_000, "ZeRO-3: most gathered parameter elements kept at once."
+    )
+
+    def check(self, path: str) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), f"{path}.zero_stage", "must be 0, 1, 2 or 3")
+        _positive(self, path, "reduce_bucket_size", "allgather_bucket_size",
+                  "stage3_prefetch_bucket_size", "stage3_max_live_parameters")  # fmt: skip
+        _require(self.stage3_param_persistence_threshold >= 0,
+                 f"{path}.stage3_param_persistence_threshold", "must be >= 0")  # fmt: skip
 
 
 @dataclass
 class LogSection:
     progress_bar: bool = doc(True, "Show a console progress bar (step, loss, tokens/s, ETA).")
+    tensorboard: bool = doc(
+        True, "Write TensorBoard event files to tb/ in the run directory (`rnnscale dashboard`)."
+    )
+    wandb: WandbSection = section(WandbSection, "Weights & Biases logging (rank 0 only).")
 
 
 @dataclass
@@ -383,6 +457,7 @@ class RunConfig:
     optim: OptimSection = section(OptimSection, "Optimizer (AdamW) settings.")
     schedule: ScheduleSection = section(ScheduleSection, "Learning-rate schedule.")
     train: TrainSection = section(TrainSection, "Batch sizes, sequence length and run length.")
+    parallel: ParallelSection = section(ParallelSection, "DeepSpeed: ZeRO, precision, memory.")
     log: LogSection = section(LogSection, "Console and metric logging.")
 
     @property

@@ -6,10 +6,14 @@ starting a job ends in this function, in the process that trains.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import math
 import os
 import random
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,53 +23,147 @@ import torch
 
 from rnnscale.data.packing import PackedRows, collate
 from rnnscale.data.synthetic import HELD_OUT, MarkovDocuments
+from rnnscale.parallel.deepspeed_config import deepspeed_config
 from rnnscale.train.config import ConfigError, RunConfig, dump_yaml
 from rnnscale.train.export import export_model
 from rnnscale.train.logger import Logger
+from rnnscale.train.measure import measure_peak_flops, peak_memory_gb
 from rnnscale.train.model import LanguageModel, build_model
 from rnnscale.train.schedule import lr_multiplier
 
 
 def run(cfg: RunConfig) -> dict:
-    """Train the run described by `cfg`; returns a summary (run_dir, steps, final loss)."""
-    run_dir = prepare_run_dir(cfg)
-    print(f"rnnscale: run directory {run_dir.resolve()}", flush=True)
-    print(dump_yaml(cfg), end="", flush=True)
-    seed_everything(cfg.run.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model).to(device)
-    print(f"layers: {model.layer_types}\nparameters: {model.num_params():,}", flush=True)
+    """Train the run described by `cfg` on this process's rank; returns a summary (run_dir,
+    steps, final loss). Every rank of the job calls it (torchrun, DeepSpeed's launcher, Ray
+    workers, or one process alone)."""
+    import deepspeed
+
+    # the process group then stays for the life of the process: DeepSpeed caches its groups,
+    # so a second run in the same process (tests, notebooks) must reuse it, not make another
+    init_distributed()
+    return _train(cfg, deepspeed)
+
+
+def _train(cfg: RunConfig, deepspeed) -> dict:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    try:
+        ds_config = deepspeed_config(cfg.train, cfg.optim, cfg.parallel, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    run_dir = cfg.run_dir
+    if rank == 0:
+        prepare_run_dir(cfg)
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        print(f"rnnscale: run directory {run_dir.resolve()} ({world} ranks)", flush=True)
+        print(dump_yaml(cfg), end="", flush=True)
+    torch.distributed.barrier()
+    seed_everything(cfg.run.seed)  # the same initial weights on every rank
+    device = _device()
+    with torch.device("meta"):  # counts from a copy that costs no memory
+        shape = build_model(cfg.model)
+    flops_per_token = shape.flops_per_token(cfg.train.seq_len)
+    if rank == 0:
+        print(f"layers: {shape.layer_types}\nparameters: {shape.num_params():,}", flush=True)
+    # ZeRO-3 builds the model partitioned: no rank ever holds all of it
+    stage3 = cfg.parallel.zero_stage == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext():
+        model = build_model(cfg.model)
+    model.activation_checkpointing = cfg.parallel.activation_checkpointing
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(cfg.schedule, cfg.train.max_steps)
     )
-    batches = make_batches(cfg, run_dir)
-    val_batches = make_val_batches(cfg) if cfg.train.eval_interval > 0 else []
-    accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
-    logger = Logger.for_rank(0, run_dir, cfg.train.max_steps, cfg.log.progress_bar)
-    tokens_seen = 0
+    engine, _, _, _ = deepspeed.initialize(
+        model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    if cfg.parallel.zero_stage == 3:  # the loss uses the head's weight outside head.forward
+        deepspeed.zero.register_external_parameter(engine.module, engine.module.head.weight)
+    batches = make_batches(cfg, run_dir, rank, world)
+    val_batches = make_val_batches(cfg, rank, world) if cfg.train.eval_interval > 0 else []
+    peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, cfg.parallel.dtype)
+    logger = Logger.for_rank(rank, cfg, run_dir)
+    logger.event("start", step=0, world_size=world)
+    counters = {"tokens_seen": 0, "skipped_steps": 0, "skips_in_a_row": 0}
     metrics: dict = {}
     try:
         for step in range(1, cfg.train.max_steps + 1):
-            metrics = train_step(model, optimizer, batches, accum, cfg.optim.grad_clip, device)
-            scheduler.step()
-            tokens_seen += metrics["tokens"]
+            metrics = train_step(engine, batches, device, cfg.parallel.zero_stage)
+            _count_skips(metrics, counters, step, cfg.train.max_consecutive_skips)
+            counters["tokens_seen"] += metrics["tokens"]
+            metrics["mfu"] = 3 * flops_per_token * metrics["tokens_per_s"] / (peak * world)
+            metrics["peak_memory_gb"] = peak_memory_gb(device)
             last = step == cfg.train.max_steps
             if val_batches and (step % cfg.train.eval_interval == 0 or last):
-                metrics.update(evaluate(model, val_batches, device))
+                metrics.update(evaluate(engine, val_batches, device))
             if step % cfg.train.log_interval == 0 or last or "eval_loss" in metrics:
-                logger.log(step, {**metrics, "tokens_seen": tokens_seen})
+                logger.log(step, {**metrics, "tokens_seen": counters["tokens_seen"],
+                                  "skipped_steps": counters["skipped_steps"]})  # fmt: skip
     finally:
         logger.close()
-    export_model(model, run_dir)
+    export(engine, cfg, rank)
     final = metrics.get("loss", float("nan"))
-    print(
-        f"rnnscale: done: {cfg.train.max_steps} steps, final loss {final:.4f}\n"
-        f"run directory: {run_dir.resolve()} (config.yaml, metrics.jsonl, model.safetensors)\n"
-        f"sample from it: rnnscale generate {run_dir} {_prompt_hint(run_dir)}",
-        flush=True,
-    )
-    return {"run_dir": str(run_dir), "steps": cfg.train.max_steps, "loss": metrics.get("loss")}
+    if rank == 0:
+        print(
+            f"rnnscale: done: {cfg.train.max_steps} steps, final loss {final:.4f}\n"
+            f"run directory: {run_dir.resolve()} (config.yaml, metrics.jsonl, tb/, "
+            f"model.safetensors)\n"
+            f"dashboard: rnnscale dashboard {run_dir}\n"
+            f"sample from it: rnnscale generate {run_dir} {_prompt_hint(run_dir)}",
+            flush=True,
+        )
+    return {"run_dir": str(run_dir), "steps": cfg.train.max_steps, "loss": metrics.get("loss"),
+            "skipped_steps": counters["skipped_steps"]}  # fmt: skip
+
+
+def init_distributed() -> bool:
+    """Join the job's process group through DeepSpeed (gloo on CPU, NCCL on GPU) from the usual
+    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a process started alone (no
+    WORLD_SIZE) is rank 0 of 1 on a free local port, without touching the environment (which
+    processes it starts inherit). Returns whether this call created the group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "WORLD_SIZE" in os.environ:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    else:
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it (children ignore it alone)
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+            init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        )  # fmt: skip
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _count_skips(metrics: dict, counters: dict, step: int, limit: int) -> None:
+    if not metrics.pop("skipped"):
+        counters["skips_in_a_row"] = 0
+        return
+    counters["skipped_steps"] += 1
+    counters["skips_in_a_row"] += 1
+    print(f"rnnscale: step {step} skipped: non-finite loss or gradient "
+          f"({counters['skips_in_a_row']} in a row)", flush=True)  # fmt: skip
+    if counters["skips_in_a_row"] >= limit:
+        raise RuntimeError(
+            f"{limit} steps in a row had a non-finite loss or gradient (the last: step {step}); "
+            f"the run stops (train.max_consecutive_skips={limit}). Lower optim.lr, raise "
+            f"schedule.warmup_steps, or look at the data of these steps."
+        )
 
 
 def _prompt_hint(run_dir: Path) -> str:
@@ -73,41 +171,87 @@ def _prompt_hint(run_dir: Path) -> str:
     return '--prompt "def "' if (run_dir / "tokenizer.model").exists() else "--prompt-ids 1"
 
 
-def train_step(model, optimizer, batches: Iterator[dict], accum: int, grad_clip: float, device):
-    """One optimizer step over `accum` micro batches: fetch, forward, backward, step, metrics."""
+def train_step(engine, batches: Iterator[dict], device, zero_stage: int) -> dict:
+    """One optimizer step: gradient_accumulation_steps micro batches through the DeepSpeed
+    engine (forward, backward, step), then the step's metrics, averaged over ranks."""
     start = time.perf_counter()
-    lr = optimizer.param_groups[0]["lr"]
-    loss_sum, tokens = 0.0, 0
+    accum = engine.gradient_accumulation_steps()
+    lr = engine.get_lr()[0]
+    skipped_before = engine.skipped_steps
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens, wait, grad_norm = 0, 0.0, None
     for _ in range(accum):
+        fetch = time.perf_counter()
         batch = next(batches)
-        loss = lm_loss(model, batch, device)
-        (loss / accum).backward()
-        loss_sum += loss.item()
+        wait += time.perf_counter() - fetch
+        loss = lm_loss(engine, batch, device)
+        engine.backward(loss)
+        if zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+            grad_norm = _grad_norm(engine.module)  # reduced over ranks by now
+            if not math.isfinite(grad_norm):
+                engine.optimizer.skip_next_step()  # DeepSpeed skips these only under ZeRO
+        engine.step()
+        loss_sum += loss.detach().double().cpu()
         tokens += batch["input_ids"].numel()
-    clip = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    world = torch.distributed.get_world_size()
+    totals = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64)])
+    torch.distributed.all_reduce(totals)  # the one collective the metrics cost per step
+    if grad_norm is None:
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+    skipped = engine.skipped_steps > skipped_before or not math.isfinite(grad_norm)
     seconds = time.perf_counter() - start
+    global_tokens = int(totals[1])
     return {
-        "loss": loss_sum / accum,
+        "loss": (totals[0] / (accum * world)).item(),
         "lr": lr,
-        "grad_norm": grad_norm.item(),
-        "tokens": tokens,
-        "tokens_per_s": tokens / seconds,
+        "grad_norm": grad_norm,
+        "skipped": skipped,
+        "tokens": global_tokens,
+        "tokens_per_s": global_tokens / seconds,
+        "tokens_per_s_per_rank": global_tokens / seconds / world,
         "step_time_s": seconds,
+        "data_wait_share": wait / seconds,
     }
 
 
-def lm_loss(model: LanguageModel, batch: dict, device) -> torch.Tensor:
-    """Mean next-token cross-entropy; packed batches run as one row with cu_seqlens."""
+def _grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item()
+
+
+def lm_loss(model, batch: dict, device) -> torch.Tensor:
+    """Mean next-token cross-entropy through `model` (the DeepSpeed engine or the module);
+    packed batches run as one row with cu_seqlens."""
     input_ids = batch["input_ids"].to(device)  # (B, T)
     labels = batch["labels"].to(device)  # (B, T)
     cu_seqlens = batch["cu_seqlens"]
     if cu_seqlens is not None:
         input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)  # (1, B*T)
         cu_seqlens = cu_seqlens.to(device)
-    return model.loss(input_ids, labels, cu_seqlens=cu_seqlens)
+    return model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
+
+
+def export(engine, cfg: RunConfig, rank: int) -> None:
+    """model.safetensors (fp32) from rank 0. ZeRO-3 gathers the weights onto rank 0 only, layer
+    by layer; other stages copy them (DeepSpeed's may be bf16 views into its flat buffers)."""
+    if cfg.parallel.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
+    else:
+        state = engine.module.state_dict() if rank == 0 else {}
+    if rank == 0:
+        with torch.device("meta"):
+            copy = build_model(cfg.model)
+        copy.load_state_dict(
+            {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()},
+            assign=True,
+        )
+        if cfg.model.tie_embeddings:
+            copy.head.weight = copy.embed.weight
+        export_model(copy, cfg.run_dir)
+    torch.distributed.barrier()
 
 
 @torch.no_grad()
@@ -127,17 +271,13 @@ def evaluate(model: LanguageModel, val_batches: list[dict], device) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
 
 
-def make_val_batches(cfg: RunConfig) -> list[dict]:
-    """The first train.eval_batches micro batches of the validation data: data.val_streams in
-    order (mds), or held-out documents of the synthetic chain."""
+def make_val_batches(cfg: RunConfig, rank: int = 0, world: int = 1) -> list[dict]:
+    """This rank's first train.eval_batches micro batches of the validation data:
+    data.val_streams in order (mds), or held-out documents of the synthetic chain."""
     n = cfg.train.eval_batches
     if cfg.data.source == "synthetic":
-        docs = MarkovDocuments(cfg.model.vocab_size, cfg.data.mean_doc_len, cfg.run.seed,
-                               first_index=HELD_OUT)  # fmt: skip
-        rows = PackedRows(docs, cfg.train.seq_len)
-        mb = cfg.train.micro_batch_size
-        return [collate([rows.next_row() for _ in range(mb)], cfg.data.pack_documents)
-                for _ in range(n)]  # fmt: skip
+        held_out = synthetic_batches(cfg, rank, world, first_index=HELD_OUT)
+        return [next(held_out) for _ in range(n)]
     from rnnscale.data.loader import PackedLoader
 
     d = cfg.data
@@ -156,11 +296,12 @@ def make_val_batches(cfg: RunConfig) -> list[dict]:
     return batches
 
 
-def make_batches(cfg: RunConfig, run_dir: Path) -> Iterator[dict]:
-    """Micro batches from data.source: synthetic documents, or MDS shards (whose tokenizer is
-    copied into the run directory, after checking it fits the model's vocabulary)."""
+def make_batches(cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1) -> Iterator[dict]:
+    """This rank's micro batches from data.source: synthetic documents, or MDS shards (whose
+    tokenizer is copied into the run directory, after checking it fits the model's
+    vocabulary; streaming gives every rank its own part)."""
     if cfg.data.source == "synthetic":
-        return synthetic_batches(cfg)
+        return synthetic_batches(cfg, rank, world)
     from streaming.base.util import clean_stale_shared_memory
 
     from rnnscale.data.loader import PackedLoader
@@ -176,7 +317,8 @@ def make_batches(cfg: RunConfig, run_dir: Path) -> Iterator[dict]:
             f"data.tokenizer {cfg.data.tokenizer} has {pieces} pieces but model.vocab_size is "
             f"{cfg.model.vocab_size}: raise model.vocab_size to at least {pieces}"
         )
-    shutil.copyfile(cfg.data.tokenizer, run_dir / "tokenizer.model")
+    if rank == 0:
+        shutil.copyfile(cfg.data.tokenizer, run_dir / "tokenizer.model")
     d = cfg.data
     return PackedLoader(
         [(s.path, s.proportion) for s in d.streams],
@@ -190,13 +332,19 @@ def make_batches(cfg: RunConfig, run_dir: Path) -> Iterator[dict]:
     )
 
 
-def synthetic_batches(cfg: RunConfig) -> Iterator[dict]:
-    """Micro batches of packed synthetic documents, the same for the same run.seed."""
-    docs = MarkovDocuments(cfg.model.vocab_size, cfg.data.mean_doc_len, cfg.run.seed)
+def synthetic_batches(
+    cfg: RunConfig, rank: int = 0, world: int = 1, first_index: int = 0
+) -> Iterator[dict]:
+    """Micro batches of packed synthetic documents, the same for the same run.seed: one stream
+    of micro batches, of which rank r takes numbers r, r + W, r + 2W, ... So a step sees the
+    same rows on W ranks as on one rank with W times the accumulation."""
+    docs = MarkovDocuments(cfg.model.vocab_size, cfg.data.mean_doc_len, cfg.run.seed,
+                           first_index=first_index)  # fmt: skip
     rows = PackedRows(docs, cfg.train.seq_len)
-    while True:
+    for index in itertools.count():
         picked = [rows.next_row() for _ in range(cfg.train.micro_batch_size)]
-        yield collate(picked, cfg.data.pack_documents)
+        if index % world == rank:
+            yield collate(picked, cfg.data.pack_documents)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -207,14 +355,39 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or id(p) in embeddings or getattr(p, "_no_weight_decay", False)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions keep the whole shape
+        skip = ndim < 2 or id(p) in embeddings or getattr(p, "_no_weight_decay", False)
         (no_decay if skip else decay).append(p)
     groups = [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": wd}
+        for params, wd in ((decay, cfg.optim.weight_decay), (no_decay, 0.0))
+        if params  # DeepSpeed drops empty groups; the LR schedule must see the same ones
     ]
     o = cfg.optim
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return SkippableAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch's AdamW that can be told to leave out its next step. Under ZeRO 1-3 DeepSpeed skips
+    a step with non-finite gradients itself; plain data parallel (ZeRO 0) steps the optimizer
+    directly, so the trainer checks the gradient norm and calls `skip_next_step()`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._skip = False
+
+    def skip_next_step(self) -> None:
+        self._skip = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._skip:
+            self._skip = False
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return None
+        return super().step(closure)
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:

@@ -32,9 +32,8 @@ from rnnscale.kernels.delta import (
     chunk_gated_delta_rule,
     gated_delta_rule_step,
 )
-from rnnscale.kernels.norm import gated_rms_norm
 from rnnscale.train.model import flops
-from rnnscale.train.model.layers import MixerDims, RMSNorm, ShortConvolution
+from rnnscale.train.model.layers import GatedRMSNorm, MixerDims, ShortConvolution
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -75,7 +74,7 @@ class GatedDeltaNet(nn.Module):
             self.dt_bias = nn.Parameter(torch.empty(H))
             self.A_log._no_weight_decay = self.dt_bias._no_weight_decay = True
         self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
-        self.o_norm = RMSNorm(self.head_v_dim, eps=dims.norm_eps)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=dims.norm_eps)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
         self.init_weights()
 
@@ -117,7 +116,7 @@ class GatedDeltaNet(nn.Module):
         else:
             o, S = self._scan(q, k, v, g, beta, S, cu_seqlens)  # o: (B, T, H, V)
         gate = self.g_proj(x).view(B, T, H, self.head_v_dim)
-        o = gated_rms_norm(o, gate, self.o_norm.weight, self.o_norm.eps)
+        o = self.o_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim)), (cq, ck, cv, S)
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,9 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rnnscale.kernels.gla import chunk_gla
-from rnnscale.kernels.norm import gated_rms_norm
 from rnnscale.train.model import flops
-from rnnscale.train.model.layers import MixerDims, RMSNorm
+from rnnscale.train.model.layers import GatedRMSNorm, MixerDims
 
 
 class GatedLinearAttention(nn.Module):
@@ -40,7 +39,7 @@ class GatedLinearAttention(nn.Module):
             nn.Linear(cfg.gate_low_rank_dim, self.key_dim, bias=True),
         )
         self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
-        self.g_norm = RMSNorm(self.value_dim // num_heads, eps=norm_eps)
+        self.g_norm = GatedRMSNorm(self.value_dim // num_heads, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
         self.d_model, self.low_rank = d_model, cfg.gate_low_rank_dim
 
@@ -70,5 +69,5 @@ class GatedLinearAttention(nn.Module):
             chunk_size=self.chunk_size,
         )  # o: (B, T, H, V), state: (N, H, K, V)
         gate = self.g_proj(x).view(B, T, H, -1)
-        o = gated_rms_norm(o, gate, self.g_norm.weight, self.g_norm.eps)
+        o = self.g_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim)), state

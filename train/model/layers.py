@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rnnscale.kernels.conv import causal_conv1d
-from rnnscale.kernels.norm import rms_norm
+from rnnscale.kernels.norm import gated_rms_norm, rms_norm
 from rnnscale.kernels.simple_gla import chunk_simple_gla, simple_gla_step
 
 
@@ -34,6 +34,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+class GatedRMSNorm(RMSNorm):
+    """`rms_norm(x) * weight * silu(gate)` per head (GLA, RetNet, Gated DeltaNet outputs). A
+    module, so the weight is used inside its own forward (ZeRO-3 gathers it there)."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(x, gate, self.weight, self.eps)
 
 
 class ShortConvolution(nn.Module):

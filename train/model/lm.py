@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import RMSNorm, SwiGLU, mlp_hidden_size
 from rnnscale.train.model.loss import chunked_cross_entropy
+
+
+@contextlib.contextmanager
+def _whole(params):
+    """Parameters whole inside the block. Under DeepSpeed's `zero.Init` (ZeRO-3 builds the model
+    already partitioned) each module's parameters are sharded once its constructor returns, so
+    initialising them afterwards gathers them first and lets rank 0's values win; otherwise
+    nothing to do."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
 
 
 class Block(nn.Module):
@@ -36,17 +55,23 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_types = layer_types
+        self.activation_checkpointing = False  # per block; the trainer sets it from the config
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         hidden = mlp_hidden_size(cfg.d_model, cfg.mlp_hidden)
         self.blocks = nn.ModuleList(Block(m, cfg.d_model, hidden, cfg.norm_eps) for m in mixers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        self.apply(self._init_module)
         for mixer in mixers:  # a mixer's own parameterisation (decay ranges, dt, ...) comes last
             if hasattr(mixer, "init_weights"):
-                mixer.init_weights()
+                with _whole(mixer.parameters()):
+                    mixer.init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+
+    def _init_module(self, module: nn.Module) -> None:
+        with _whole(module.parameters(recurse=False)):
+            self._init_weights(module)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -54,8 +79,14 @@ class LanguageModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, *, cu_seqlens=None, state=None):
+    def forward(self, input_ids: torch.Tensor, *, labels=None, cu_seqlens=None, state=None):
+        """With `labels`: the loss (see `loss`), as the DeepSpeed engine calls it; else
+        `(logits, state)`."""
         hidden, state = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, state=state)
+        if labels is not None:
+            return chunked_cross_entropy(
+                hidden.flatten(0, 1), self.head.weight, labels.flatten(), self.cfg.loss_chunk_tokens
+            )
         return self.head(hidden), state  # (B, T, vocab)
 
     def hidden_states(self, input_ids: torch.Tensor, *, cu_seqlens=None, state=None):
@@ -68,18 +99,19 @@ class LanguageModel(nn.Module):
         state = [None] * len(self.blocks) if state is None else state
         x = self.embed(input_ids)  # (B, T, d_model)
         new_state = []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, s in zip(self.blocks, state, strict=True):
-            x, s = block(x, cu_seqlens=cu_seqlens, state=s)
+            if recompute and s is None:  # keep only the block's input; redo it in the backward
+                x, s = checkpoint(block, x, cu_seqlens=cu_seqlens, state=None, use_reentrant=False)
+            else:
+                x, s = block(x, cu_seqlens=cu_seqlens, state=s)
             new_state.append(s)
         return self.norm(x), new_state
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, cu_seqlens=None):
         """Mean next-token cross-entropy against `labels [B, T]` (-100: ignored), computed
         `model.loss_chunk_tokens` tokens at a time without the whole logits tensor."""
-        hidden, _ = self.hidden_states(input_ids, cu_seqlens=cu_seqlens)
-        return chunked_cross_entropy(
-            hidden.flatten(0, 1), self.head.weight, labels.flatten(), self.cfg.loss_chunk_tokens
-        )
+        return self(input_ids, labels=labels, cu_seqlens=cu_seqlens)
 
     def num_params(self) -> int:
         """Parameters counted once (a tied head is not counted twice)."""

@@ -25,11 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from rnnscale.kernels.norm import gated_rms_norm
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import (
+    GatedRMSNorm,
     MixerDims,
-    RMSNorm,
     apply_rope,
     positions,
     simple_gla_scan,
@@ -62,7 +61,7 @@ class MultiScaleRetention(nn.Module):
         self.k_proj = nn.Linear(d_model, self.key_dim, bias=False)
         self.v_proj = nn.Linear(d_model, self.value_dim, bias=False)
         self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
-        self.g_norm = RMSNorm(self.head_v, eps=dims.norm_eps)
+        self.g_norm = GatedRMSNorm(self.head_v, eps=dims.norm_eps)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
 
     def flops_per_token(self, seq_len: int) -> int:
@@ -82,7 +81,7 @@ class MultiScaleRetention(nn.Module):
         g = retention_log_decays(H).to(x.device, acc).expand(B, T, H).contiguous()  # (B, T, H)
         o, S = simple_gla_scan(q, k, v, g, S, cu_seqlens, self.head_k**-0.5, self.chunk_size)
         gate = self.g_proj(x).view(B, T, H, -1)  # (B, T, H, V)
-        o = gated_rms_norm(o, gate, self.g_norm.weight, self.g_norm.eps)
+        o = self.g_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim)), (S, past)
 
 

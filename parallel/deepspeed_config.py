@@ -1,0 +1,55 @@
+"""The DeepSpeed config, derived from the run config by one function (DESIGN.md section 5).
+
+`deepspeed_config(train, optim, parallel, data_parallel_size)` takes the run config's `train`,
+`optim` and `parallel` sections (this layer does not import the config's types) and returns the
+dict for `deepspeed.initialize`. The optimizer (AdamW with its parameter groups) and the LR
+schedule are built by the trainer and passed to `deepspeed.initialize` as objects, so DeepSpeed
+steps and checkpoints them; they are not in this dict.
+"""
+
+from __future__ import annotations
+
+
+def batch_split(global_batch: int, micro_batch: int, data_parallel_size: int) -> int:
+    """Gradient accumulation steps, or a ValueError with the numbers when they do not divide."""
+    per_step = micro_batch * data_parallel_size
+    if global_batch % per_step:
+        raise ValueError(
+            f"train.global_batch_size: {global_batch} rows per step do not split into micro "
+            f"batches of {micro_batch} (train.micro_batch_size) on {data_parallel_size} "
+            f"data-parallel ranks: use a multiple of {per_step}, e.g. "
+            f"{max(per_step, global_batch // per_step * per_step)}"
+        )
+    return global_batch // per_step
+
+
+def deepspeed_config(train, optim, parallel, data_parallel_size: int) -> dict:
+    accum = batch_split(train.global_batch_size, train.micro_batch_size, data_parallel_size)
+    zero: dict = {
+        "stage": parallel.zero_stage,
+        "reduce_bucket_size": parallel.reduce_bucket_size,
+        "allgather_bucket_size": parallel.allgather_bucket_size,
+        "overlap_comm": parallel.overlap_comm,
+        "contiguous_gradients": True,
+    }
+    if parallel.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=parallel.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=parallel.stage3_param_persistence_threshold,
+            stage3_max_live_parameters=parallel.stage3_max_live_parameters,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    config = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": parallel.dtype == "bf16"},
+        # our AdamW (torch's, with our parameter groups) under ZeRO: DeepSpeed asks to be told
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # the trainer's Logger reports; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    if optim.grad_clip > 0:
+        config["gradient_clipping"] = optim.grad_clip
+    return config

@@ -1,0 +1,266 @@
+"""The Logger's sinks (metrics.jsonl, TensorBoard, wandb offline, events.jsonl) read back with
+each tool's own reader, and the two commands that read a run directory: `rnnscale status` and
+`rnnscale dashboard` (TensorBoard's HTTP API, queried like a browser would)."""
+
+import json
+import math
+import socket
+import struct
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import zlib
+
+import pytest
+from test_cli import BIN, rnnscale
+
+from rnnscale.launch.monitor import status_report
+from rnnscale.train.config import ConfigError, dump_yaml, load_config
+from rnnscale.train.logger import Logger, check_wandb_credentials, wandb_run_id
+
+LOSSES = [5.61, 5.02, 4.71, 4.40, 4.25, 4.08]
+
+
+def _metrics(step: int) -> dict:
+    """What the trainer logs at one step, with made-up but plausible values."""
+    m = {
+        "loss": LOSSES[step - 1],
+        "lr": 1e-3 * min(step, 4) / 4,
+        "grad_norm": 1.5 / step,
+        "tokens": 512,
+        "tokens_per_s": 20_000.0 + step,
+        "step_time_s": 0.025,
+        "tokens_seen": 512 * step,
+    }
+    if step == len(LOSSES):
+        m.update(eval_loss=4.31, eval_ppl=math.exp(4.31))
+    return m
+
+
+def _config(repo_root, run_dir, *overrides):
+    return load_config(
+        repo_root / "configs/debug_cpu.yaml",
+        [f"run.dir={run_dir}", "run.name=mon test", f"train.max_steps={len(LOSSES)}", *overrides],
+    )
+
+
+def _log_run(cfg, run_dir, rank=0):
+    logger = Logger.for_rank(rank, cfg, run_dir)
+    logger.event("start", step=0, world_size=1)
+    for step in range(1, len(LOSSES) + 1):
+        logger.log(step, _metrics(step))
+    logger.close()
+
+
+def test_rank0_writes_jsonl_tensorboard_wandb_and_events(repo_root, tmp_path, monkeypatch, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("WANDB_MODE")  # conftest disables wandb for every other test
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _log_run(_config(repo_root, run_dir, "log.wandb.mode=offline"), run_dir)
+
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records == [{"step": s, **_metrics(s)} for s in range(1, len(LOSSES) + 1)]
+    assert "loss=4.0800" in capsys.readouterr().err  # the progress bar
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "train/tokens_per_s" in tags and "train/eval_loss" not in tags
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, len(LOSSES) + 1))
+    assert [e.value for e in loss] == pytest.approx(LOSSES, rel=1e-6)  # float32
+    assert [(e.step, e.value) for e in acc.Scalars("eval/loss")] == [(6, pytest.approx(4.31))]
+    assert acc.Scalars("eval/ppl")[0].value == pytest.approx(math.exp(4.31), rel=1e-6)
+
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    run, history = _wandb_run(offline)
+    assert run.run_id == "mon-test" and run.display_name == "mon test"
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["train"]["max_steps"] == len(LOSSES)
+    assert [h["_step"] for h in history] == list(range(1, len(LOSSES) + 1))
+    assert [h["loss"] for h in history] == pytest.approx(LOSSES)
+    for step, h in enumerate(history, 1):  # every metric, eval ones at the last step only
+        assert {k: v for k, v in h.items() if not k.startswith("_")} == pytest.approx(
+            _metrics(step)
+        )
+
+    (event,) = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert event["event"] == "start" and event["step"] == 0 and event["world_size"] == 1
+    assert abs(event["time"] - time.time()) < 600
+
+
+def _wandb_run(offline_dir):
+    """The run record and the history rows of a .wandb file (a LevelDB-style log of protobuf
+    Records; wandb >= 0.19 ships no Python reader, so this reads the documented framing)."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = offline_dir.glob("*.wandb")
+    run, history = None, []
+    for data in _leveldb_records(path.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "history":
+            items = record.history.item
+            history.append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+            )
+    return run, history
+
+
+def _leveldb_records(data: bytes, block: int = 32768):
+    """Payloads of a wandb datastore: a 7-byte header, then 32 KiB blocks of chunks, each
+    (crc32 of type + payload, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    assert data[:7] == struct.pack("<4sHB", b":W&B", 0xBEE1, 0), "not a wandb datastore"
+    pos, parts = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:
+            continue
+        assert crc == zlib.crc32(chunk, zlib.crc32(bytes([kind]))), f"bad checksum at {pos}"
+        parts += chunk
+        if kind in (1, 4):
+            yield parts
+            parts = b""
+
+
+def test_other_ranks_write_nothing(repo_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _log_run(_config(repo_root, run_dir, "log.wandb.mode=offline"), run_dir, rank=1)
+    assert list(run_dir.iterdir()) == []
+
+
+def test_online_wandb_without_a_key_is_refused_before_anything_opens(
+    repo_root, tmp_path, monkeypatch
+):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.com login user password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = _config(repo_root, run_dir, "log.wandb.mode=online")
+    with pytest.raises(ConfigError, match=r"log\.wandb\.mode: online .*WANDB_API_KEY.*offline"):
+        Logger.for_rank(0, cfg, run_dir)
+    assert list(run_dir.iterdir()) == []
+    netrc.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    check_wandb_credentials(cfg)  # a `wandb login` entry is enough
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    netrc.unlink()
+    check_wandb_credentials(cfg)  # wandb is off: no key needed
+
+
+def test_wandb_run_id_keeps_only_allowed_characters():
+    assert wandb_run_id("gla 1.3B:v2") == "gla-1-3B-v2"
+    assert wandb_run_id("debug_cpu-2") == "debug_cpu-2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_dashboard_serves_the_logged_losses(repo_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _log_run(_config(repo_root, run_dir, "log.progress_bar=false"), run_dir)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "rnnscale"), "dashboard", str(run_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        served, deadline = None, time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                runs = _get_json(f"{base}/data/runs")
+                query = urllib.parse.urlencode({"run": runs[0], "tag": "train/loss"})
+                served = _get_json(f"{base}/data/plugin/scalars/scalars?{query}")
+                if len(served) == len(LOSSES):
+                    break
+            except (OSError, IndexError, ValueError):  # not up, or no data loaded yet
+                pass
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0]
+        assert served is not None and len(served) == len(LOSSES), served
+        assert [step for _, step, _ in served] == list(range(1, len(LOSSES) + 1))
+        assert [value for _, _, value in served] == pytest.approx(LOSSES, rel=1e-6)
+    finally:
+        proc.kill()
+        output = proc.communicate(timeout=30)[0]
+    assert f"{base}/" in output
+
+
+def test_dashboard_without_tensorboard_events_is_refused(repo_root, tmp_path):
+    r = rnnscale("dashboard", str(tmp_path), cwd=repo_root)
+    assert r.returncode == 2 and "no tb/ directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def _write_run(run_dir, cfg, steps: int, starts: int):
+    """A run directory as a run leaves it: config, metrics, events, some checkpoints."""
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in range(1, steps + 1):
+            # the ETA must use the last 20 records only: the 10 before them are slow
+            m = {"loss": 6.0 - step / 10, "tokens_per_s": 20480.0, "step_time_s": 9.0}
+            if step > steps - 20:
+                m["step_time_s"] = 0.5
+            if step == 20:
+                m.update(eval_loss=4.25, eval_ppl=math.exp(4.25))
+            f.write(json.dumps({"step": step, **m}) + "\n")
+    with open(run_dir / "events.jsonl", "w") as f:
+        for i in range(starts):
+            f.write(json.dumps({"time": 1e9 + i, "event": "start", "step": 10 * i}) + "\n")
+        f.write(json.dumps({"time": 2e9, "event": "checkpoint", "path": "x"}) + "\n")
+    for name, finished in [("step_9", True), ("step_20", True), ("step_30", False)]:
+        (run_dir / "checkpoints" / name).mkdir(parents=True)
+        if finished:
+            (run_dir / "checkpoints" / name / "manifest.json").write_text("{}")
+
+
+def test_status_reports_where_the_run_stands(repo_root, tmp_path):
+    run_dir = tmp_path / "run"
+    _write_run(run_dir, _config(repo_root, run_dir, "train.max_steps=100"), steps=30, starts=2)
+    r = rnnscale("status", str(run_dir), cwd=repo_root)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "step: 30 / 100" in lines
+    assert "loss: 3.0000" in lines
+    assert "eval loss: 4.2500 (step 20)" in lines
+    assert "tokens/s: 20,480" in lines
+    assert "ETA: 0:00:35" in lines  # 70 steps x 0.5 s
+    assert f"last checkpoint: {run_dir / 'checkpoints' / 'step_20'}" in lines
+    assert "restarts: 1" in lines
+
+
+def test_status_of_a_finished_run_and_of_no_run(repo_root, tmp_path):
+    run_dir = tmp_path / "run"
+    _write_run(run_dir, _config(repo_root, run_dir, "train.max_steps=30"), steps=30, starts=1)
+    report = status_report(run_dir).splitlines()
+    assert "ETA: done" in report and "restarts: 0" in report
+    r = rnnscale("status", str(tmp_path), cwd=repo_root)
+    assert r.returncode == 2 and "has no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr

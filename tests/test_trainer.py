@@ -1,0 +1,135 @@
+"""The trainer on DeepSpeed (CPU, gloo): ZeRO 0-3 on 2 processes give the loss curve of 1
+process with the same global batch; bf16 trains; a non-finite step is skipped and counted, too
+many in a row stop the run; activation checkpointing changes nothing but memory; batch
+arithmetic that does not divide is refused with the numbers; the loss falls on real text."""
+
+import json
+import math
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnscale.parallel.deepspeed_config import batch_split
+from rnnscale.train import trainer
+from rnnscale.train.config import load_config
+
+BIN = Path(sys.executable).parent
+TOLERANCE = 1e-4  # absolute, on losses near 5: the same sums in another order
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").open()]
+
+
+def config(repo_root, run_dir, *overrides):
+    return load_config(repo_root / "configs/debug_cpu.yaml",
+                       [f"run.dir={run_dir}", "log.progress_bar=false", "log.wandb.mode=disabled",
+                        "train.max_steps=6", *overrides])  # fmt: skip
+
+
+def torchrun(repo_root, run_dir, *overrides) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "rnnscale.train",
+           "configs/debug_cpu.yaml", f"run.dir={run_dir}", "log.progress_bar=false",
+           "log.wandb.mode=disabled", "train.max_steps=6", *overrides]  # fmt: skip
+    return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+
+
+def test_zero_stages_on_two_ranks_match_one_rank(repo_root, tmp_path):
+    one = trainer.run(config(repo_root, tmp_path / "one"))  # accumulation 2 on 1 rank
+    assert json.loads((tmp_path / "one" / "deepspeed_config.json").read_text())[
+        "gradient_accumulation_steps"] == 2  # fmt: skip
+    want = losses(tmp_path / "one")
+    assert one["loss"] == want[-1] and want[-1] < want[0]
+    for stage in (0, 1, 2, 3):
+        run_dir = tmp_path / f"zero{stage}"
+        r = torchrun(repo_root, run_dir, f"parallel.zero_stage={stage}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        ds = json.loads((run_dir / "deepspeed_config.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage and ds["gradient_accumulation_steps"] == 1
+        got = losses(run_dir)
+        assert got == pytest.approx(want, abs=TOLERANCE), (stage, got, want)
+        record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert record["tokens"] == 8 * 64  # global: 8 rows of 64 tokens per step
+        assert record["tokens_per_s"] == pytest.approx(2 * record["tokens_per_s_per_rank"])
+        assert 0 < record["mfu"] < 1 and 0 <= record["data_wait_share"] < 1
+        assert (run_dir / "model.safetensors").exists()
+
+
+def test_bf16_trains_close_to_fp32(repo_root, tmp_path):
+    trainer.run(config(repo_root, tmp_path / "fp32"))
+    trainer.run(config(repo_root, tmp_path / "bf16", "parallel.dtype=bf16",
+                       "parallel.zero_stage=2"))  # fmt: skip
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert bf16 == pytest.approx(fp32, abs=0.05)  # stated: bf16 rounding, 6 steps
+    assert bf16 != fp32
+
+
+def test_activation_checkpointing_changes_no_number(repo_root, tmp_path):
+    trainer.run(config(repo_root, tmp_path / "plain", "train.max_steps=3"))
+    trainer.run(config(repo_root, tmp_path / "ckpt", "train.max_steps=3",
+                       "parallel.activation_checkpointing=true"))  # fmt: skip
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+
+
+def _poison(monkeypatch, bad_calls):
+    """lm_loss gives NaN on the given training calls (1-based, counting micro batches)."""
+    real, calls = trainer.lm_loss, {"n": 0}
+
+    def lm_loss(model, batch, device):
+        loss = real(model, batch, device)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer, "lm_loss", lm_loss)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_non_finite_step_is_skipped_and_counted(repo_root, tmp_path, monkeypatch, stage):
+    _poison(monkeypatch, {5})  # step 3's first micro batch (2 per step)
+    result = trainer.run(config(repo_root, tmp_path, f"parallel.zero_stage={stage}"))
+    assert result["skipped_steps"] == 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
+    assert records[2]["loss"] == "nan" and math.isfinite(records[-1]["loss"])
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_too_many_skips_in_a_row_stop_the_run(repo_root, tmp_path, monkeypatch):
+    _poison(monkeypatch, set(range(3, 100)))  # from step 2 on
+    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss"):
+        trainer.run(config(repo_root, tmp_path, "train.max_consecutive_skips=3"))
+
+
+def test_batch_arithmetic_that_does_not_divide_is_refused():
+    assert batch_split(16, 4, 2) == 2
+    with pytest.raises(ValueError, match=r"12 rows per step do not split into micro batches of "
+                       r"4 \(train.micro_batch_size\) on 2 data-parallel ranks: use a multiple "
+                       r"of 8"):  # fmt: skip
+        batch_split(12, 4, 2)
+
+
+def test_loss_falls_on_the_embedded_corpus(repo_root, tmp_path):
+    from rnnscale.data.prepare import prepare
+    from rnnscale.data.tokenizer import train_tokenizer
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    inputs = [str(Path(stdlib) / name / "*.py") for name in ("json", "html", "email")]
+    train_tokenizer(inputs, 512, tmp_path / "tok")
+    tok = tmp_path / "tok" / "tokenizer.model"
+    prepare(inputs, tok, tmp_path / "shards", progress=False)
+    trainer.run(config(repo_root, tmp_path / "run", "data.source=mds",
+                       f"data.streams=[{{path: {tmp_path / 'shards'}}}]", f"data.tokenizer={tok}",
+                       "model.vocab_size=512", "model.mixer_pattern=[gla, attn]",
+                       "train.max_steps=40", "optim.lr=3e-3"))  # fmt: skip
+    got = losses(tmp_path / "run")
+    assert sum(got[-5:]) / 5 < sum(got[:5]) / 5 - 0.5, got
