@@ -133,3 +133,10 @@ def test_loss_falls_on_the_embedded_corpus(repo_root, tmp_path):
                        "train.max_steps=40", "optim.lr=3e-3"))  # fmt: skip
     got = losses(tmp_path / "run")
     assert sum(got[-5:]) / 5 < sum(got[:5]) / 5 - 0.5, got
+
+
+def test_batch_that_does_not_split_over_the_ranks_exits_2(repo_root, tmp_path):
+    r = torchrun(repo_root, tmp_path, "train.global_batch_size=4")  # micro 4 x 2 ranks > 4
+    assert r.returncode != 0
+    assert "rnnscale: train.global_batch_size: 4 rows per step do not split into micro " in r.stderr
+    assert "ConfigError" not in r.stderr  # a message, not a traceback

@@ -18,11 +18,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m rnnscale.train CONFIG [key=value ...]")
         return 0 if argv else 2
     try:
-        cfg = load_config(argv[0], argv[1:])
-    except ConfigError as e:
+        run(load_config(argv[0], argv[1:]))
+    except ConfigError as e:  # also what the run finds at its start (world size, tokenizer)
         print(f"rnnscale: {e}", file=sys.stderr)
         return 2
-    run(cfg)
     return 0
 
 
