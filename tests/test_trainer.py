@@ -59,6 +59,18 @@ def test_zero_stages_on_two_ranks_match_one_rank(repo_root, tmp_path):
         assert (run_dir / "model.safetensors").exists()
 
 
+def test_deepspeed_launcher_runs_the_same_job(repo_root, tmp_path):
+    trainer.run(config(repo_root, tmp_path / "one"))
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(trainer._free_port()),
+           "--module", "rnnscale.train", "configs/debug_cpu.yaml", f"run.dir={tmp_path / 'ds'}",
+           "log.progress_bar=false", "log.wandb.mode=disabled", "train.max_steps=6",
+           "parallel.zero_stage=2"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(2 ranks)" in r.stdout
+    assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "one"), abs=TOLERANCE)
+
+
 def test_bf16_trains_close_to_fp32(repo_root, tmp_path):
     trainer.run(config(repo_root, tmp_path / "fp32"))
     trainer.run(config(repo_root, tmp_path / "bf16", "parallel.dtype=bf16",

@@ -14,6 +14,8 @@ from rnnscale.train.config import ConfigError, load_config
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # DeepSpeed's launcher passes --local_rank=N (LOCAL_RANK is in the environment as well)
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m rnnscale.train CONFIG [key=value ...]")
         return 0 if argv else 2

@@ -364,7 +364,7 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
         if params  # DeepSpeed drops empty groups; the LR schedule must see the same ones
     ]
     o = cfg.optim
-    return SkippableAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return SkippableAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
 class SkippableAdamW(torch.optim.AdamW):
