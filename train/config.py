@@ -441,6 +441,25 @@ class ParallelSection:
 
 
 @dataclass
+class CheckpointSection:
+    interval: int = doc(
+        0, "Save a checkpoint every this many steps, and at the last step; 0: never."
+    )
+    keep: int = doc(3, "Committed checkpoints kept (the newest is never deleted).")
+    resume: str = doc(
+        "auto",
+        "auto: continue from the newest checkpoint that verifies, if any; none: start afresh; "
+        "or the path of one checkpoint directory (it must verify).",
+    )
+    dir: str = doc("", "Where checkpoints go; empty: <run dir>/checkpoints.")
+
+    def check(self, path: str) -> None:
+        _require(self.interval >= 0, f"{path}.interval", "must be >= 0 (0: never)")
+        _require(self.keep >= 1, f"{path}.keep", "must be >= 1")
+        _require(self.resume.strip() != "", f"{path}.resume", "must be auto, none or a path")
+
+
+@dataclass
 class LogSection:
     progress_bar: bool = doc(True, "Show a console progress bar (step, loss, tokens/s, ETA).")
     tensorboard: bool = doc(
@@ -458,12 +477,17 @@ class RunConfig:
     schedule: ScheduleSection = section(ScheduleSection, "Learning-rate schedule.")
     train: TrainSection = section(TrainSection, "Batch sizes, sequence length and run length.")
     parallel: ParallelSection = section(ParallelSection, "DeepSpeed: ZeRO, precision, memory.")
+    checkpoint: CheckpointSection = section(CheckpointSection, "Saving and resuming.")
     log: LogSection = section(LogSection, "Console and metric logging.")
 
     @property
     def run_dir(self) -> Path:
         """The run directory: `run.dir`, or runs/<run.name> when it is empty."""
         return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
     def check(self, path: str = "") -> None:
         t = self.train

@@ -7,7 +7,6 @@ starting a job ends in this function, in the process that trains.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -24,7 +23,8 @@ import torch
 from rnnscale.data.packing import PackedRows, collate
 from rnnscale.data.synthetic import HELD_OUT, MarkovDocuments
 from rnnscale.parallel.deepspeed_config import deepspeed_config
-from rnnscale.train.config import ConfigError, RunConfig, dump_yaml
+from rnnscale.train import checkpoint
+from rnnscale.train.config import ConfigError, RunConfig, dump_yaml, to_dict
 from rnnscale.train.export import export_model
 from rnnscale.train.logger import Logger
 from rnnscale.train.measure import measure_peak_flops, peak_memory_gb
@@ -51,8 +51,9 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     run_dir = cfg.run_dir
+    resume_from = resolve_resume(cfg, rank)
     if rank == 0:
-        prepare_run_dir(cfg)
+        prepare_run_dir(cfg, resuming=resume_from is not None)
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
         print(f"rnnscale: run directory {run_dir.resolve()} ({world} ranks)", flush=True)
         print(dump_yaml(cfg), end="", flush=True)
@@ -81,12 +82,15 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
     batches = make_batches(cfg, run_dir, rank, world)
     val_batches = make_val_batches(cfg, rank, world) if cfg.train.eval_interval > 0 else []
     peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, cfg.parallel.dtype)
-    logger = Logger.for_rank(rank, cfg, run_dir)
-    logger.event("start", step=0, world_size=world)
-    counters = {"tokens_seen": 0, "skipped_steps": 0, "skips_in_a_row": 0}
+    counters = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "skips_in_a_row": 0}
+    if resume_from is not None:
+        counters = _resume(engine, resume_from, cfg, batches)
+    logger = Logger.for_rank(rank, cfg, run_dir, initial_step=counters["step"])
+    logger.event("start", step=counters["step"], world_size=world,
+                 resumed_from=str(resume_from) if resume_from else None)  # fmt: skip
     metrics: dict = {}
     try:
-        for step in range(1, cfg.train.max_steps + 1):
+        for step in range(counters["step"] + 1, cfg.train.max_steps + 1):
             metrics = train_step(engine, batches, device, cfg.parallel.zero_stage)
             _count_skips(metrics, counters, step, cfg.train.max_consecutive_skips)
             counters["tokens_seen"] += metrics["tokens"]
@@ -98,6 +102,11 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
             if step % cfg.train.log_interval == 0 or last or "eval_loss" in metrics:
                 logger.log(step, {**metrics, "tokens_seen": counters["tokens_seen"],
                                   "skipped_steps": counters["skipped_steps"]})  # fmt: skip
+            counters["step"] = step
+            every = cfg.checkpoint.interval
+            if every and (step % every == 0 or last):
+                path = save_checkpoint(engine, cfg, batches, counters, world)
+                logger.event("checkpoint", step=step, path=str(path))
     finally:
         logger.close()
     export(engine, cfg, rank)
@@ -113,6 +122,78 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
         )
     return {"run_dir": str(run_dir), "steps": cfg.train.max_steps, "loss": metrics.get("loss"),
             "skipped_steps": counters["skipped_steps"]}  # fmt: skip
+
+
+def resolve_resume(cfg: RunConfig, rank: int) -> Path | None:
+    """The checkpoint to continue from (checkpoint.resume), the same on every rank: rank 0
+    looks (verifying manifests) and tells the others."""
+    choice = None
+    if rank == 0:
+        how = cfg.checkpoint.resume
+        if how == "auto":
+            choice = checkpoint.find_resume(cfg.checkpoint_dir)
+        elif how != "none":
+            problem = checkpoint.verify(Path(how))
+            if problem is not None:
+                raise ConfigError(f"checkpoint.resume: {how} cannot be resumed: {problem}")
+            choice = Path(how)
+    box = [str(choice) if choice else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return Path(box[0]) if box[0] else None
+
+
+def _resume(engine, path: Path, cfg: RunConfig, batches) -> dict:
+    """Restore engine, RNG, data position and counters from `path`; refuse a config whose model
+    or tokenizer differs from the checkpoint's."""
+    meta = json.loads((path / checkpoint.META).read_text())
+    now = {"model": to_dict(cfg)["model"], "tokenizer": _tokenizer_fingerprint(cfg)}
+    for key in ("model", "tokenizer"):
+        if meta[key] != now[key]:
+            diff = _differences(meta[key], now[key])
+            raise ConfigError(
+                f"checkpoint {path} was trained with another {key} ({diff}): resuming it would "
+                f"not continue the same run. Use the checkpoint's settings, or start afresh "
+                f"with checkpoint.resume=none (or another run.dir)"
+            )
+    state = checkpoint.load(engine, path)
+    checkpoint.set_rng_state(state["rng"])
+    batches.load_state_dict(state["loader"])
+    if torch.distributed.get_rank() == 0:
+        print(f"rnnscale: resumed from {path} (step {state['counters']['step']})", flush=True)
+    return state["counters"]
+
+
+def _differences(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        parts = [_differences(old.get(k), new.get(k), f"{prefix}{k}.")
+                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]  # fmt: skip
+        return "; ".join(parts)
+    return f"{prefix.rstrip('.') or 'value'}: {old!r} then, {new!r} now"
+
+
+def _tokenizer_fingerprint(cfg: RunConfig) -> str | None:
+    if cfg.data.source != "mds":
+        return None
+    from rnnscale.data.tokenizer import fingerprint
+
+    return fingerprint(cfg.data.tokenizer)
+
+
+def save_checkpoint(engine, cfg: RunConfig, batches, counters: dict, world: int) -> Path:
+    """Every rank: this rank's RNG, data position and counters beside DeepSpeed's state."""
+    rank_state = {
+        "rng": checkpoint.rng_state(),
+        "loader": batches.state_dict(),  # collective for the streaming loader
+        "counters": dict(counters),
+    }
+    meta = {
+        "step": counters["step"],
+        "world_size": world,
+        "model": to_dict(cfg)["model"],
+        "tokenizer": _tokenizer_fingerprint(cfg),
+    }
+    return checkpoint.save(engine, cfg.checkpoint_dir, counters["step"], rank_state, meta,
+                           dump_yaml(cfg), cfg.checkpoint.keep)  # fmt: skip
 
 
 def init_distributed() -> bool:
@@ -334,17 +415,39 @@ def make_batches(cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1) -
 
 def synthetic_batches(
     cfg: RunConfig, rank: int = 0, world: int = 1, first_index: int = 0
-) -> Iterator[dict]:
+) -> SyntheticBatches:
+    return SyntheticBatches(cfg, rank, world, first_index)
+
+
+class SyntheticBatches:
     """Micro batches of packed synthetic documents, the same for the same run.seed: one stream
     of micro batches, of which rank r takes numbers r, r + W, r + 2W, ... So a step sees the
-    same rows on W ranks as on one rank with W times the accumulation."""
-    docs = MarkovDocuments(cfg.model.vocab_size, cfg.data.mean_doc_len, cfg.run.seed,
-                           first_index=first_index)  # fmt: skip
-    rows = PackedRows(docs, cfg.train.seq_len)
-    for index in itertools.count():
-        picked = [rows.next_row() for _ in range(cfg.train.micro_batch_size)]
-        if index % world == rank:
-            yield collate(picked, cfg.data.pack_documents)
+    same rows on W ranks as on one rank with W times the accumulation. Resumable: the state is
+    the packer's position and the stream's micro batch number."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world: int, first_index: int = 0):
+        docs = MarkovDocuments(cfg.model.vocab_size, cfg.data.mean_doc_len, cfg.run.seed,
+                               first_index=first_index)  # fmt: skip
+        self.rows = PackedRows(docs, cfg.train.seq_len)
+        self.micro, self.pack = cfg.train.micro_batch_size, cfg.data.pack_documents
+        self.rank, self.world, self.index = rank, world, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            picked = [self.rows.next_row() for _ in range(self.micro)]
+            self.index += 1
+            if (self.index - 1) % self.world == self.rank:
+                return collate(picked, self.pack)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows.state_dict(), "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows.load_state_dict(state["rows"])
+        self.index = int(state["index"])
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -390,16 +493,15 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create the run directory and save the resolved config.yaml in it.
-
-    Until runs can resume (checkpoints), a new run in a used directory starts afresh: the old
-    metrics.jsonl is kept beside as metrics.<time>.jsonl, never overwritten.
-    """
+def prepare_run_dir(cfg: RunConfig, resuming: bool = False) -> Path:
+    """Create the run directory and save the resolved config.yaml in it. A new run (nothing to
+    resume) in a used directory keeps the old metrics.jsonl beside as metrics.<time>.jsonl; a
+    resumed run appends to it (steps after the checkpoint are logged again: the last record of
+    a step is the one that counts)."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     old = run_dir / "metrics.jsonl"
-    if old.exists():
+    if old.exists() and not resuming:
         kept = run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}.jsonl"
         old.rename(kept)
         print(f"rnnscale: {run_dir} held an earlier run; its metrics are now in {kept.name}")

@@ -1,0 +1,162 @@
+"""Committed checkpoints and automatic resume: a run killed with SIGKILL at random steps (and
+once in the middle of a checkpoint write) and started again with the same command ends with
+the losses of the run that never stopped, bit for bit, on 1 rank and on 2; a truncated or
+bit-flipped checkpoint is skipped with a message naming the file; a changed model is refused;
+only `checkpoint.keep` checkpoints stay."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rnnscale.train import trainer
+from rnnscale.train.config import ConfigError, load_config
+
+BIN = Path(sys.executable).parent
+ARGS = ["configs/debug_cpu.yaml", "log.progress_bar=false", "log.wandb.mode=disabled",
+        "log.tensorboard=false", "train.seq_len=512", "train.max_steps=24",
+        "checkpoint.interval=2", "checkpoint.keep=2"]  # fmt: skip
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss, the last record of each step (a resumed run logs its steps again)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record["loss"]
+    return out
+
+
+def command(run_dir: Path, ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, "-m", "rnnscale.train", *ARGS, f"run.dir={run_dir}"]
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks), "-m",
+            "rnnscale.train", *ARGS, f"run.dir={run_dir}"]  # fmt: skip
+
+
+def run_to_end(repo_root, run_dir, ranks, env=None):
+    r = subprocess.run(command(run_dir, ranks), cwd=repo_root, capture_output=True, text=True,
+                       timeout=600, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun's workers run in their own process
+    groups, so killing torchrun's group would leave them training)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def kill_when(repo_root, run_dir, ranks, ready, env=None) -> bool:
+    """Start the command, SIGKILL it with every process under it once `ready()` holds; False
+    if the run finished first."""
+    proc = subprocess.Popen(command(run_dir, ranks), cwd=repo_root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ready():
+                kill_tree(proc.pid)
+                proc.wait()
+                return True
+            time.sleep(0.02)
+        return False
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+
+
+def past(run_dir: Path, step: int):
+    def ready() -> bool:
+        try:
+            return max(losses(run_dir), default=0) >= step
+        except (OSError, ValueError):  # not written yet, or a line half written
+            return False
+
+    return ready
+
+
+def mid_save(run_dir: Path):
+    """A checkpoint directory whose files are written but whose manifest is not."""
+
+    def ready() -> bool:
+        root = run_dir / "checkpoints"
+        return root.is_dir() and any(
+            (p / "meta.json").exists() and not (p / "manifest.json").exists()
+            for p in root.iterdir()
+        )
+
+    return ready
+
+
+@pytest.mark.parametrize("ranks,kills", [(1, 10), (2, 3)])
+def test_killed_run_resumes_bit_for_bit(repo_root, tmp_path, ranks, kills):
+    whole = tmp_path / "whole"
+    run_to_end(repo_root, whole, ranks)
+    want = losses(whole)
+    assert sorted(want) == list(range(1, 25))
+    run_dir = tmp_path / "killed"
+    rng = random.Random(ranks)
+    points = sorted(rng.sample(range(2, 23), kills - 1))
+    pause = {**os.environ, "RNNSCALE_FAULT_PAUSE_BEFORE_COMMIT_S": "60"}
+    assert kill_when(repo_root, run_dir, ranks, mid_save(run_dir), env=pause)  # during a save
+    killed = 1
+    for step in points:
+        killed += kill_when(repo_root, run_dir, ranks, past(run_dir, step))
+    run_to_end(repo_root, run_dir, ranks)
+    assert losses(run_dir) == want  # exact: every float the same
+    starts = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    starts = [e for e in starts if e["event"] == "start"]
+    assert len(starts) == killed + 1 and killed >= kills - 1
+    assert any(e["resumed_from"] for e in starts)
+    committed = [p for p in (run_dir / "checkpoints").iterdir() if (p / "manifest.json").exists()]
+    assert len(committed) == 2  # checkpoint.keep
+
+
+def config(repo_root, run_dir, *overrides):
+    return load_config(repo_root / ARGS[0], [*ARGS[1:], "train.seq_len=64",
+                                             f"run.dir={run_dir}", *overrides])  # fmt: skip
+
+
+def test_damaged_checkpoints_are_skipped_and_named(repo_root, tmp_path, capsys):
+    trainer.run(config(repo_root, tmp_path, "train.max_steps=6", "checkpoint.keep=3"))
+    root = tmp_path / "checkpoints"
+    truncated = root / "step_000000006" / "mp_rank_00_model_states.pt"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    flipped = root / "step_000000004" / "rank_00000.json"
+    data = bytearray(flipped.read_bytes())
+    data[10] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    capsys.readouterr()
+    result = trainer.run(config(repo_root, tmp_path, "train.max_steps=8", "checkpoint.keep=3"))
+    err = capsys.readouterr()
+    assert f"skipping checkpoint step_000000006: {truncated} has" in err.err
+    assert f"skipping checkpoint step_000000004: {flipped} does not match its checksum" in err.err
+    assert "resumed from" in err.out and "step_000000002 (step 2)" in err.out
+    assert result["steps"] == 8
+
+
+def test_a_changed_model_is_refused_a_longer_run_is_not(repo_root, tmp_path):
+    trainer.run(config(repo_root, tmp_path, "train.max_steps=2"))
+    with pytest.raises(ConfigError, match=r"another model \(d_model: 64 then, 32 now\)"):
+        trainer.run(config(repo_root, tmp_path, "train.max_steps=4", "model.d_model=32"))
+    trainer.run(config(repo_root, tmp_path, "train.max_steps=4"))
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
