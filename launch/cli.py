@@ -4,6 +4,7 @@
     rnnscale config show CONFIG [key=value ...]  print the resolved config, start nothing
     rnnscale plan CONFIG --gpus N [key=value ...]  parameters, FLOPs, memory per GPU by ZeRO stage
     rnnscale generate RUN_DIR --prompt TEXT      sample from a trained model (recurrent form)
+    rnnscale export CHECKPOINT --out DIR         a checkpoint's weights for generate (safetensors)
     rnnscale data tokenizer --input GLOB --vocab-size N --out DIR    train a sentencepiece BPE
     rnnscale data prepare --input GLOB --tokenizer PATH --out DIR    corpus -> MDS shards
     (either data command takes --builtin python-stdlib instead of --input: no download)
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return _data(args)
     if args.command in ("status", "dashboard"):
         return _monitor(args)
+    if args.command == "export":
+        return _export(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -81,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     gen.add_argument("--seed", type=int, default=0)
     _data_parser(commands)
+    export = commands.add_parser(
+        "export", help="a checkpoint's weights as safetensors, config and tokenizer"
+    )
+    export.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a committed checkpoint: .../checkpoints/step_*"
+    )
+    export.add_argument("--out", required=True, metavar="DIR")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     status = commands.add_parser("status", help="print where a run stands")
     status.add_argument("run_dir", metavar="RUN_DIR")
     dash = commands.add_parser("dashboard", help="serve TensorBoard on a run's tb/ directory")
@@ -188,6 +199,19 @@ def _train(cfg: RunConfig) -> int:
     except ConfigError as e:  # found once the run looks at its inputs (e.g. the tokenizer)
         print(f"rnnscale: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _export(args) -> int:
+    from rnnscale.train.export import export_checkpoint
+
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, args.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return 2
+    print(f"rnnscale: wrote {path} ({args.dtype}); sample: rnnscale generate {args.out} "
+          f"--prompt-ids 1")  # fmt: skip
     return 0
 
 

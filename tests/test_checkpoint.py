@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rnnscale.train import trainer
 from rnnscale.train.config import ConfigError, load_config
@@ -33,16 +34,16 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def command(run_dir: Path, ranks: int) -> list[str]:
+def command(run_dir: Path, ranks: int, *extra: str) -> list[str]:
     if ranks == 1:
-        return [sys.executable, "-m", "rnnscale.train", *ARGS, f"run.dir={run_dir}"]
+        return [sys.executable, "-m", "rnnscale.train", *ARGS, f"run.dir={run_dir}", *extra]
     return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks), "-m",
-            "rnnscale.train", *ARGS, f"run.dir={run_dir}"]  # fmt: skip
+            "rnnscale.train", *ARGS, f"run.dir={run_dir}", *extra]  # fmt: skip
 
 
-def run_to_end(repo_root, run_dir, ranks, env=None):
-    r = subprocess.run(command(run_dir, ranks), cwd=repo_root, capture_output=True, text=True,
-                       timeout=600, env=env)  # fmt: skip
+def run_to_end(repo_root, run_dir, ranks, *extra, env=None):
+    r = subprocess.run(command(run_dir, ranks, *extra), cwd=repo_root, capture_output=True,
+                       text=True, timeout=600, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -160,3 +161,35 @@ def test_a_changed_model_is_refused_a_longer_run_is_not(repo_root, tmp_path):
         trainer.run(config(repo_root, tmp_path, "train.max_steps=4", "model.d_model=32"))
     trainer.run(config(repo_root, tmp_path, "train.max_steps=4"))
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_export_of_a_checkpoint_is_the_trained_model(repo_root, tmp_path, stage):
+    """The last step's checkpoint, exported, holds the weights the run exported at its end;
+    bf16 is their rounding; `rnnscale generate` loads it."""
+    from safetensors.torch import load_file
+    from test_cli import rnnscale
+
+    if stage == 0:
+        trainer.run(config(repo_root, tmp_path, "train.max_steps=4"))
+    else:
+        run_to_end(repo_root, tmp_path, 2, "parallel.zero_stage=3")  # torchrun: ZeRO-3 shards
+    ckpt = tmp_path / "checkpoints" / ("step_000000004" if stage == 0 else "step_000000024")
+    assert f"zero_stage: {stage}" in (ckpt / "config.yaml").read_text()
+    r = rnnscale("export", str(ckpt), "--out", str(tmp_path / "fp32"), cwd=repo_root)
+    assert r.returncode == 0, r.stderr
+    r = rnnscale("export", str(ckpt), "--out", str(tmp_path / "bf16"), "--dtype", "bf16",
+                 cwd=repo_root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    final = load_file(tmp_path / "model.safetensors")
+    fp32 = load_file(tmp_path / "fp32" / "model.safetensors")
+    bf16 = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert final.keys() == fp32.keys() == bf16.keys()
+    for k in final:
+        assert torch.equal(fp32[k], final[k]), k
+        assert bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], final[k].bfloat16()), k
+    r = rnnscale("generate", str(tmp_path / "bf16"), "--prompt-ids", "1 5",
+                 "--max-new-tokens", "4", cwd=repo_root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = rnnscale("export", str(tmp_path), "--out", str(tmp_path / "x"), cwd=repo_root)
+    assert r.returncode == 2 and "is not a committed checkpoint" in r.stderr

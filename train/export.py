@@ -48,3 +48,51 @@ def load_exported(
     model = build_model(cfg.model)
     load_model(model, str(weights), device=str(device))
     return model.to(device).eval(), cfg
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """Consolidated weights of a committed checkpoint as `out/model.safetensors` (fp32 or bf16),
+    with its `config.yaml` and the run's tokenizer: what `rnnscale generate OUT` loads, with no
+    DeepSpeed. ZeRO 0-2 checkpoints hold the whole model in `mp_rank_00_model_states.pt` (read
+    with `weights_only`); ZeRO-3 shards are merged by DeepSpeed's `zero_to_fp32`."""
+    import json
+    import shutil
+
+    from rnnscale.train import checkpoint
+
+    path, out = Path(checkpoint_dir), Path(out)
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    problem = checkpoint.verify(path)
+    if problem is not None:
+        raise ValueError(f"{path} is not a committed checkpoint: {problem}")
+    cfg = load_config(path / "config.yaml")
+    if cfg.parallel.zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        file = path / "mp_rank_00_model_states.pt"
+        state = torch.load(file, map_location="cpu", weights_only=True)["module"]
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    target = torch.bfloat16 if dtype == "bf16" else torch.float32
+    model.load_state_dict({k: v.to(target, copy=True) for k, v in state.items()}, assign=True)
+    if cfg.model.tie_embeddings:
+        model.head.weight = model.embed.weight
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path / "config.yaml", out / "config.yaml")
+    fingerprint = json.loads((path / checkpoint.META).read_text())["tokenizer"]
+    if fingerprint is not None:
+        from rnnscale.data.tokenizer import fingerprint as tokenizer_fingerprint
+
+        tokenizer = path.parent.parent / "tokenizer.model"  # the run directory's copy
+        if not tokenizer.is_file() or tokenizer_fingerprint(tokenizer) != fingerprint:
+            tokenizer = Path(cfg.data.tokenizer)
+        if not tokenizer.is_file() or tokenizer_fingerprint(tokenizer) != fingerprint:
+            raise FileNotFoundError(
+                f"the tokenizer this checkpoint was trained with (fingerprint {fingerprint[:12]}"
+                f"...) is neither in its run directory nor at data.tokenizer={cfg.data.tokenizer}"
+            )
+        shutil.copyfile(tokenizer, out / "tokenizer.model")
+    return export_model(model, out)
