@@ -193,3 +193,36 @@ def test_export_of_a_checkpoint_is_the_trained_model(repo_root, tmp_path, stage)
     assert r.returncode == 0, r.stderr
     r = rnnscale("export", str(tmp_path), "--out", str(tmp_path / "x"), cwd=repo_root)
     assert r.returncode == 2 and "is not a committed checkpoint" in r.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2.5 MiB filesystem: room for one checkpoint of the debug model (1.6 MiB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mount)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(repo_root, tmp_path,
+                                                                  small_disk, capsys):  # fmt: skip
+    cfg = config(repo_root, tmp_path / "run", "train.max_steps=6", "checkpoint.keep=1",
+                 f"checkpoint.dir={small_disk}")  # fmt: skip
+    result = trainer.run(cfg)  # saves at 2 (fits), 4 and 6 (the disk is full)
+    assert result["steps"] == 6
+    err = capsys.readouterr().err
+    assert "the checkpoint step_000000004 was not saved: No space left on device" in err
+    assert "the last committed checkpoint is intact. Training goes on." in err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["step_000000002"]
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()]
+    assert [e["step"] for e in events if e["event"] == "checkpoint_failed"] == [4, 6]
+    from rnnscale.train import checkpoint
+
+    assert checkpoint.find_resume(small_disk) == small_disk / "step_000000002"  # still usable
+    trainer.run(config(repo_root, tmp_path / "run", "train.max_steps=3", "checkpoint.keep=1",
+                       f"checkpoint.dir={small_disk}", "checkpoint.interval=0"))  # fmt: skip
+    assert "resumed from" in capsys.readouterr().out

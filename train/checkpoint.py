@@ -18,6 +18,7 @@ skips the others with a warning naming what is wrong; `none` starts afresh; a pa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -80,20 +81,33 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class SaveFailed(RuntimeError):
+    """A save that could not finish (full disk, I/O error); its directory is removed and the
+    previous committed checkpoint is untouched."""
+
+
 def save(engine, root: Path, step: int, rank_state: dict, meta: dict, config_yaml: str,
          keep: int) -> Path:  # fmt: skip
     """Write the checkpoint of `step` from every rank (collective) and commit it; returns its
-    directory. `rank_state` is this rank's JSON-able state; `meta` is rank 0's."""
+    directory. `rank_state` is this rank's JSON-able state; `meta` is rank 0's. Raises
+    `SaveFailed` on every rank when any rank could not write its part."""
     rank = torch.distributed.get_rank()
     name = step_name(step)
     path = root / name
     if rank == 0 and path.exists():  # an uncommitted leftover of a killed run at this step
         shutil.rmtree(path)
     torch.distributed.barrier()
-    engine.save_checkpoint(str(root), tag=name, save_latest=False)
-    _write_atomic(path / rank_file(rank), json.dumps(rank_state))
-    torch.distributed.barrier()  # every rank's files are on disk
-    if rank == 0:
+    _everywhere(lambda: _check_room(root) if rank == 0 else None, path, rank)
+
+    def rank_files() -> None:
+        engine.save_checkpoint(str(root), tag=name, save_latest=False)
+        _write_atomic(path / rank_file(rank), json.dumps(rank_state))
+
+    _everywhere(rank_files, path, rank)  # a barrier: every rank's files are on disk
+
+    def commit() -> None:
+        if rank != 0:
+            return
         _write_atomic(path / "config.yaml", config_yaml)
         _write_atomic(path / META, json.dumps(meta, indent=2))
         if pause := float(os.environ.get("RNNSCALE_FAULT_PAUSE_BEFORE_COMMIT_S", "0")):
@@ -108,8 +122,53 @@ def save(engine, root: Path, step: int, rank_state: dict, meta: dict, config_yam
         }
         _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))  # the commit
         prune(root, keep)
-    torch.distributed.barrier()
+
+    _everywhere(commit, path, rank)
     return path
+
+
+def _check_room(root: Path) -> None:
+    """Refuse to start a save that cannot fit: the newest committed checkpoint's size is the
+    estimate (the first save has none and finds out by writing)."""
+    committed = [p for p in candidates(root) if (p / MANIFEST).exists()]
+    if not committed:
+        return
+    need = sum(p.stat().st_size for p in committed[0].rglob("*") if p.is_file())
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: the last checkpoint took {need / 2**20:.1f} MiB and "
+            f"{free / 2**20:.1f} MiB are free",
+            str(root),
+        )
+
+
+def _everywhere(write, path: Path, rank: int) -> None:
+    """Run `write` on every rank; if it failed with an OSError anywhere, remove the partial
+    checkpoint and raise SaveFailed on every rank (no rank is left waiting in a barrier)."""
+    error = None
+    try:
+        write()
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        error = e
+    failed = torch.tensor([0 if error is None else 1])
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if int(failed):
+        torch.distributed.barrier()
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        torch.distributed.barrier()
+        free = shutil.disk_usage(path.parent).free / 2**20
+        if isinstance(error, OSError):
+            what = f"{error.strerror} ({error.filename})"
+        else:
+            what = str(error).splitlines()[0] if error else "another rank failed"
+        raise SaveFailed(
+            f"the checkpoint {path.name} was not saved: {what}; {free:.0f} MiB free under "
+            f"{path.parent}. Its partial files are removed; the last committed checkpoint is "
+            f"intact."
+        )
 
 
 def prune(root: Path, keep: int) -> None:

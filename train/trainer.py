@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,8 +106,13 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
             counters["step"] = step
             every = cfg.checkpoint.interval
             if every and (step % every == 0 or last):
-                path = save_checkpoint(engine, cfg, batches, counters, world)
-                logger.event("checkpoint", step=step, path=str(path))
+                try:
+                    path = save_checkpoint(engine, cfg, batches, counters, world)
+                    logger.event("checkpoint", step=step, path=str(path))
+                except checkpoint.SaveFailed as e:  # training goes on; the next save retries
+                    if rank == 0:
+                        print(f"rnnscale: {e} Training goes on.", file=sys.stderr, flush=True)
+                    logger.event("checkpoint_failed", step=step, error=str(e))
     finally:
         logger.close()
     export(engine, cfg, rank)
