@@ -202,13 +202,13 @@ def save_checkpoint(engine, cfg: RunConfig, batches, counters: dict, world: int)
                            dump_yaml(cfg), cfg.checkpoint.keep)  # fmt: skip
 
 
-def init_distributed() -> bool:
+def init_distributed() -> None:
     """Join the job's process group through DeepSpeed (gloo on CPU, NCCL on GPU) from the usual
     RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a process started alone (no
     WORLD_SIZE) is rank 0 of 1 on a free local port, without touching the environment (which
-    processes it starts inherit). Returns whether this call created the group."""
+    processes it starts inherit)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return False
+        return
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -220,7 +220,6 @@ def init_distributed() -> bool:
             dist_backend=backend, auto_mpi_discovery=False, verbose=False,
             init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
         )  # fmt: skip
-    return True
 
 
 def _free_port() -> int:
@@ -363,21 +362,9 @@ def make_val_batches(cfg: RunConfig, rank: int = 0, world: int = 1) -> list[dict
     data.val_streams in order (mds), or held-out documents of the synthetic chain."""
     n = cfg.train.eval_batches
     if cfg.data.source == "synthetic":
-        held_out = synthetic_batches(cfg, rank, world, first_index=HELD_OUT)
+        held_out = SyntheticBatches(cfg, rank, world, first_index=HELD_OUT)
         return [next(held_out) for _ in range(n)]
-    from rnnscale.data.loader import PackedLoader
-
-    d = cfg.data
-    loader = PackedLoader(
-        [(s.path, s.proportion) for s in d.val_streams],
-        seq_len=cfg.train.seq_len,
-        micro_batch_size=cfg.train.micro_batch_size,
-        seed=cfg.run.seed,
-        shuffle=False,
-        num_canonical_nodes=d.num_canonical_nodes,
-        docs_per_batch=d.docs_per_batch,
-        pack_documents=d.pack_documents,
-    )
+    loader = _packed_loader(cfg, cfg.data.val_streams, shuffle=False)
     batches = [next(loader) for _ in range(n)]
     loader.close()
     return batches
@@ -388,10 +375,9 @@ def make_batches(cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1) -
     tokenizer is copied into the run directory, after checking it fits the model's
     vocabulary; streaming gives every rank its own part)."""
     if cfg.data.source == "synthetic":
-        return synthetic_batches(cfg, rank, world)
+        return SyntheticBatches(cfg, rank, world)
     from streaming.base.util import clean_stale_shared_memory
 
-    from rnnscale.data.loader import PackedLoader
     from rnnscale.data.tokenizer import load_tokenizer
 
     clean_stale_shared_memory()  # left by a killed earlier run; it would hang this one
@@ -406,23 +392,24 @@ def make_batches(cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1) -
         )
     if rank == 0:
         shutil.copyfile(cfg.data.tokenizer, run_dir / "tokenizer.model")
+    return _packed_loader(cfg, cfg.data.streams, num_workers=cfg.data.num_workers)
+
+
+def _packed_loader(cfg: RunConfig, streams, **options):
+    """A PackedLoader over `streams` with the run's shapes, seed and streaming settings."""
+    from rnnscale.data.loader import PackedLoader
+
     d = cfg.data
     return PackedLoader(
-        [(s.path, s.proportion) for s in d.streams],
+        [(s.path, s.proportion) for s in streams],
         seq_len=cfg.train.seq_len,
         micro_batch_size=cfg.train.micro_batch_size,
         seed=cfg.run.seed,
         num_canonical_nodes=d.num_canonical_nodes,
         docs_per_batch=d.docs_per_batch,
         pack_documents=d.pack_documents,
-        num_workers=d.num_workers,
+        **options,
     )
-
-
-def synthetic_batches(
-    cfg: RunConfig, rank: int = 0, world: int = 1, first_index: int = 0
-) -> SyntheticBatches:
-    return SyntheticBatches(cfg, rank, world, first_index)
 
 
 class SyntheticBatches:
