@@ -20,6 +20,14 @@ streaming resumes all ranks at one global sample count. So `state_dict()` first 
 pull up to the same count (the largest, in whole streaming batches), keeping the extra documents
 in its buffer, and saves the buffer per rank; `load_state_dict()` resumes the stream there and
 restores the buffer. The next rows are exactly those of the loader that never stopped.
+
+Another world size (`PackedLoader.reshard`). Streaming resumes at a global sample count for any
+number of ranks (with the same canonical node count), so the stream continues where all old
+ranks together stopped. What the old ranks had pulled but not yet packed (the rest of the
+document they were in, and the documents lined up by `state_dict`) is dealt to the new ranks:
+old rank j's to new rank j mod W. No document is dropped or read twice; the rows differ from
+those of a run that always had the new world size (they would anyway: a rank packs only its own
+documents).
 """
 
 from __future__ import annotations
@@ -102,23 +110,25 @@ class PackedLoader:
         self.docs = _Documents(self._batches())
         self.rows = PackedRows(self.docs, self.seq_len)
         self.epoch_start = 0  # running number of the first document of the current epoch
+        self.sample_offset = 0  # samples of this epoch read before epoch_start (by all ranks)
         if buffer_state is not None:
             self.docs.first = buffer_state["first"]
             self.docs.buffer = [np.asarray(d, dtype=np.int64) for d in buffer_state["buffer"]]
             self.rows.load_state_dict(buffer_state["rows"])
             self.epoch_start = buffer_state["epoch_start"]
+            self.sample_offset = buffer_state.get("sample_offset", 0)
 
     def _batches(self) -> Iterator[list[np.ndarray]]:
         """The rank's documents, D at a time, epoch after epoch (streaming reshuffles each)."""
         resumed = True  # the first epoch may be a resumed one: keep its recorded start
         while True:
             if not resumed:
-                self.epoch_start = self.docs.pulled
+                self.epoch_start, self.sample_offset = self.docs.pulled, 0
             resumed, seen = False, 0
             for batch in self._epoch():
                 seen += len(batch)
                 yield batch
-            if seen == 0 and self.docs.pulled == self.epoch_start:
+            if seen == 0 and self.docs.pulled == self.epoch_start and not self.sample_offset:
                 raise ValueError("the data streams hold no documents")
 
     def _epoch(self) -> torch.utils.data.DataLoader:
@@ -152,12 +162,11 @@ class PackedLoader:
             target = pulled
         while self.docs.pulled < target:  # line the ranks up on one stream position
             self.docs.pull()
+        in_epoch = self.sample_offset + (self.docs.pulled - self.epoch_start) * _world_size()
         return {
-            "stream": self.dataset.state_dict(
-                num_samples=(self.docs.pulled - self.epoch_start) * _world_size(),
-                from_beginning=True,
-            ),
+            "stream": self.dataset.state_dict(num_samples=in_epoch, from_beginning=True),
             "epoch_start": self.epoch_start,
+            "sample_offset": self.sample_offset,
             "first": self.docs.first,
             "buffer": [d.tolist() for d in self.docs.buffer],
             "rows": self.rows.state_dict(),
@@ -166,6 +175,32 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state["stream"])
         self._restart(state)
+
+    @staticmethod
+    def reshard(states: list[dict], world: int) -> list[dict]:
+        """The states for `world` ranks from the `state_dict()`s of all ranks of another world
+        size (see the module docstring): the stream goes on at the old ranks' global position;
+        old rank j's unpacked documents go to new rank j mod `world`, the one it was in the
+        middle of from where it stopped."""
+        leftovers = []
+        for s in states:
+            rest = s["buffer"][s["rows"]["doc_index"] - s["first"] :]
+            if rest and s["rows"]["offset"]:
+                rest = [rest[0][s["rows"]["offset"] :], *rest[1:]]
+            leftovers.append(rest)
+        stream = states[0]["stream"]
+        out = []
+        for rank in range(world):
+            docs = [d for j in range(rank, len(states), world) for d in leftovers[j]]
+            out.append({
+                "stream": stream,
+                "epoch_start": len(docs),  # the stream's next document is this rank's
+                "sample_offset": stream["sample_in_epoch"],
+                "first": 0,
+                "buffer": docs,
+                "rows": {"doc_index": 0, "offset": 0},
+            })  # fmt: skip
+        return out
 
 
 def _token_arrays(samples: list[dict]) -> list[np.ndarray]:

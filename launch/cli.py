@@ -5,6 +5,7 @@
     rnnscale plan CONFIG --gpus N [key=value ...]  parameters, FLOPs, memory per GPU by ZeRO stage
     rnnscale generate RUN_DIR --prompt TEXT      sample from a trained model (recurrent form)
     rnnscale export CHECKPOINT --out DIR         a checkpoint's weights for generate (safetensors)
+    rnnscale ckpt reshard CHECKPOINT             its universal form: resume on other world sizes
     rnnscale data tokenizer --input GLOB --vocab-size N --out DIR    train a sentencepiece BPE
     rnnscale data prepare --input GLOB --tokenizer PATH --out DIR    corpus -> MDS shards
     (either data command takes --builtin python-stdlib instead of --input: no download)
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return _monitor(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "ckpt":
+        return _ckpt(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -92,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--out", required=True, metavar="DIR")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ckpt = commands.add_parser("ckpt", help="checkpoint tools")
+    ckpt_actions = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION")
+    reshard = ckpt_actions.add_parser(
+        "reshard",
+        help="convert a checkpoint to DeepSpeed's universal form, so that it resumes on any "
+        "number of ranks or ZeRO stage (a resume that needs it does this itself; doing it "
+        "ahead saves the job's time)",
+    )
+    reshard.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a committed checkpoint: .../checkpoints/step_*"
+    )
     status = commands.add_parser("status", help="print where a run stands")
     status.add_argument("run_dir", metavar="RUN_DIR")
     dash = commands.add_parser("dashboard", help="serve TensorBoard on a run's tb/ directory")
@@ -212,6 +226,21 @@ def _export(args) -> int:
         return 2
     print(f"rnnscale: wrote {path} ({args.dtype}); sample: rnnscale generate {args.out} "
           f"--prompt-ids 1")  # fmt: skip
+    return 0
+
+
+def _ckpt(args) -> int:
+    from pathlib import Path
+
+    from rnnscale.train import checkpoint
+
+    try:
+        out = checkpoint.make_universal(Path(args.checkpoint))
+    except (RuntimeError, OSError, KeyError, ValueError) as e:
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return 2
+    print(f"rnnscale: wrote {out}; a resume from {args.checkpoint} on another number of ranks "
+          f"or ZeRO stage loads it")  # fmt: skip
     return 0
 
 

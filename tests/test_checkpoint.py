@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnnscale.train import trainer
+from rnnscale.train import checkpoint, trainer
 from rnnscale.train.config import ConfigError, load_config
 
 BIN = Path(sys.executable).parent
@@ -159,6 +159,9 @@ def test_a_changed_model_is_refused_a_longer_run_is_not(repo_root, tmp_path):
     trainer.run(config(repo_root, tmp_path, "train.max_steps=2"))
     with pytest.raises(ConfigError, match=r"another model \(d_model: 64 then, 32 now\)"):
         trainer.run(config(repo_root, tmp_path, "train.max_steps=4", "model.d_model=32"))
+    with pytest.raises(ConfigError, match=r"ZeRO stage 0 and this run has stage 3; .* Resume "
+                       r"it with parallel.zero_stage=0"):  # fmt: skip
+        trainer.run(config(repo_root, tmp_path, "train.max_steps=4", "parallel.zero_stage=3"))
     trainer.run(config(repo_root, tmp_path, "train.max_steps=4"))
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
 
@@ -220,9 +223,40 @@ def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(repo_root, tmp
     assert sorted(p.name for p in small_disk.iterdir()) == ["step_000000002"]
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()]
     assert [e["step"] for e in events if e["event"] == "checkpoint_failed"] == [4, 6]
-    from rnnscale.train import checkpoint
 
     assert checkpoint.find_resume(small_disk) == small_disk / "step_000000002"  # still usable
     trainer.run(config(repo_root, tmp_path / "run", "train.max_steps=3", "checkpoint.keep=1",
                        f"checkpoint.dir={small_disk}", "checkpoint.interval=0"))  # fmt: skip
     assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage,before,after", [(3, 2, 1), (2, 1, 2), (0, 2, 1)])
+def test_resume_on_another_world_size(repo_root, tmp_path, stage, before, after):
+    """A checkpoint of `before` ranks resumes on `after` ranks with the same global batch
+    (ZeRO 1-3 through DeepSpeed's universal form, made ahead by `rnnscale ckpt reshard` for
+    ZeRO-3 and by the resume itself otherwise); the losses go on as in the run that never
+    stopped, within 1e-4 (synthetic data is the same rows for any world size; they agree to
+    all digits here)."""
+    from test_cli import rnnscale
+
+    steps = ["train.max_steps=6", "checkpoint.interval=3", f"parallel.zero_stage={stage}"]
+    whole = tmp_path / "whole"
+    run_to_end(repo_root, whole, before, *steps)
+    ckpt = whole / "checkpoints" / "step_000000003"
+    if stage == 3:
+        r = rnnscale("ckpt", "reshard", str(ckpt), cwd=repo_root)
+        assert r.returncode == 0, r.stderr
+        made = (ckpt / "universal" / "manifest.json").stat().st_mtime_ns
+    resumed = tmp_path / "resumed"
+    r = run_to_end(repo_root, resumed, after, *steps, f"checkpoint.resume={ckpt}")
+    assert f"resumed from {ckpt} (step 3)" in r.stdout
+    if stage:
+        assert f"saved by {before} ranks at ZeRO stage {stage}; this job has {after}" in r.stdout
+        assert checkpoint.verify(ckpt / "universal") is None
+    if stage == 3:
+        assert (ckpt / "universal" / "manifest.json").stat().st_mtime_ns == made  # reused
+    want, got = losses(whole), losses(resumed)
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert abs(got[step] - want[step]) < 1e-4, (step, got[step], want[step])
+    assert checkpoint.verify(ckpt) is None  # the checkpoint itself is untouched

@@ -91,11 +91,16 @@ def test_resume_continues_exactly(shards):
     gc.collect()
 
 
-def _two_ranks(rank: int, shards, store: str, results: str) -> None:
+def _join(rank: int, store: str) -> None:
+    """Rank `rank` of 2 gloo processes, with the environment streaming reads."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE="2", NODE_RANK="0")  # fmt: skip
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                                          world_size=2)  # fmt: skip
+
+
+def _two_ranks(rank: int, shards, store: str, results: str) -> None:
+    _join(rank, store)
     try:
         it = loader(shards)
         whole = take(it, 10)
@@ -182,3 +187,112 @@ def test_resume_across_a_change_of_loader_workers(shards):
         assert same(take(resumed, 260 - stop), whole[stop:]), (stop, before, after)
         del resumed
         gc.collect()
+
+
+def _recording(it, log: list) -> None:
+    """Record every document the loader pulls from the stream, in order."""
+
+    def record(batches):
+        for batch in batches:
+            log.extend(d.tolist() for d in batch)
+            yield batch
+
+    it.docs.batches = record(it.docs.batches)
+
+
+def _tokens(batches) -> list[int]:
+    """The token stream the rows were cut from (rows are consecutive, disjoint pieces)."""
+    out = []
+    for b in batches:
+        for ids, labels in zip(b["input_ids"].tolist(), b["labels"].tolist(), strict=True):
+            out += ids + labels[-1:]
+    return out
+
+
+def _stop_on_two_ranks(rank: int, shards, store: str, results: str) -> None:
+    _join(rank, store)
+    try:
+        it, pulled = loader(shards), []
+        _recording(it, pulled)
+        rows = _tokens(take(it, 5 + 3 * rank))  # the ranks stop at different points
+        state = it.state_dict()  # collective
+        torch.save({"state": state, "pulled": pulled, "rows": rows}, f"{results}.{rank}")
+        del it
+        gc.collect()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_resume_on_another_world_size(shards, tmp_path):
+    """2 ranks stop; one rank goes on from their states (PackedLoader.reshard): it first packs
+    what the two had pulled and not yet packed (rank 0's, then rank 1's), then reads the rest
+    of the epoch; over the epoch every document is read exactly once."""
+    mp.start_processes(_stop_on_two_ranks,
+                       args=(shards, str(tmp_path / "store"), str(tmp_path / "r")),
+                       nprocs=2, start_method="spawn", join=True)  # fmt: skip
+    old = [torch.load(tmp_path / f"r.{rank}") for rank in (0, 1)]
+    leftover = []
+    for o in old:
+        pulled = [t for d in o["pulled"] for t in d]
+        assert pulled[: len(o["rows"])] == o["rows"]  # rows are the pulled documents, in order
+        leftover += pulled[len(o["rows"]) :]
+    assert len({len(o["pulled"]) for o in old}) == 1  # state_dict lined the ranks up
+    (state,) = PackedLoader.reshard([o["state"] for o in old], 1)
+    it, pulled = loader(shards), []
+    it.load_state_dict(state)
+    _recording(it, pulled)
+    before = [tuple(d) for o in old for d in o["pulled"]]
+    batches = []
+    while len(pulled) < 300 - len(before):  # the rest of the epoch
+        batches.append(next(it))
+    rows = _tokens(batches)
+    assert rows[: len(leftover)] == leftover  # nothing the old ranks held is lost
+    assert rows[len(leftover) :] == [t for d in pulled for t in d][: len(rows) - len(leftover)]
+    rest = [tuple(d) for d in pulled[: 300 - len(before)]]
+    dataset = loader(shards)
+    everything = [tuple(dataset.docs[i].tolist()) for i in range(300)]  # one epoch, 1 rank
+    assert sorted(before + rest) == sorted(everything)
+    del it, dataset
+    gc.collect()
+
+
+def _go_on_on_two_ranks(rank: int, shards, store: str, results: str, state: dict) -> None:
+    _join(rank, store)
+    try:
+        it, pulled = loader(shards), []
+        it.load_state_dict(PackedLoader.reshard([state], 2)[rank])
+        _recording(it, pulled)
+        rest = (300 - state["stream"]["sample_in_epoch"] + 1) // 2  # this rank's share
+        batches = []
+        while len(pulled) < rest:
+            batches.append(next(it))
+        torch.save({"pulled": pulled[:rest], "rows": _tokens(batches)}, f"{results}.{rank}")
+        del it
+        gc.collect()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_resume_on_more_ranks(shards, tmp_path):
+    """1 rank stops; 2 ranks go on: rank 0 first packs what the one rank held; together they
+    read the rest of the epoch, every document once (streaming may repeat one to give both
+    ranks the same count)."""
+    it, before = loader(shards), []
+    _recording(it, before)
+    rows = _tokens(take(it, 7))
+    state = it.state_dict()
+    del it
+    gc.collect()
+    leftover = [t for d in before for t in d][len(rows) :]
+    mp.start_processes(_go_on_on_two_ranks,
+                       args=(shards, str(tmp_path / "store"), str(tmp_path / "r"), state),
+                       nprocs=2, start_method="spawn", join=True)  # fmt: skip
+    new = [torch.load(tmp_path / f"r.{rank}") for rank in (0, 1)]
+    assert new[0]["rows"][: len(leftover)] == leftover
+    after = [tuple(d) for n in new for d in n["pulled"]]
+    dataset = loader(shards)
+    everything = {tuple(dataset.docs[i].tolist()) for i in range(300)}
+    read = [tuple(d) for d in before] + after
+    assert set(read) == everything and len(read) - len(everything) <= 1
+    del dataset
+    gc.collect()

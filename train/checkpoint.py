@@ -14,6 +14,13 @@ A checkpoint is `<run dir>/checkpoints/step_000001200/`:
 Resume (`checkpoint.resume`): `auto` takes the newest directory whose manifest verifies and
 skips the others with a warning naming what is wrong; `none` starts afresh; a path must verify.
 `checkpoint.keep` committed checkpoints are kept; the newest committed one is never deleted.
+
+Another world size (or ZeRO stage) on resume: DeepSpeed's ZeRO optimizer files are per rank, so
+the checkpoint is first converted to a DeepSpeed universal checkpoint (`ds_to_universal`: one
+folder per parameter, whole fp32 weights and Adam moments), which DeepSpeed loads at any world
+size and stage. The conversion is `<checkpoint>/universal/`, made once (by `rnnscale ckpt
+reshard` or by the first resume that needs it), committed by its own manifest. The per-rank
+JSON states are combined by `elastic_rank_state`.
 """
 
 from __future__ import annotations
@@ -100,6 +107,12 @@ def save(engine, root: Path, step: int, rank_state: dict, meta: dict, config_yam
     _everywhere(lambda: _check_room(root) if rank == 0 else None, path, rank)
 
     def rank_files() -> None:
+        from deepspeed.checkpoint import constants as c
+
+        # what DeepSpeed's converter to the universal form (another world size) requires
+        engine.module.universal_checkpoint_info = {
+            c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE
+        }
         engine.save_checkpoint(str(root), tag=name, save_latest=False)
         _write_atomic(path / rank_file(rank), json.dumps(rank_state))
 
@@ -214,6 +227,8 @@ def _step(path: Path) -> int:
 def verify(path: Path) -> str | None:
     """None when the manifest is there and every file has its size and checksum; else what is
     wrong, naming the file."""
+    if not path.is_dir():
+        return f"{path} is not a directory"
     manifest = path / MANIFEST
     if not manifest.is_file():
         return f"{manifest} is missing: the save did not finish"
@@ -242,20 +257,100 @@ def find_resume(root: Path) -> Path | None:
     return None
 
 
-def load(engine, path: Path) -> dict:
-    """Restore the engine (collective) and return this rank's saved state."""
-    rank = torch.distributed.get_rank()
-    load_path, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )  # fmt: skip
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
-    state_file = path / rank_file(rank)
-    if not state_file.is_file():
-        raise RuntimeError(
-            f"{state_file} is missing: {path} was written by fewer ranks than this job has "
-            f"({torch.distributed.get_world_size()}); resume with the world size it was saved "
-            f"with ({json.loads((path / META).read_text())['world_size']})"
+def read_meta(path: Path) -> dict:
+    return json.loads((path / META).read_text())
+
+
+def needs_universal(path: Path, world: int, zero_stage: int) -> bool:
+    """Whether resuming `path` on `world` ranks at `zero_stage` must go through a universal
+    checkpoint: its ZeRO optimizer state is split over another number of ranks, or another
+    stage. (ZeRO-0 keeps the whole optimizer state in one file that any world size reads.)"""
+    meta = read_meta(path)
+    saved_stage = meta["zero_stage"]
+    if saved_stage != zero_stage and not {saved_stage, zero_stage} <= {1, 2}:
+        raise ValueError(
+            f"{path} was saved with ZeRO stage {saved_stage} and this run has stage "
+            f"{zero_stage}; DeepSpeed's checkpoints change stage only between 1 and 2. Resume "
+            f"it with parallel.zero_stage={saved_stage} (on any number of ranks)"
         )
-    return json.loads(state_file.read_text())
+    if saved_stage == 0:
+        return False
+    return meta["world_size"] != world or saved_stage != zero_stage
+
+
+UNIVERSAL = "universal"
+
+
+def make_universal(path: Path) -> Path:
+    """`<path>/universal/`, DeepSpeed's universal form of the checkpoint `path`, made with
+    `deepspeed.checkpoint.ds_to_universal` in a child process (it runs worker pools) into a
+    temporary folder, given its own manifest, then renamed into place; an existing one is
+    reused when it verifies. Raises RuntimeError with the converter's output on failure."""
+    out = path / UNIVERSAL
+    if out.is_dir() and verify(out) is None:
+        return out
+    problem = verify(path)
+    if problem is not None:
+        raise RuntimeError(f"{path} cannot be converted: {problem}")
+    if read_meta(path)["zero_stage"] == 0:
+        raise RuntimeError(
+            f"{path} was saved with ZeRO stage 0, whose one model-state file any world size "
+            f"reads; it needs no universal form (resume it with zero_stage=0)"
+        )
+    tmp = path / f".{UNIVERSAL}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(path), "--output_folder", str(tmp),
+               "--num_extract_workers", "2", "--num_merge_workers", "1"]  # fmt: skip
+    import subprocess
+
+    r = subprocess.run(command, capture_output=True, text=True)
+    (path / "latest_universal").unlink(missing_ok=True)  # the converter's; we name the tag
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(
+            f"converting {path} to a universal checkpoint failed (exit {r.returncode}):\n"
+            f"{(r.stdout + r.stderr)[-3000:]}"
+        )
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {
+        "step": read_meta(path)["step"],
+        "files": {
+            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files
+        },
+    }
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
+def load(engine, path: Path, reshard_loader, universal: bool = False) -> dict:
+    """Restore the engine (collective) from `path`, or from its universal form (the engine
+    must then be configured with `checkpoint.load_universal`), and return this rank's saved
+    state: its own, or when the world size changed, one combined by `elastic_rank_state`
+    (`reshard_loader(old states, new world)`: the new ranks' loader states)."""
+    load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
+    load_path, _ = engine.load_checkpoint(
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {load_dir / tag}")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    saved_world = read_meta(path)["world_size"]
+    if saved_world == world:
+        return json.loads((path / rank_file(rank)).read_text())
+    states = [json.loads((path / rank_file(r)).read_text()) for r in range(saved_world)]
+    return elastic_rank_state(states, rank, world, reshard_loader)
+
+
+def elastic_rank_state(states: list[dict], rank: int, world: int, reshard_loader) -> dict:
+    """The state of `rank` of `world` from the states of all ranks of another world size: the
+    counters (the same on every rank), the RNG state of old rank `rank mod old world`, and
+    the loader state `reshard_loader` deals to it."""
+    return {
+        "rng": states[rank % len(states)]["rng"],
+        "loader": reshard_loader([s["loader"] for s in states], world)[rank],
+        "counters": dict(states[0]["counters"]),
+    }

@@ -53,6 +53,9 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
         raise ConfigError(str(e)) from None
     run_dir = cfg.run_dir
     resume_from = resolve_resume(cfg, rank)
+    universal = resume_from is not None and universal_for_resume(resume_from, cfg, world)
+    if universal:  # DeepSpeed reads the universal form only when configured to
+        ds_config["checkpoint"] = {"load_universal": True}
     if rank == 0:
         prepare_run_dir(cfg, resuming=resume_from is not None)
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
@@ -85,7 +88,7 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
     peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, cfg.parallel.dtype)
     counters = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "skips_in_a_row": 0}
     if resume_from is not None:
-        counters = _resume(engine, resume_from, cfg, batches)
+        counters = _resume(engine, resume_from, cfg, batches, universal)
     logger = Logger.for_rank(rank, cfg, run_dir, initial_step=counters["step"])
     logger.event("start", step=counters["step"], world_size=world,
                  resumed_from=str(resume_from) if resume_from else None)  # fmt: skip
@@ -148,10 +151,38 @@ def resolve_resume(cfg: RunConfig, rank: int) -> Path | None:
     return Path(box[0]) if box[0] else None
 
 
-def _resume(engine, path: Path, cfg: RunConfig, batches) -> dict:
+def universal_for_resume(path: Path, cfg: RunConfig, world: int) -> bool:
+    """Whether resuming `path` goes through its universal form (another world size or ZeRO
+    stage); if so rank 0 makes it (once) and every rank learns whether that worked."""
+    try:
+        if not checkpoint.needs_universal(path, world, cfg.parallel.zero_stage):
+            return False
+    except ValueError as e:
+        raise ConfigError(f"checkpoint.resume: {e}") from None
+    rank = torch.distributed.get_rank()
+    box = [None]
+    if rank == 0:
+        saved = checkpoint.read_meta(path)
+        print(
+            f"rnnscale: {path.name} was saved by {saved['world_size']} ranks at ZeRO stage "
+            f"{saved['zero_stage']}; this job has {world} at stage {cfg.parallel.zero_stage}: "
+            f"resuming through its universal form",
+            flush=True,
+        )
+        try:
+            checkpoint.make_universal(path)
+        except RuntimeError as e:
+            box = [str(e)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise ConfigError(f"checkpoint.resume: {box[0]}")
+    return True
+
+
+def _resume(engine, path: Path, cfg: RunConfig, batches, universal: bool) -> dict:
     """Restore engine, RNG, data position and counters from `path`; refuse a config whose model
     or tokenizer differs from the checkpoint's."""
-    meta = json.loads((path / checkpoint.META).read_text())
+    meta = checkpoint.read_meta(path)
     now = {"model": to_dict(cfg)["model"], "tokenizer": _tokenizer_fingerprint(cfg)}
     for key in ("model", "tokenizer"):
         if meta[key] != now[key]:
@@ -161,12 +192,29 @@ def _resume(engine, path: Path, cfg: RunConfig, batches) -> dict:
                 f"not continue the same run. Use the checkpoint's settings, or start afresh "
                 f"with checkpoint.resume=none (or another run.dir)"
             )
-    state = checkpoint.load(engine, path)
+    decay = [g["weight_decay"] for g in engine.optimizer.param_groups]
+    state = checkpoint.load(engine, path, type(batches).reshard, universal)
+    if universal:
+        _repair_universal_load(engine, decay)
     checkpoint.set_rng_state(state["rng"])
     batches.load_state_dict(state["loader"])
     if torch.distributed.get_rank() == 0:
         print(f"rnnscale: resumed from {path} (step {state['counters']['step']})", flush=True)
     return state["counters"]
+
+
+def _repair_universal_load(engine, weight_decay: list[float]) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (deepspeed 0.19, stage3.py
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`): it gives every parameter group the
+    first group's settings (the no-decay group would get weight decay), and one Adam `step`
+    tensor to every group (each group's step would advance it: wrong bias correction). Both
+    are harmless where they do not apply (ZeRO 1-2 keep their groups and steps)."""
+    for group, wd in zip(engine.optimizer.param_groups, weight_decay, strict=True):
+        group["weight_decay"] = wd
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def _differences(old, new, prefix: str = "") -> str:
@@ -195,6 +243,7 @@ def save_checkpoint(engine, cfg: RunConfig, batches, counters: dict, world: int)
     meta = {
         "step": counters["step"],
         "world_size": world,
+        "zero_stage": cfg.parallel.zero_stage,
         "model": to_dict(cfg)["model"],
         "tokenizer": _tokenizer_fingerprint(cfg),
     }
@@ -441,6 +490,14 @@ class SyntheticBatches:
     def load_state_dict(self, state: dict) -> None:
         self.rows.load_state_dict(state["rows"])
         self.index = int(state["index"])
+
+    @staticmethod
+    def reshard(states: list[dict], world: int) -> list[dict]:
+        """The states for `world` ranks from those of another world size. Every rank walks the
+        one stream; the rank that took the step's last micro batch is furthest, and every rank
+        of the new world continues from there."""
+        furthest = max(states, key=lambda s: s["index"])
+        return [furthest] * world
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
