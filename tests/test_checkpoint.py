@@ -260,3 +260,32 @@ def test_resume_on_another_world_size(repo_root, tmp_path, stage, before, after)
     for step in got:
         assert abs(got[step] - want[step]) < 1e-4, (step, got[step], want[step])
     assert checkpoint.verify(ckpt) is None  # the checkpoint itself is untouched
+
+
+class _Payload:
+    """What a tampered checkpoint could hold: unpickling it would run code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_holding_pickled_code_is_refused_without_running_it(repo_root, tmp_path):
+    """Loading reads DeepSpeed's files with weights_only (tensors and three DeepSpeed data
+    classes): a model-state file replaced by one holding code, with a manifest that matches it,
+    stops the resume with torch's weights-only error, and the code never runs."""
+    trainer.run(config(repo_root, tmp_path, "train.max_steps=2"))
+    ckpt = tmp_path / "checkpoints" / "step_000000002"
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Payload(str(marker))}, ckpt / "mp_rank_00_model_states.pt")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = {"bytes": (ckpt / name).stat().st_size,
+                                   "sha256": checkpoint._sha256(ckpt / name)}  # fmt: skip
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert checkpoint.verify(ckpt) is None  # consistent: only the content is hostile
+    with pytest.raises(Exception, match="Weights only load failed"):
+        trainer.run(config(repo_root, tmp_path, "train.max_steps=4"))
+    assert not marker.exists()

@@ -122,6 +122,67 @@ def test_too_many_skips_in_a_row_stop_the_run(repo_root, tmp_path, monkeypatch):
         trainer.run(config(repo_root, tmp_path, "train.max_consecutive_skips=3"))
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_non_finite_steps_in_a_row_roll_back_past_their_data(repo_root, tmp_path, monkeypatch,
+                                                             stage):  # fmt: skip
+    """Steps 5-7 are non-finite (their batches poisoned); at the third in a row the run goes
+    back to the checkpoint of step 4 and on with the batches after step 7. Its steps 5-10 equal
+    a run resumed from that checkpoint whose data starts 3 steps later, exactly; the step-6
+    checkpoint of the abandoned steps was removed (and saved again later)."""
+    steps = ["train.max_steps=10", "checkpoint.interval=2", "checkpoint.keep=10",
+             "train.max_consecutive_skips=3", f"parallel.zero_stage={stage}",
+             "log.tensorboard=false"]  # fmt: skip
+    clean = tmp_path / "clean"
+    trainer.run(config(repo_root, clean, *steps))
+    with monkeypatch.context() as m:  # the reference: step 4's state, data from step 8 on
+        real = trainer.SyntheticBatches.load_state_dict
+
+        def later(self, state):
+            real(self, state)
+            for _ in range(3 * 2):  # 3 steps of 2 micro batches
+                next(self)
+
+        m.setattr(trainer.SyntheticBatches, "load_state_dict", later)
+        trainer.run(config(repo_root, tmp_path / "ref", *steps,
+                           f"checkpoint.resume={clean}/checkpoints/step_000000004"))  # fmt: skip
+    _poison(monkeypatch, set(range(9, 15)))  # the micro batches of steps 5-7
+    result = trainer.run(config(repo_root, tmp_path / "rolled", *steps))
+    assert result["steps"] == 10 and result["skipped_steps"] == 3
+    rolled, ref = tmp_path / "rolled", tmp_path / "ref"
+    records = [json.loads(line) for line in (rolled / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 5, 6, 7, 8, 9, 10]
+    assert [r["loss"] for r in records[4:7]] == ["nan"] * 3
+    assert trainer_losses(rolled) == {**trainer_losses(clean, upto=4), **trainer_losses(ref)}
+    events = [json.loads(line) for line in (rolled / "events.jsonl").open()]
+    (event,) = [e for e in events if e["event"] == "rollback"]
+    assert (event["step"], event["to_step"], event["first_bad_step"]) == (7, 4, 5)
+    assert event["path"].endswith("step_000000004")
+    names = sorted(p.name for p in (rolled / "checkpoints").iterdir() if p.name.startswith("s"))
+    assert names == [f"step_{n:09d}" for n in (2, 4, 6, 8, 10)]  # 6: saved again after
+    again = json.loads((rolled / "checkpoints" / names[2] / "rank_00000.json").read_text())
+    assert again["counters"]["rollbacks"] == 1  # the abandoned step 6 was replaced
+
+
+def trainer_losses(run_dir: Path, upto: int = 10**9) -> dict[int, float]:
+    """Step -> loss, the last record of each step."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").open():
+        r = json.loads(line)
+        if r["step"] <= upto:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def test_rollbacks_are_limited(repo_root, tmp_path, monkeypatch):
+    _poison(monkeypatch, set(range(9, 100)))  # from step 5 on, every step
+    with pytest.raises(RuntimeError, match=r"steps 5-6, train.max_consecutive_skips=2\); the "
+                       r"run stops: it rolled back 1 times already"):  # fmt: skip
+        trainer.run(config(repo_root, tmp_path, "train.max_steps=10", "checkpoint.interval=2",
+                           "train.max_consecutive_skips=2", "train.max_rollbacks=1"))  # fmt: skip
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").open()]
+    assert [e["to_step"] for e in events if e["event"] == "rollback"] == [4]
+
+
 def test_batch_arithmetic_that_does_not_divide_is_refused():
     assert batch_split(16, 4, 2) == 2
     with pytest.raises(ValueError, match=r"12 rows per step do not split into micro batches of "

@@ -25,6 +25,7 @@ JSON states are combined by `elastic_rank_state`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -74,6 +75,46 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---- loading without pickle ----------------------------------------------------------------
+
+# The only non-tensor classes in DeepSpeed's checkpoint files (deepspeed 0.19, ZeRO 0-3, fp32 and
+# bf16, and their universal form): plain data, safe to rebuild. Anything else is refused.
+SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+WEIGHTS_ONLY_ENV = {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    out = []
+    for name in SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Every `torch.load` inside, DeepSpeed's included (which asks for pickle), reads with
+    `weights_only=True`: tensors, containers, numbers and the SAFE_GLOBALS classes, never
+    arbitrary pickled code (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD switch, read at each load)."""
+    before = {k: os.environ.get(k) for k in WEIGHTS_ONLY_ENV}
+    os.environ.update(WEIGHTS_ONLY_ENV)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -300,12 +341,18 @@ def make_universal(path: Path) -> Path:
     tmp = path / f".{UNIVERSAL}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-               "--input_folder", str(path), "--output_folder", str(tmp),
-               "--num_extract_workers", "2", "--num_merge_workers", "1"]  # fmt: skip
+    # DeepSpeed's converter, run with weights-only loading (it asks torch.load for pickle)
+    script = (
+        "import torch; from rnnscale.train.checkpoint import _safe_globals; "
+        "torch.serialization.add_safe_globals(_safe_globals()); "
+        "from deepspeed.checkpoint import ds_to_universal as c; c.main(c.parse_arguments())"
+    )
+    command = [sys.executable, "-c", script, "--input_folder", str(path), "--output_folder",
+               str(tmp), "--num_extract_workers", "2", "--num_merge_workers", "1"]  # fmt: skip
     import subprocess
 
-    r = subprocess.run(command, capture_output=True, text=True)
+    r = subprocess.run(command, capture_output=True, text=True,
+                       env={**os.environ, **WEIGHTS_ONLY_ENV})  # fmt: skip
     (path / "latest_universal").unlink(missing_ok=True)  # the converter's; we name the tag
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -326,15 +373,36 @@ def make_universal(path: Path) -> Path:
     return out
 
 
+def rollback_target(root: Path, before_step: int, world: int, zero_stage: int) -> Path | None:
+    """The newest checkpoint under `root` from before step `before_step` that verifies and was
+    saved by this world size and ZeRO stage (a running engine reloads only its own form)."""
+    for path in candidates(root):
+        if _step(path) >= before_step or verify(path) is not None:
+            continue
+        meta = read_meta(path)
+        if meta["world_size"] == world and meta["zero_stage"] == zero_stage:
+            return path
+    return None
+
+
+def remove_after(root: Path, path: Path) -> None:
+    """Remove every checkpoint directory under `root` newer than `path` (a rollback abandons
+    the steps they hold; a later resume must not find them)."""
+    for other in candidates(root):
+        if _step(other) > _step(path):
+            shutil.rmtree(other, ignore_errors=True)
+
+
 def load(engine, path: Path, reshard_loader, universal: bool = False) -> dict:
     """Restore the engine (collective) from `path`, or from its universal form (the engine
     must then be configured with `checkpoint.load_universal`), and return this rank's saved
     state: its own, or when the world size changed, one combined by `elastic_rank_state`
     (`reshard_loader(old states, new world)`: the new ranks' loader states)."""
     load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
-    load_path, _ = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    with weights_only_loading():
+        load_path, _ = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {load_dir / tag}")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

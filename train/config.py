@@ -358,8 +358,15 @@ class TrainSection:
     )
     max_consecutive_skips: int = doc(
         5,
-        "A step whose loss or gradient is not finite is skipped (no update) and counted; this "
-        "many in a row stop the run with an error.",
+        "A step whose loss or gradient is not finite is skipped (no update) and counted; after "
+        "this many in a row the run rolls back (train.max_rollbacks), or stops with an error.",
+    )
+    max_rollbacks: int = doc(
+        3,
+        "After max_consecutive_skips non-finite steps in a row, go back to the newest "
+        "checkpoint from before them and go on with the data after them (the batches in "
+        "between are not trained on; logged as a rollback event), at most this many times in "
+        "a run; then, or with no such checkpoint, the run stops. 0: always stop.",
     )
     peak_tflops: float = doc(
         0.0,
@@ -378,6 +385,7 @@ class TrainSection:
         _require(self.log_interval > 0, f"{path}.log_interval", "must be > 0")
         _require(self.eval_interval >= 0, f"{path}.eval_interval", "must be >= 0 (0: never)")
         _require(self.max_consecutive_skips > 0, f"{path}.max_consecutive_skips", "must be > 0")
+        _require(self.max_rollbacks >= 0, f"{path}.max_rollbacks", "must be >= 0 (0: stop)")
         _require(self.peak_tflops >= 0, f"{path}.peak_tflops", "must be >= 0 (0: measure)")
         _require(self.eval_batches > 0, f"{path}.eval_batches", "must be > 0")
 

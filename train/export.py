@@ -70,7 +70,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, dtype: str = 
     if cfg.parallel.zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        with checkpoint.weights_only_loading():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:
         file = path / "mp_rank_00_model_states.pt"
         state = torch.load(file, map_location="cpu", weights_only=True)["module"]

@@ -86,17 +86,19 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
     batches = make_batches(cfg, run_dir, rank, world)
     val_batches = make_val_batches(cfg, rank, world) if cfg.train.eval_interval > 0 else []
     peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, cfg.parallel.dtype)
-    counters = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "skips_in_a_row": 0}
+    counters = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "skips_in_a_row": 0,
+                "rollbacks": 0}  # fmt: skip
     if resume_from is not None:
-        counters = _resume(engine, resume_from, cfg, batches, universal)
+        counters = _resume(engine, resume_from, cfg, batches, universal, counters)
     logger = Logger.for_rank(rank, cfg, run_dir, initial_step=counters["step"])
     logger.event("start", step=counters["step"], world_size=world,
                  resumed_from=str(resume_from) if resume_from else None)  # fmt: skip
     metrics: dict = {}
     try:
-        for step in range(counters["step"] + 1, cfg.train.max_steps + 1):
+        while counters["step"] < cfg.train.max_steps:
+            step = counters["step"] + 1
             metrics = train_step(engine, batches, device, cfg.parallel.zero_stage)
-            _count_skips(metrics, counters, step, cfg.train.max_consecutive_skips)
+            too_many = _count_skips(metrics, counters, step, cfg.train.max_consecutive_skips)
             counters["tokens_seen"] += metrics["tokens"]
             metrics["mfu"] = 3 * flops_per_token * metrics["tokens_per_s"] / (peak * world)
             metrics["peak_memory_gb"] = peak_memory_gb(device)
@@ -107,6 +109,9 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
                 logger.log(step, {**metrics, "tokens_seen": counters["tokens_seen"],
                                   "skipped_steps": counters["skipped_steps"]})  # fmt: skip
             counters["step"] = step
+            if too_many:  # go back to a checkpoint from before them, or stop
+                counters = rollback(engine, cfg, counters, batches, logger)
+                continue
             every = cfg.checkpoint.interval
             if every and (step % every == 0 or last):
                 try:
@@ -179,7 +184,7 @@ def universal_for_resume(path: Path, cfg: RunConfig, world: int) -> bool:
     return True
 
 
-def _resume(engine, path: Path, cfg: RunConfig, batches, universal: bool) -> dict:
+def _resume(engine, path: Path, cfg: RunConfig, batches, universal: bool, counters: dict) -> dict:
     """Restore engine, RNG, data position and counters from `path`; refuse a config whose model
     or tokenizer differs from the checkpoint's."""
     meta = checkpoint.read_meta(path)
@@ -200,7 +205,7 @@ def _resume(engine, path: Path, cfg: RunConfig, batches, universal: bool) -> dic
     batches.load_state_dict(state["loader"])
     if torch.distributed.get_rank() == 0:
         print(f"rnnscale: resumed from {path} (step {state['counters']['step']})", flush=True)
-    return state["counters"]
+    return {**counters, **state["counters"]}
 
 
 def _repair_universal_load(engine, weight_decay: list[float]) -> None:
@@ -285,20 +290,68 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _count_skips(metrics: dict, counters: dict, step: int, limit: int) -> None:
+def _count_skips(metrics: dict, counters: dict, step: int, limit: int) -> bool:
+    """Count a skipped step; True when it makes `limit` in a row."""
     if not metrics.pop("skipped"):
         counters["skips_in_a_row"] = 0
-        return
+        return False
     counters["skipped_steps"] += 1
     counters["skips_in_a_row"] += 1
     print(f"rnnscale: step {step} skipped: non-finite loss or gradient "
           f"({counters['skips_in_a_row']} in a row)", flush=True)  # fmt: skip
-    if counters["skips_in_a_row"] >= limit:
+    return counters["skips_in_a_row"] >= limit
+
+
+def rollback(engine, cfg: RunConfig, counters: dict, batches, logger) -> dict:
+    """After train.max_consecutive_skips non-finite steps in a row ending at `step`: restore the
+    newest checkpoint from before the first of them (model, optimizer, schedule, RNG, step and
+    token counters) but keep the data loader where it is, so training goes on with the batches
+    after the bad ones. Checkpoints after it (the abandoned steps) are removed. Stops the run
+    (RuntimeError) after train.max_rollbacks, or when there is no such checkpoint. Returns the
+    new counters."""
+    step, limit = counters["step"], cfg.train.max_consecutive_skips
+    first_bad = step - counters["skips_in_a_row"] + 1
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    stop = (
+        f"{limit} steps in a row had a non-finite loss or gradient (steps {first_bad}-{step}, "
+        f"train.max_consecutive_skips={limit}); the run stops"
+    )
+    advice = "Lower optim.lr, raise schedule.warmup_steps, or look at the data of these steps."
+    if counters["rollbacks"] >= cfg.train.max_rollbacks:
         raise RuntimeError(
-            f"{limit} steps in a row had a non-finite loss or gradient (the last: step {step}); "
-            f"the run stops (train.max_consecutive_skips={limit}). Lower optim.lr, raise "
-            f"schedule.warmup_steps, or look at the data of these steps."
+            f"{stop}: it rolled back {counters['rollbacks']} times already "
+            f"(train.max_rollbacks={cfg.train.max_rollbacks}). {advice}"
         )
+    box = [None]
+    if rank == 0:
+        target = checkpoint.rollback_target(cfg.checkpoint_dir, first_bad, world,
+                                            cfg.parallel.zero_stage)  # fmt: skip
+        if target is not None:
+            checkpoint.remove_after(cfg.checkpoint_dir, target)
+            box = [str(target)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise RuntimeError(
+            f"{stop}: there is no checkpoint from before step {first_bad} to roll back to "
+            f"(checkpoint.interval={cfg.checkpoint.interval}). {advice}"
+        )
+    path = Path(box[0])
+    state = checkpoint.load(engine, path, type(batches).reshard)  # the same world and stage
+    checkpoint.set_rng_state(state["rng"])
+    back = dict(state["counters"])
+    back.update(skipped_steps=counters["skipped_steps"], skips_in_a_row=0,
+                rollbacks=counters["rollbacks"] + 1)  # fmt: skip
+    message = (
+        f"rolled back to {path.name} after {limit} non-finite steps in a row ({first_bad}-"
+        f"{step}); the batches of steps {back['step'] + 1}-{step} are not trained on, training "
+        f"goes on from step {back['step'] + 1} with the batches after them "
+        f"(rollback {back['rollbacks']} of at most {cfg.train.max_rollbacks})"
+    )
+    if rank == 0:
+        print(f"rnnscale: {message}", file=sys.stderr, flush=True)
+    logger.event("rollback", step=step, to_step=back["step"], path=str(path),
+                 first_bad_step=first_bad, message=message)  # fmt: skip
+    return back
 
 
 def _prompt_hint(run_dir: Path) -> str:
