@@ -65,10 +65,11 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def kill_when(repo_root, run_dir, ranks, ready, env=None) -> bool:
+def kill_when(repo_root, run_dir, ranks, ready, *extra, env=None) -> bool:
     """Start the command, SIGKILL it with every process under it once `ready()` holds; False
     if the run finished first."""
-    proc = subprocess.Popen(command(run_dir, ranks), cwd=repo_root, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(run_dir, ranks, *extra), cwd=repo_root,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, env=env)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
@@ -85,10 +86,22 @@ def kill_when(repo_root, run_dir, ranks, ready, env=None) -> bool:
             proc.wait()
 
 
+def starts(run_dir: Path) -> int:
+    """Start events so far (one per run that got as far as its first log line)."""
+    try:
+        return (run_dir / "events.jsonl").read_text().count('"event": "start"')
+    except OSError:
+        return 0
+
+
 def past(run_dir: Path, step: int):
+    """Once the run now starting has begun and the log has reached `step` (the earlier runs'
+    lines count too, so a run that starts past `step` is killed at once, after its start)."""
+    before = starts(run_dir)
+
     def ready() -> bool:
         try:
-            return max(losses(run_dir), default=0) >= step
+            return starts(run_dir) > before and max(losses(run_dir), default=0) >= step
         except (OSError, ValueError):  # not written yet, or a line half written
             return False
 
@@ -108,8 +121,9 @@ def mid_save(run_dir: Path):
     return ready
 
 
-@pytest.mark.parametrize("ranks,kills", [(1, 10), (2, 3)])
-def test_killed_run_resumes_bit_for_bit(repo_root, tmp_path, ranks, kills):
+@pytest.mark.parametrize("ranks,kills,saves", [(1, 10, "sync"), (2, 3, "async")])
+def test_killed_run_resumes_bit_for_bit(repo_root, tmp_path, ranks, kills, saves):
+    mode = f"checkpoint.async={saves == 'async'}"
     whole = tmp_path / "whole"
     run_to_end(repo_root, whole, ranks)
     want = losses(whole)
@@ -118,16 +132,16 @@ def test_killed_run_resumes_bit_for_bit(repo_root, tmp_path, ranks, kills):
     rng = random.Random(ranks)
     points = sorted(rng.sample(range(2, 23), kills - 1))
     pause = {**os.environ, "RNNSCALE_FAULT_PAUSE_BEFORE_COMMIT_S": "60"}
-    assert kill_when(repo_root, run_dir, ranks, mid_save(run_dir), env=pause)  # during a save
+    assert kill_when(repo_root, run_dir, ranks, mid_save(run_dir), mode, env=pause)  # mid-save
     killed = 1
     for step in points:
-        killed += kill_when(repo_root, run_dir, ranks, past(run_dir, step))
-    run_to_end(repo_root, run_dir, ranks)
+        killed += kill_when(repo_root, run_dir, ranks, past(run_dir, step), mode)
+    run_to_end(repo_root, run_dir, ranks, mode)
     assert losses(run_dir) == want  # exact: every float the same
-    starts = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    starts = [e for e in starts if e["event"] == "start"]
-    assert len(starts) == killed + 1 and killed >= kills - 1
-    assert any(e["resumed_from"] for e in starts)
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    started = [e for e in events if e["event"] == "start"]
+    assert len(started) == killed + 1 and killed >= kills - 1
+    assert any(e["resumed_from"] for e in started)
     committed = [p for p in (run_dir / "checkpoints").iterdir() if (p / "manifest.json").exists()]
     assert len(committed) == 2  # checkpoint.keep
 
@@ -211,10 +225,12 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
-def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(repo_root, tmp_path,
-                                                                  small_disk, capsys):  # fmt: skip
+@pytest.mark.parametrize("saves", ["sync", "async"])
+def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(repo_root, tmp_path, small_disk,
+                                                                  capsys, saves):  # fmt: skip
+    mode = f"checkpoint.async={saves == 'async'}"
     cfg = config(repo_root, tmp_path / "run", "train.max_steps=6", "checkpoint.keep=1",
-                 f"checkpoint.dir={small_disk}")  # fmt: skip
+                 f"checkpoint.dir={small_disk}", mode)  # fmt: skip
     result = trainer.run(cfg)  # saves at 2 (fits), 4 and 6 (the disk is full)
     assert result["steps"] == 6
     err = capsys.readouterr().err
@@ -289,3 +305,77 @@ def test_a_checkpoint_holding_pickled_code_is_refused_without_running_it(repo_ro
     with pytest.raises(Exception, match="Weights only load failed"):
         trainer.run(config(repo_root, tmp_path, "train.max_steps=4"))
     assert not marker.exists()
+
+
+def same_state(a, b, where: str = "") -> None:
+    """Two loaded checkpoint files hold the same state: tensors equal, the rest equal (objects
+    by their attributes)."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            same_state(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__"):
+        same_state(vars(a), vars(b), where)
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_async_save_holds_its_step_while_training_goes_on(repo_root, tmp_path, monkeypatch,
+                                                          stage):  # fmt: skip
+    """With checkpoint.async, every file write is slowed down (0.3 s) and training steps run
+    while files are written; each committed checkpoint holds exactly what the synchronous
+    run's checkpoint of that step holds (the later steps did not leak into its copy), and the
+    losses are the same."""
+    from rnnscale.train import checkpoint_writer
+
+    steps = ["train.max_steps=6", "checkpoint.keep=3", f"parallel.zero_stage={stage}"]
+    trainer.run(config(repo_root, tmp_path / "sync", *steps))
+    writes, step_starts = [], []
+    real_write, real_step = checkpoint_writer._write, trainer.train_step
+
+    def slow_write(path, fill):
+        start = time.monotonic()
+        time.sleep(0.3)
+        out = real_write(path, fill)
+        writes.append((start, time.monotonic()))
+        return out
+
+    def timed_step(*args, **kwargs):
+        step_starts.append(time.monotonic())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_writer, "_write", slow_write)
+    monkeypatch.setattr(trainer, "train_step", timed_step)
+    trainer.run(config(repo_root, tmp_path / "async", *steps, "checkpoint.async=true"))
+    assert losses(tmp_path / "async") == losses(tmp_path / "sync")
+    assert any(start < t < end for start, end in writes for t in step_starts)
+    for step in (2, 4, 6):
+        a = tmp_path / "async" / "checkpoints" / checkpoint.step_name(step)
+        s = tmp_path / "sync" / "checkpoints" / checkpoint.step_name(step)
+        assert checkpoint.verify(a) is None
+        for f in sorted(s.glob("*.pt")):
+            same_state(torch.load(f, weights_only=False), torch.load(a / f.name,
+                       weights_only=False), f.name)  # fmt: skip
+        assert (a / "rank_00000.json").read_text() == (s / "rank_00000.json").read_text()
+    events = [json.loads(line) for line in (tmp_path / "async" / "events.jsonl").open()]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4, 6]
+
+
+def test_saves_by_the_clock(repo_root, tmp_path):
+    """checkpoint.interval_minutes saves when that long has passed since the last save (here:
+    every step), and at the last step."""
+    trainer.run(config(repo_root, tmp_path / "often", "train.max_steps=3", "checkpoint.keep=5",
+                       "checkpoint.interval=0", "checkpoint.interval_minutes=1e-6"))  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / "often" / "checkpoints").glob("step_*"))
+    assert names == [checkpoint.step_name(s) for s in (1, 2, 3)]
+    trainer.run(config(repo_root, tmp_path / "rare", "train.max_steps=3", "checkpoint.keep=5",
+                       "checkpoint.interval=0", "checkpoint.interval_minutes=60"))  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / "rare" / "checkpoints").glob("step_*"))
+    assert names == [checkpoint.step_name(3)]

@@ -130,3 +130,15 @@ def test_config_reference_doc_is_current(repo_root):
     if os.environ.get("RNNSCALE_UPDATE_DOCS"):
         doc_path.write_text(text)
     assert doc_path.read_text() == text, "regenerate: see the top of docs/configs.md"
+
+
+def test_a_key_that_is_not_a_python_name(repo_root, tmp_path):
+    """checkpoint.async (a Python keyword) is the YAML key and the override; it round-trips."""
+    cfg = load_config(repo_root / "configs/debug_cpu.yaml", ["checkpoint.async=true"])
+    assert cfg.checkpoint.async_save is True
+    dumped = yaml.safe_load(dump_yaml(cfg))
+    assert dumped["checkpoint"]["async"] is True and "async_save" not in dumped["checkpoint"]
+    (tmp_path / "c.yaml").write_text(dump_yaml(cfg))
+    assert load_config(tmp_path / "c.yaml").checkpoint.async_save is True
+    with pytest.raises(ConfigError, match="did you mean checkpoint.async"):
+        load_config(repo_root / "configs/debug_cpu.yaml", ["checkpoint.async_save=true"])

@@ -137,48 +137,97 @@ class SaveFailed(RuntimeError):
 def save(engine, root: Path, step: int, rank_state: dict, meta: dict, config_yaml: str,
          keep: int) -> Path:  # fmt: skip
     """Write the checkpoint of `step` from every rank (collective) and commit it; returns its
-    directory. `rank_state` is this rank's JSON-able state; `meta` is rank 0's. Raises
-    `SaveFailed` on every rank when any rank could not write its part."""
+    directory. Raises `SaveFailed` on every rank when any rank could not write its part."""
+    return start_save(engine, root, step, rank_state, meta, config_yaml, keep).commit()
+
+
+def start_save(engine, root: Path, step: int, rank_state: dict, meta: dict, config_yaml: str,
+               keep: int, asynchronous: bool = False) -> PendingSave:  # fmt: skip
+    """Begin the checkpoint of `step` on every rank (collective): DeepSpeed's state and this
+    rank's JSON `rank_state` go to a `Writer`, written now or, when `asynchronous`, from a copy
+    in memory by a background thread; `PendingSave.commit()` finishes it. `meta` is rank 0's.
+    Raises `SaveFailed` on every rank when a rank could not even begin (no room)."""
+    from deepspeed.checkpoint import constants as c
+
+    from rnnscale.train.checkpoint_writer import Writer, writer_engine
+
     rank = torch.distributed.get_rank()
-    name = step_name(step)
-    path = root / name
+    path = root / step_name(step)
     if rank == 0 and path.exists():  # an uncommitted leftover of a killed run at this step
         shutil.rmtree(path)
     torch.distributed.barrier()
     _everywhere(lambda: _check_room(root) if rank == 0 else None, path, rank)
+    writer = Writer(asynchronous)
 
-    def rank_files() -> None:
-        from deepspeed.checkpoint import constants as c
-
+    def begin() -> None:
         # what DeepSpeed's converter to the universal form (another world size) requires
         engine.module.universal_checkpoint_info = {
             c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE
         }
-        engine.save_checkpoint(str(root), tag=name, save_latest=False)
-        _write_atomic(path / rank_file(rank), json.dumps(rank_state))
+        engine.checkpoint_engine = writer_engine(writer)
+        engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
+        writer.save_text(json.dumps(rank_state), path / rank_file(rank))
 
-    _everywhere(rank_files, path, rank)  # a barrier: every rank's files are on disk
+    try:
+        _everywhere(begin, path, rank)
+    except SaveFailed:
+        writer.close()
+        raise
+    return PendingSave(path, step, rank, writer, meta, config_yaml, keep)
 
-    def commit() -> None:
-        if rank != 0:
-            return
-        _write_atomic(path / "config.yaml", config_yaml)
-        _write_atomic(path / META, json.dumps(meta, indent=2))
-        if pause := float(os.environ.get("RNNSCALE_FAULT_PAUSE_BEFORE_COMMIT_S", "0")):
-            time.sleep(pause)  # fault injection for tests: a kill here lands mid-save
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
-        manifest = {
-            "step": step,
-            "files": {
-                str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                for p in files
-            },
-        }
-        _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))  # the commit
-        prune(root, keep)
 
-    _everywhere(commit, path, rank)
-    return path
+class PendingSave:
+    """A checkpoint whose files are being written; `commit()` (collective) waits for every
+    rank's files and writes the manifest. `ready()` (collective) tells, without waiting, whether
+    every rank's files are written, so a training loop can commit when they are."""
+
+    def __init__(self, path: Path, step: int, rank: int, writer, meta: dict, config_yaml: str,
+                 keep: int):  # fmt: skip
+        self.path, self.step, self.rank, self.writer = path, step, rank, writer
+        self.meta, self.config_yaml, self.keep = meta, config_yaml, keep
+
+    def ready(self) -> bool:
+        done = torch.tensor([int(self.writer.done())])
+        torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+        return bool(done)
+
+    def commit(self) -> Path:
+        """Wait for every rank's files, then rank 0 writes config.yaml, meta.json and, last,
+        the manifest (sizes and checksums the writers recorded) and prunes old checkpoints.
+        Raises `SaveFailed` on every rank if any rank's write failed (the directory is
+        removed)."""
+        path, rank = self.path, self.rank
+        records: list = [None]
+
+        def wait() -> None:
+            mine = self.writer.wait()
+            records[0] = {str(Path(k).relative_to(path)): v for k, v in mine.items()}
+
+        try:
+            _everywhere(wait, path, rank)  # a barrier: every rank's files are on disk
+        finally:
+            self.writer.close()
+        everyone: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, records[0])
+
+        def commit() -> None:
+            if rank != 0:
+                return
+            _write_atomic(path / "config.yaml", self.config_yaml)
+            _write_atomic(path / META, json.dumps(self.meta, indent=2))
+            if pause := float(os.environ.get("RNNSCALE_FAULT_PAUSE_BEFORE_COMMIT_S", "0")):
+                time.sleep(pause)  # fault injection for tests: a kill here lands mid-save
+            files = {k: v for rank_records in everyone for k, v in rank_records.items()}
+            for p in path.rglob("*"):  # ours, and anything written around the writers
+                name = str(p.relative_to(path))
+                if p.is_file() and name not in files and name != MANIFEST:
+                    files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            manifest = {"step": self.step, "files": dict(sorted(files.items()))}
+            _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))  # the commit
+            prune(path.parent, self.keep)
+
+        _everywhere(commit, path, rank)
+        return path
 
 
 def _check_room(root: Path) -> None:

@@ -56,11 +56,18 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the dotted path."""
 
 
-def doc(default: Any, text: str) -> Any:
-    """A dataclass field with a default and its documentation (lists are copied per instance)."""
+def doc(default: Any, text: str, key: str | None = None) -> Any:
+    """A dataclass field with a default and its documentation (lists are copied per instance);
+    `key`: its name in YAML when that cannot be a Python name (`checkpoint.async`)."""
+    metadata = {"doc": text, "key": key} if key else {"doc": text}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's name in YAML and in overrides."""
+    return f.metadata.get("key", f.name)
 
 
 def section(cls: type, text: str) -> Any:
@@ -453,6 +460,20 @@ class CheckpointSection:
     interval: int = doc(
         0, "Save a checkpoint every this many steps, and at the last step; 0: never."
     )
+    interval_minutes: float = doc(
+        0.0,
+        "Also save when this many minutes have passed since the last save (or the start), "
+        "decided by rank 0's clock at a step's end; 0: no time-based saves.",
+    )
+    async_save: bool = doc(
+        False,
+        "Write checkpoints in the background: at the save step each rank copies its state in "
+        "memory (one more copy of the model and optimizer state in host RAM, for the length "
+        "of the write), and training goes on; the checkpoint is committed (manifest) at the "
+        "first step's end by which every rank's files are on disk, and always before the next "
+        "save and at the end of the run.",
+        key="async",
+    )
     keep: int = doc(3, "Committed checkpoints kept (the newest is never deleted).")
     resume: str = doc(
         "auto",
@@ -463,6 +484,7 @@ class CheckpointSection:
 
     def check(self, path: str) -> None:
         _require(self.interval >= 0, f"{path}.interval", "must be >= 0 (0: never)")
+        _require(self.interval_minutes >= 0, f"{path}.interval_minutes", "must be >= 0 (0: off)")
         _require(self.keep >= 1, f"{path}.keep", "must be >= 1")
         _require(self.resume.strip() != "", f"{path}.resume", "must be auto, none or a path")
 
@@ -518,11 +540,11 @@ def _check_tree(node: Any, path: str) -> None:
     for f in dataclasses.fields(node):
         child = getattr(node, f.name)
         if dataclasses.is_dataclass(child):
-            _check_tree(child, _join(path, f.name))
+            _check_tree(child, _join(path, _key(f)))
         elif isinstance(child, list):
             for i, item in enumerate(child):
                 if dataclasses.is_dataclass(item):
-                    _check_tree(item, f"{_join(path, f.name)}[{i}]")
+                    _check_tree(item, f"{_join(path, _key(f))}[{i}]")
     if hasattr(node, "check"):
         node.check(path)
 
@@ -582,7 +604,11 @@ def apply_override(raw: dict, item: str) -> None:
 
 def to_dict(cfg: Any) -> dict:
     """The config tree as plain dicts and lists (for YAML and for checkpoints)."""
-    return dataclasses.asdict(cfg)
+    if dataclasses.is_dataclass(cfg):
+        return {_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
 
 
 def dump_yaml(cfg: RunConfig) -> str:
@@ -592,14 +618,15 @@ def dump_yaml(cfg: RunConfig) -> str:
 def _build(cls: type, raw: Any, path: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path or 'top level'}: expected a mapping, got {_show(raw)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
             raise ConfigError(_unknown_key(_join(path, str(key)), str(key), list(fields)))
     kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _convert(hints[name], value, _join(path, name))
+    for key, value in raw.items():
+        name = fields[key].name
+        kwargs[name] = _convert(hints[name], value, _join(path, key))
     return cls(**kwargs)
 
 
@@ -682,7 +709,7 @@ def _reference(cls: type, path: str, lines: list[str]) -> None:
     hints = typing.get_type_hints(cls)
     rows, nested = [], []
     for f in dataclasses.fields(cls):
-        tp, name = hints[f.name], _join(path, f.name)
+        tp, name = hints[f.name], _join(path, _key(f))
         if dataclasses.is_dataclass(tp):
             nested.append((tp, name, f.metadata["doc"]))
             continue

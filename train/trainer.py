@@ -94,6 +94,7 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
     logger.event("start", step=counters["step"], world_size=world,
                  resumed_from=str(resume_from) if resume_from else None)  # fmt: skip
     metrics: dict = {}
+    saves = Checkpointer(engine, cfg, batches, logger)
     try:
         while counters["step"] < cfg.train.max_steps:
             step = counters["step"] + 1
@@ -110,17 +111,11 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
                                   "skipped_steps": counters["skipped_steps"]})  # fmt: skip
             counters["step"] = step
             if too_many:  # go back to a checkpoint from before them, or stop
+                saves.finish()
                 counters = rollback(engine, cfg, counters, batches, logger)
                 continue
-            every = cfg.checkpoint.interval
-            if every and (step % every == 0 or last):
-                try:
-                    path = save_checkpoint(engine, cfg, batches, counters, world)
-                    logger.event("checkpoint", step=step, path=str(path))
-                except checkpoint.SaveFailed as e:  # training goes on; the next save retries
-                    if rank == 0:
-                        print(f"rnnscale: {e} Training goes on.", file=sys.stderr, flush=True)
-                    logger.event("checkpoint_failed", step=step, error=str(e))
+            saves.after_step(counters, last)
+        saves.finish()
     finally:
         logger.close()
     export(engine, cfg, rank)
@@ -238,22 +233,84 @@ def _tokenizer_fingerprint(cfg: RunConfig) -> str | None:
     return fingerprint(cfg.data.tokenizer)
 
 
-def save_checkpoint(engine, cfg: RunConfig, batches, counters: dict, world: int) -> Path:
-    """Every rank: this rank's RNG, data position and counters beside DeepSpeed's state."""
-    rank_state = {
-        "rng": checkpoint.rng_state(),
-        "loader": batches.state_dict(),  # collective for the streaming loader
-        "counters": dict(counters),
-    }
-    meta = {
-        "step": counters["step"],
-        "world_size": world,
-        "zero_stage": cfg.parallel.zero_stage,
-        "model": to_dict(cfg)["model"],
-        "tokenizer": _tokenizer_fingerprint(cfg),
-    }
-    return checkpoint.save(engine, cfg.checkpoint_dir, counters["step"], rank_state, meta,
-                           dump_yaml(cfg), cfg.checkpoint.keep)  # fmt: skip
+class Checkpointer:
+    """When the run saves (every checkpoint.interval steps, at the last step, every
+    checkpoint.interval_minutes), and the save in flight when they are asynchronous. A save
+    that fails is reported (stderr, a `checkpoint_failed` event) and training goes on; the
+    next save tries again."""
+
+    def __init__(self, engine, cfg: RunConfig, batches, logger):
+        self.engine, self.cfg, self.batches, self.logger = engine, cfg, batches, logger
+        self.rank = torch.distributed.get_rank()
+        self.pending: checkpoint.PendingSave | None = None
+        self.last_save = time.monotonic()
+        self.blocked_s = 0.0  # the step loop's wait for the pending save's start
+
+    def after_step(self, counters: dict, last: bool) -> None:
+        """At every step's end (collective)."""
+        if self.pending is not None and self.pending.ready():
+            self.finish()
+        if self._due(counters["step"], last):
+            self.finish()  # one save in flight at most
+            self._start(counters)
+            if not self.cfg.checkpoint.async_save:
+                self.finish()
+
+    def _due(self, step: int, last: bool) -> bool:
+        c = self.cfg.checkpoint
+        if c.interval and step % c.interval == 0 or last and (c.interval or c.interval_minutes):
+            return True
+        if not c.interval_minutes:
+            return False
+        late = time.monotonic() - self.last_save >= c.interval_minutes * 60
+        flag = torch.tensor([int(late) if self.rank == 0 else 0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # rank 0's clock
+        return bool(flag)
+
+    def _start(self, counters: dict) -> None:
+        start = time.perf_counter()
+        cfg, step = self.cfg, counters["step"]
+        rank_state = {
+            "rng": checkpoint.rng_state(),
+            "loader": self.batches.state_dict(),  # collective for the streaming loader
+            "counters": dict(counters),
+        }
+        meta = {
+            "step": step,
+            "world_size": torch.distributed.get_world_size(),
+            "zero_stage": cfg.parallel.zero_stage,
+            "model": to_dict(cfg)["model"],
+            "tokenizer": _tokenizer_fingerprint(cfg),
+        }
+        self.last_save = time.monotonic()
+        try:
+            self.pending = checkpoint.start_save(
+                self.engine, cfg.checkpoint_dir, step, rank_state, meta, dump_yaml(cfg),
+                cfg.checkpoint.keep, asynchronous=cfg.checkpoint.async_save,
+            )  # fmt: skip
+        except checkpoint.SaveFailed as e:
+            self._failed(step, e)
+        self.blocked_s = time.perf_counter() - start
+
+    def finish(self) -> None:
+        """Commit the save in flight, if any, waiting for its files (collective)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        start = time.perf_counter()
+        try:
+            path = pending.commit()
+        except checkpoint.SaveFailed as e:
+            self._failed(pending.step, e)
+            return
+        blocked = self.blocked_s + time.perf_counter() - start  # the step loop's wait
+        self.logger.event("checkpoint", step=pending.step, path=str(path),
+                          blocked_s=round(blocked, 4))  # fmt: skip
+
+    def _failed(self, step: int, error: Exception) -> None:
+        if self.rank == 0:
+            print(f"rnnscale: {error} Training goes on.", file=sys.stderr, flush=True)
+        self.logger.event("checkpoint_failed", step=step, error=str(error))
 
 
 def init_distributed() -> None:
