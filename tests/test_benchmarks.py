@@ -51,3 +51,14 @@ def test_data_benchmark_runs(repo_root):
     assert all(float(row[1]) > 0 for row in rows[:3])
     debug = [row for row in rows if row[0].startswith("vs debug_cpu step")]
     assert len(debug) == 1 and debug[0][2].endswith("x")
+
+
+def test_checkpoint_benchmark_runs(repo_root):
+    rows = table(repo_root, "benchmarks/checkpoint.py", "--smoke")
+    assert [row[0] for row in rows] == [
+        "save bandwidth (sync, GB/s)",
+        "load bandwidth (GB/s)",
+        "sync save, step loop held up (s)",
+        "async save, step loop held up + slower steps (s)",
+    ]
+    assert all(float(row[3]) > 0 for row in rows)

@@ -379,3 +379,18 @@ def test_saves_by_the_clock(repo_root, tmp_path):
                        "checkpoint.interval=0", "checkpoint.interval_minutes=60"))  # fmt: skip
     names = sorted(p.name for p in (tmp_path / "rare" / "checkpoints").glob("step_*"))
     assert names == [checkpoint.step_name(3)]
+
+
+def test_large_writes_are_hashed_beside_the_disk(tmp_path):
+    """A write larger than two chunks is hashed chunk by chunk by another thread: the record
+    is the size and SHA-256 of the file, and the file loads back."""
+    import hashlib
+
+    from rnnscale.train.checkpoint_writer import _CHUNK, _write
+
+    state = {"big": torch.arange(3 * _CHUNK // 4, dtype=torch.float32), "small": [1, "x"]}
+    name, record = _write(tmp_path / "big.pt", lambda f: torch.save(state, f))
+    data = (tmp_path / "big.pt").read_bytes()
+    assert len(data) > 2 * _CHUNK
+    assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert torch.equal(torch.load(tmp_path / "big.pt")["big"], state["big"])

@@ -447,7 +447,10 @@ def load(engine, path: Path, reshard_loader, universal: bool = False) -> dict:
     must then be configured with `checkpoint.load_universal`), and return this rank's saved
     state: its own, or when the world size changed, one combined by `elastic_rank_state`
     (`reshard_loader(old states, new world)`: the new ranks' loader states)."""
+    from rnnscale.train.checkpoint_writer import writer_engine
+
     load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
+    engine.checkpoint_engine = writer_engine(None)
     with weights_only_loading():
         load_path, _ = engine.load_checkpoint(
             str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True

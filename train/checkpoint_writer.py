@@ -81,16 +81,33 @@ class Writer:
             self._pool.shutdown(wait=True)
 
 
+_CHUNK = 64 << 20
+_hasher = ThreadPoolExecutor(1, thread_name_prefix="rnnscale-sha256")
+
+
 class _Hashing:
-    """A file object that hashes and counts what goes through it."""
+    """A file object that hashes and counts what goes through it. A large write is cut into
+    chunks, each hashed by another thread while the file takes it (hashlib and file writes
+    release the GIL), so hashing costs about nothing beside the disk."""
 
     def __init__(self, f):
         self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
 
     def write(self, data) -> int:
-        self.sha.update(data)
-        self.bytes += len(data)
-        return self.f.write(data)
+        view = memoryview(data).cast("B")
+        self.bytes += len(view)
+        if len(view) < 2 * _CHUNK:
+            self.sha.update(view)
+            return self.f.write(view)
+        hashing = None
+        for start in range(0, len(view), _CHUNK):
+            chunk = view[start : start + _CHUNK]
+            if hashing is not None:
+                hashing.result()  # chunks are hashed in order
+            hashing = _hasher.submit(self.sha.update, chunk)
+            self.f.write(chunk)
+        hashing.result()
+        return len(view)
 
     def flush(self) -> None:
         self.f.flush()
@@ -117,16 +134,25 @@ def _snapshot(item):
     return copy.deepcopy(item)
 
 
-def writer_engine(writer: Writer):
-    """DeepSpeed's torch checkpoint engine whose saves go through `writer` (loads unchanged)."""
+def writer_engine(writer: Writer | None):
+    """DeepSpeed's torch checkpoint engine whose saves go through `writer` and whose loads map
+    the file instead of reading it (DeepSpeed copies what it loads into its own buffers, so
+    the pages are read once, straight from the page cache, with no intermediate copy)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class WriterEngine(TorchCheckpointEngine):
         def save(self, state_dict, path: str) -> None:
+            if writer is None:
+                raise RuntimeError("this checkpoint engine only loads")
             writer.save_tensors(state_dict, path)
+
+        def load(self, path: str, map_location=None):
+            with open(path, "rb") as f:
+                mmap = f.read(4) == b"PK\x03\x04"  # torch's zip format maps; the legacy one not
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
 
         def preserves_storage_sharing(self) -> bool:
             # DeepSpeed then clones the model state for torch.save; the snapshot already does
-            return not writer.asynchronous
+            return writer is None or not writer.asynchronous
 
     return WriterEngine()

@@ -88,11 +88,14 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
     peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, cfg.parallel.dtype)
     counters = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "skips_in_a_row": 0,
                 "rollbacks": 0}  # fmt: skip
+    load_s = time.perf_counter()
     if resume_from is not None:
         counters = _resume(engine, resume_from, cfg, batches, universal, counters)
+    load_s = time.perf_counter() - load_s
     logger = Logger.for_rank(rank, cfg, run_dir, initial_step=counters["step"])
     logger.event("start", step=counters["step"], world_size=world,
-                 resumed_from=str(resume_from) if resume_from else None)  # fmt: skip
+                 resumed_from=str(resume_from) if resume_from else None,
+                 load_s=round(load_s, 4))  # fmt: skip
     metrics: dict = {}
     saves = Checkpointer(engine, cfg, batches, logger)
     try:
@@ -111,11 +114,11 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
                                   "skipped_steps": counters["skipped_steps"]})  # fmt: skip
             counters["step"] = step
             if too_many:  # go back to a checkpoint from before them, or stop
-                saves.finish()
+                saves.finish(step)
                 counters = rollback(engine, cfg, counters, batches, logger)
                 continue
             saves.after_step(counters, last)
-        saves.finish()
+        saves.finish(counters["step"])
     finally:
         logger.close()
     export(engine, cfg, rank)
@@ -248,13 +251,14 @@ class Checkpointer:
 
     def after_step(self, counters: dict, last: bool) -> None:
         """At every step's end (collective)."""
+        step = counters["step"]
         if self.pending is not None and self.pending.ready():
-            self.finish()
-        if self._due(counters["step"], last):
-            self.finish()  # one save in flight at most
+            self.finish(step)
+        if self._due(step, last):
+            self.finish(step)  # one save in flight at most
             self._start(counters)
             if not self.cfg.checkpoint.async_save:
-                self.finish()
+                self.finish(step)
 
     def _due(self, step: int, last: bool) -> bool:
         c = self.cfg.checkpoint
@@ -292,8 +296,9 @@ class Checkpointer:
             self._failed(step, e)
         self.blocked_s = time.perf_counter() - start
 
-    def finish(self) -> None:
-        """Commit the save in flight, if any, waiting for its files (collective)."""
+    def finish(self, step: int) -> None:
+        """Commit the save in flight, if any, waiting for its files (collective); `step`: the
+        step training has done (logged as `committed_step`)."""
         pending, self.pending = self.pending, None
         if pending is None:
             return
@@ -304,7 +309,7 @@ class Checkpointer:
             self._failed(pending.step, e)
             return
         blocked = self.blocked_s + time.perf_counter() - start  # the step loop's wait
-        self.logger.event("checkpoint", step=pending.step, path=str(path),
+        self.logger.event("checkpoint", step=pending.step, path=str(path), committed_step=step,
                           blocked_s=round(blocked, 4))  # fmt: skip
 
     def _failed(self, step: int, error: Exception) -> None:
