@@ -80,16 +80,31 @@ def test_rank0_writes_jsonl_tensorboard_wandb_and_events(repo_root, tmp_path, mo
     assert run.run_id == "mon-test" and run.display_name == "mon test"
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["train"]["max_steps"] == len(LOSSES)
-    assert [h["_step"] for h in history] == list(range(1, len(LOSSES) + 1))
+    assert [h["step"] for h in history] == list(range(1, len(LOSSES) + 1))  # the x axis
     assert [h["loss"] for h in history] == pytest.approx(LOSSES)
     for step, h in enumerate(history, 1):  # every metric, eval ones at the last step only
-        assert {k: v for k, v in h.items() if not k.startswith("_")} == pytest.approx(
-            _metrics(step)
+        assert {k: v for k, v in h.items() if not k.startswith("_") and k != "step"} == (
+            pytest.approx(_metrics(step))
         )
 
     (event,) = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert event["event"] == "start" and event["step"] == 0 and event["world_size"] == 1
     assert abs(event["time"] - time.time()) < 600
+
+
+def test_wandb_keeps_steps_logged_again(repo_root, tmp_path, monkeypatch):
+    """After a rollback (or a resume) the run logs steps it logged before; wandb's x axis is
+    our `step` metric, so those records are kept, not dropped as going back in time."""
+    monkeypatch.delenv("WANDB_MODE")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    logger = Logger.for_rank(0, _config(repo_root, run_dir, "log.wandb.mode=offline"), run_dir)
+    for step in (1, 2, 3, 2, 3):
+        logger.log(step, _metrics(step))
+    logger.close()
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    _, history = _wandb_run(offline)
+    assert [h["step"] for h in history] == [1, 2, 3, 2, 3]
 
 
 def _wandb_run(offline_dir):

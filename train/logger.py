@@ -124,6 +124,10 @@ class WandbSink:
                 config=to_dict(cfg),
                 settings=wandb.Settings(silent=True),
             )
+            # the x axis is our step, logged as a metric: a resumed or rolled-back run logs
+            # steps again, which wandb's own step (only ever increasing) would drop
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
         except Exception as e:  # any wandb failure, by the contract above
             _warn(f"wandb did not start ({type(e).__name__}: {e}); training goes on without it")
 
@@ -131,7 +135,7 @@ class WandbSink:
         if self.run is None:
             return
         try:
-            self.run.log({k: v for k, v in metrics.items() if _number(v)}, step=step)
+            self.run.log({**{k: v for k, v in metrics.items() if _number(v)}, "step": step})
         except Exception as e:
             _warn(f"wandb log failed ({type(e).__name__}: {e}); no more metrics go to wandb")
             self.close()
