@@ -121,7 +121,7 @@ def mid_save(run_dir: Path):
     return ready
 
 
-@pytest.mark.parametrize("ranks,kills,saves", [(1, 10, "sync"), (2, 3, "async")])
+@pytest.mark.parametrize("ranks,kills,saves", [(1, 10, "sync"), (2, 10, "async")])
 def test_killed_run_resumes_bit_for_bit(repo_root, tmp_path, ranks, kills, saves):
     mode = f"checkpoint.async={saves == 'async'}"
     whole = tmp_path / "whole"
