@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rnnscale.parallel.sequence import gather_sequence, previous_tokens, ulysses_attention
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import MixerDims, apply_rope, positions
 
@@ -39,8 +40,10 @@ class Attention(nn.Module):
         scores = flops.softmax_attention(self.num_heads, self.head_dim, seq_len, self.window)
         return flops.linear(d, 3 * d) + flops.linear(d, d) + scores
 
-    def forward(self, x, *, cu_seqlens=None, state=None):
+    def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         B, T, _ = x.shape
+        if shard is not None:
+            return self._sequence_parallel(x, shard), None
         if cu_seqlens is not None and state is not None:
             raise ValueError("attention cannot continue a key/value cache across packed documents")
         past = self._position(state)
@@ -55,6 +58,31 @@ class Attention(nn.Module):
         mask = self._mask(T, past, k.shape[2] - T, cu_seqlens, x.device)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), self._cache(k, v, past + T)
+
+    def _sequence_parallel(self, x, shard) -> torch.Tensor:
+        """This rank's slice of the rows: `swa` reads a halo of the previous rank's last
+        window - 1 keys and values; `attn` runs DeepSpeed Ulysses (all-to-all from sequence to
+        head slices and back) when the heads split evenly over the group, else it all-gathers
+        the keys and values. Positions and document masks are those of the whole rows."""
+        B, L, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, L, 3, H, D).unbind(2)  # (B, L, H, D) each
+        pos = shard.positions.to(x.device)  # (L,)
+        q = apply_rope(q, pos.expand(B, L), self.rope_theta)
+        k = apply_rope(k, pos.expand(B, L), self.rope_theta)
+        if self.window is not None:
+            n = self.window - 1
+            k = torch.cat([previous_tokens(shard, k, n), k], dim=1)  # (B, n + L, H, D)
+            v = torch.cat([previous_tokens(shard, v, n), v], dim=1)
+            mask = _document_causal_mask(pos, torch.arange(-n, L, device=x.device), self.window)
+            o = _sdpa(q, k, v, mask)
+        elif H % shard.size == 0:
+            o = ulysses_attention(shard, q, k, v, _global_attention(shard))
+        else:
+            keys = torch.arange(-shard.start, shard.total - shard.start, device=x.device)
+            mask = _document_causal_mask(pos, keys, None)
+            o = _sdpa(q, gather_sequence(shard, k), gather_sequence(shard, v), mask)
+        return self.o_proj(o.reshape(B, L, -1))
 
     def _position(self, state) -> int:
         return 0 if state is None else state[0].shape[2]
@@ -89,3 +117,38 @@ class SlidingWindowAttention(Attention):
     def _cache(self, k, v, position: int):
         keep = min(self.window - 1, k.shape[2])  # the next query sees these and itself
         return k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], position
+
+
+def _sdpa(q, k, v, mask) -> torch.Tensor:
+    """`[B, Tq, H, D]` queries against `[B, Tk, H, D]` keys and values under a `(Tq, Tk)`
+    boolean mask (None: causal), in `[B, Tq, H, D]`."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, is_causal=mask is None,
+    )  # fmt: skip
+    return o.transpose(1, 2)
+
+
+def _document_causal_mask(pos: torch.Tensor, keys: torch.Tensor, window) -> torch.Tensor:
+    """`(Lq, Lk)`: query t (at `pos[t]` in its document) sees the key `keys[j]` tokens from the
+    slice start when that key is not later, is in the same document (no further back than
+    `pos[t]`), and is inside the window."""
+    back = torch.arange(len(pos), device=pos.device)[:, None] - keys[None, :]  # query - key
+    mask = (back >= 0) & (back <= pos[:, None])
+    if window is not None:
+        mask = mask & (back < window)
+    return mask
+
+
+def _global_attention(shard):
+    """Causal attention over the whole rows for the heads a rank holds after Ulysses'
+    all-to-all, documents kept apart."""
+
+    def attend(q, k, v, *args, **kwargs):  # (B, T, H / P, D) each
+        if shard.global_cu_seqlens is None:
+            return _sdpa(q, k, v, None)
+        pos = shard.global_positions(q.device)
+        keys = torch.arange(shard.total, device=q.device)
+        return _sdpa(q, k, v, _document_causal_mask(pos, keys, None))
+
+    return attend

@@ -21,6 +21,7 @@ the short convolutions' last W - 1 inputs and the recurrent state, per sequence 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,6 +33,7 @@ from rnnscale.kernels.delta import (
     chunk_gated_delta_rule,
     gated_delta_rule_step,
 )
+from rnnscale.parallel.state_passing import chunk_delta_product_sp, chunk_gated_delta_rule_sp
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import GatedRMSNorm, MixerDims, ShortConvolution
 
@@ -100,21 +102,22 @@ class GatedDeltaNet(nn.Module):
         scan = flops.delta_rule_scan(H, self.head_dim, self.head_v_dim, self.chunk_size)
         return projections + convs + n * scan  # n delta steps per token
 
-    def forward(self, x, *, cu_seqlens=None, state=None):
+    def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         B, T, _ = x.shape
         H, n = self.num_heads, self.num_householder
         cq, ck, cv, S = (None,) * 4 if state is None else state
-        q, cq = self.q_conv(self.q_proj(x), cu_seqlens=cu_seqlens, state=cq)
-        k, ck = self.k_conv(self.k_proj(x), cu_seqlens=cu_seqlens, state=ck)
-        v, cv = self.v_conv(self.v_proj(x), cu_seqlens=cu_seqlens, state=cv)
+        conv = dict(cu_seqlens=cu_seqlens, shard=shard)
+        q, cq = self.q_conv(self.q_proj(x), state=cq, **conv)
+        k, ck = self.k_conv(self.k_proj(x), state=ck, **conv)
+        v, cv = self.v_conv(self.v_proj(x), state=cv, **conv)
         q = l2_normalize(q.view(B, T, H, self.head_dim))  # (B, T, H, K)
         k = l2_normalize(k.view(B, T, n, H, self.head_dim))  # (B, T, n, H, K)
         v = v.view(B, T, n, H, self.head_v_dim)  # (B, T, n, H, V)
         g, beta = self.gates(x)  # (B, T, H), (B, T, n, H)
-        if T == 1 and cu_seqlens is None:  # generation: n steps of the recurrence
+        if T == 1 and cu_seqlens is None and shard is None:  # generation: n steps
             o, S = self._step(q, k, v, g, beta, S)
         else:
-            o, S = self._scan(q, k, v, g, beta, S, cu_seqlens)  # o: (B, T, H, V)
+            o, S = self._scan(q, k, v, g, beta, S, cu_seqlens, shard)  # o: (B, T, H, V)
         gate = self.g_proj(x).view(B, T, H, self.head_v_dim)
         o = self.o_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim)), (cq, ck, cv, S)
@@ -132,7 +135,11 @@ class GatedDeltaNet(nn.Module):
         dt = F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))  # (B, T, H)
         return -self.A_log.to(acc).exp() * dt, beta
 
-    def _scan(self, q, k, v, g, beta, S, cu_seqlens):
+    def _scan(self, q, k, v, g, beta, S, cu_seqlens, shard=None):
+        one, many = chunk_gated_delta_rule, chunk_delta_product
+        if shard is not None:  # the sequence-parallel forms over this rank's slice
+            one = functools.partial(chunk_gated_delta_rule_sp, shard=shard)
+            many = functools.partial(chunk_delta_product_sp, shard=shard)
         kwargs = dict(
             scale=self.head_dim**-0.5,
             initial_state=S,
@@ -141,8 +148,8 @@ class GatedDeltaNet(nn.Module):
             chunk_size=self.chunk_size,
         )
         if self.num_householder == 1:
-            return chunk_gated_delta_rule(q, k[:, :, 0], v[:, :, 0], g, beta[:, :, 0], **kwargs)
-        return chunk_delta_product(q, k, v, g, beta, **kwargs)
+            return one(q, k[:, :, 0], v[:, :, 0], g, beta[:, :, 0], **kwargs)
+        return many(q, k, v, g, beta, **kwargs)
 
     def _step(self, q, k, v, g, beta, S):
         """One token per row: the decay, then n delta steps through `gated_delta_rule_step`;

@@ -8,10 +8,13 @@ init so the state decays slowly); the output is normalised per head and gated by
 
 from __future__ import annotations
 
+import functools
+
 import torch.nn as nn
 import torch.nn.functional as F
 
 from rnnscale.kernels.gla import chunk_gla
+from rnnscale.parallel.state_passing import chunk_gla_sp
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import GatedRMSNorm, MixerDims
 
@@ -51,14 +54,15 @@ class GatedLinearAttention(nn.Module):
         scan = flops.linear_attention_scan(H, k // H, v // H, self.chunk_size)
         return projections + gate + scan
 
-    def forward(self, x, *, cu_seqlens=None, state=None):
+    def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         B, T, _ = x.shape
         H = self.num_heads
         q = self.q_proj(x).view(B, T, H, -1)  # (B, T, H, K)
         k = self.k_proj(x).view(B, T, H, -1)  # (B, T, H, K)
         v = self.v_proj(x).view(B, T, H, -1)  # (B, T, H, V)
         g = (F.logsigmoid(self.gk_proj(x).float()) / self.normalizer).view(B, T, H, -1)
-        o, state = chunk_gla(
+        scan = chunk_gla if shard is None else functools.partial(chunk_gla_sp, shard=shard)
+        o, state = scan(
             q,
             k,
             v,

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rnnscale.kernels.gla import chunk_gla, gla_step
+from rnnscale.parallel.state_passing import chunk_gla_sp
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import MixerDims, RMSNorm
 
@@ -74,7 +75,7 @@ class HGRN2(nn.Module):
         scan = flops.linear_attention_scan(H, self.key_width, d // H, self.chunk_size)
         return projections + scan
 
-    def forward(self, x, *, cu_seqlens=None, state=None):
+    def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         B, T, _ = x.shape
         H = self.num_heads
         acc = torch.promote_types(x.dtype, torch.float32)  # gates in fp32 or wider
@@ -83,7 +84,12 @@ class HGRN2(nn.Module):
         g = self.log_forget_gate(self.f_proj(x).to(acc)).view(B, T, H, -1)  # (B, T, H, K)
         k = (-torch.expm1(g)).to(x.dtype)  # 1 - f: (B, T, H, K)
         scale = self.key_width**-0.5
-        if T == 1 and cu_seqlens is None:  # generation: one step of the recurrence
+        if shard is not None:
+            o, state = chunk_gla_sp(
+                q, k, v, g, shard=shard, scale=scale, cu_seqlens=cu_seqlens,
+                chunk_size=self.chunk_size,
+            )  # fmt: skip
+        elif T == 1 and cu_seqlens is None:  # generation: one step of the recurrence
             o, state = self._step(q, k, v, g, state, scale)
         else:
             o, state = chunk_gla(

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from rnnscale.kernels.conv import causal_conv1d
 from rnnscale.kernels.norm import gated_rms_norm, rms_norm
 from rnnscale.kernels.simple_gla import chunk_simple_gla, simple_gla_step
+from rnnscale.parallel.sequence import halo_state
+from rnnscale.parallel.state_passing import chunk_simple_gla_sp
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,10 @@ class GatedRMSNorm(RMSNorm):
 class ShortConvolution(nn.Module):
     """Causal depthwise convolution over time (Mamba2, DeltaNet, Griffin, minGRU use one).
 
-    `forward(x [B, T, D], *, cu_seqlens=None, state=None) -> (y, state)`: state is the last
-    W - 1 inputs of every sequence, `[N, D, W - 1]`; packed documents never see each other.
-    Initialised as `nn.Conv1d` is (uniform in +-1/sqrt(W)).
+    `forward(x [B, T, D], *, cu_seqlens=None, state=None, shard=None) -> (y, state)`: state is
+    the last W - 1 inputs of every sequence, `[N, D, W - 1]`; packed documents never see each
+    other. Under sequence parallelism (`shard`) the slice starts from the previous rank's last
+    W - 1 inputs (a halo exchange). Initialised as `nn.Conv1d` is (uniform in +-1/sqrt(W)).
     """
 
     def __init__(self, dim: int, size: int, *, bias: bool = False, activation: str | None = "silu"):
@@ -59,7 +62,9 @@ class ShortConvolution(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound)) if bias else None
         self.activation = activation
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens=None, state=None):
+    def forward(self, x: torch.Tensor, *, cu_seqlens=None, state=None, shard=None):
+        if shard is not None and self.weight.shape[1] > 1:
+            state = halo_state(shard, x, self.weight.shape[1] - 1, cu_seqlens)
         return causal_conv1d(
             x,
             self.weight,
@@ -113,10 +118,15 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def simple_gla_scan(q, k, v, g, S, cu_seqlens, scale: float, chunk_size: int):
-    """Scalar-decay linear attention for a mixer (retnet, mamba2): `chunk_simple_gla`, or one
-    `simple_gla_step` when a single token of plain sequences comes in (generation), which
-    skips padding the token to a whole chunk. Returns `(o [B, T, H, V], S [N, H, K, V])`."""
+def simple_gla_scan(q, k, v, g, S, cu_seqlens, scale: float, chunk_size: int, shard=None):
+    """Scalar-decay linear attention for a mixer (retnet, mamba2): `chunk_simple_gla` (its
+    sequence-parallel form over a `shard`), or one `simple_gla_step` when a single token of
+    plain sequences comes in (generation), which skips padding the token to a whole chunk.
+    Returns `(o [B, T, H, V], S [N, H, K, V])`."""
+    if shard is not None:
+        return chunk_simple_gla_sp(
+            q, k, v, g, shard=shard, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size
+        )
     if q.shape[1] > 1 or cu_seqlens is not None:
         return chunk_simple_gla(
             q,

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from rnnscale.parallel.sequence import group_sum
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import RMSNorm, SwiGLU, mlp_hidden_size
-from rnnscale.train.model.loss import chunked_cross_entropy
+from rnnscale.train.model.loss import IGNORE_INDEX, chunked_cross_entropy
 
 
 @contextlib.contextmanager
@@ -37,8 +38,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d_model, eps)
         self.mlp = SwiGLU(d_model, mlp_hidden)
 
-    def forward(self, x, *, cu_seqlens=None, state=None):
-        y, state = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, state=state)
+    def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
+        kwargs = {} if shard is None else {"shard": shard}
+        y, state = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, state=state, **kwargs)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -79,18 +81,36 @@ class LanguageModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, *, labels=None, cu_seqlens=None, state=None):
+    def forward(
+        self, input_ids: torch.Tensor, *, labels=None, cu_seqlens=None, state=None, shard=None
+    ):
         """With `labels`: the loss (see `loss`), as the DeepSpeed engine calls it; else
-        `(logits, state)`."""
-        hidden, state = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, state=state)
+        `(logits, state)`.
+
+        shard: under sequence parallelism, the `rnnscale.parallel.sequence.Shard` this rank
+            holds; input_ids and labels are then its slice, cu_seqlens the slice's own (its
+            `shard.cu_seqlens`), and the loss is the slice's share of the whole rows' mean
+            (the shares of a sequence group add up to it)."""
+        hidden, state = self.hidden_states(
+            input_ids, cu_seqlens=cu_seqlens, state=state, shard=shard
+        )
         if labels is not None:
+            labels = labels.flatten()
+            count = None
+            if shard is not None:  # the token count of the whole rows
+                count = group_sum(shard, (labels != IGNORE_INDEX).sum())
             return chunked_cross_entropy(
-                hidden.flatten(0, 1), self.head.weight, labels.flatten(), self.cfg.loss_chunk_tokens
+                hidden.flatten(0, 1), self.head.weight, labels, self.cfg.loss_chunk_tokens, count
             )
         return self.head(hidden), state  # (B, T, vocab)
 
-    def hidden_states(self, input_ids: torch.Tensor, *, cu_seqlens=None, state=None):
+    def hidden_states(self, input_ids: torch.Tensor, *, cu_seqlens=None, state=None, shard=None):
         """The normalised last hidden states `[B, T, d_model]` (before the head) and the state."""
+        if shard is not None and state is not None:
+            raise ValueError(
+                "sequence parallelism runs whole sequences from their start (training, "
+                "evaluation): pass state=None, or run generation without a shard"
+            )
         if cu_seqlens is not None and input_ids.shape[0] != 1:
             raise ValueError(
                 "cu_seqlens needs input_ids packed into one row, got shape "
@@ -102,9 +122,11 @@ class LanguageModel(nn.Module):
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, s in zip(self.blocks, state, strict=True):
             if recompute and s is None:  # keep only the block's input; redo it in the backward
-                x, s = checkpoint(block, x, cu_seqlens=cu_seqlens, state=None, use_reentrant=False)
+                x, s = checkpoint(
+                    block, x, cu_seqlens=cu_seqlens, state=None, shard=shard, use_reentrant=False
+                )
             else:
-                x, s = block(x, cu_seqlens=cu_seqlens, state=s)
+                x, s = block(x, cu_seqlens=cu_seqlens, state=s, shard=shard)
             new_state.append(s)
         return self.norm(x), new_state
 

@@ -20,10 +20,10 @@ IGNORE_INDEX = -100
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, needs_grad):
+    def forward(ctx, hidden, weight, labels, chunk_tokens, needs_grad, count):
         N = hidden.shape[0]
         valid = labels != IGNORE_INDEX
-        count = valid.sum().clamp(min=1)
+        count = (valid.sum() if count is None else count).clamp(min=1)
         total = hidden.new_zeros((), dtype=torch.float32)
         d_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad else None
         d_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
@@ -50,14 +50,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         d_hidden, d_weight = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (d_hidden * grad).to(h_dtype), (d_weight * grad).to(w_dtype), None, None, None
+        grads = (d_hidden * grad).to(h_dtype), (d_weight * grad).to(w_dtype)
+        return *grads, None, None, None, None
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = 4096,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden [N, D] @ weight [V, D]^T` against `labels [N]` (entries of
-    IGNORE_INDEX = -100 are left out of the mean), C = `chunk_tokens` at a time."""
+    IGNORE_INDEX = -100 are left out of the mean), C = `chunk_tokens` at a time. `count`: divide
+    the summed losses by this many tokens instead of the labels' own (a slice of longer rows
+    under sequence parallelism)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden must be [N, D] and weight [V, D], got {tuple(hidden.shape)} and "
@@ -68,4 +75,4 @@ def chunked_cross_entropy(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, needs_grad)
+    return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, needs_grad, count)

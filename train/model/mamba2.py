@@ -84,13 +84,13 @@ class Mamba2(nn.Module):
         scan = flops.linear_attention_scan(H, self.state_size, self.head_dim, self.chunk_size)
         return projections + conv + scan
 
-    def forward(self, x, *, cu_seqlens=None, state=None):
+    def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         B, T, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.state_size
         conv_state, h = (None, None) if state is None else state
         e = self.d_inner
         z, xbc, dt = self.in_proj(x).split([e, e + 2 * G * N, H], dim=-1)
-        xbc, conv_state = self.conv(xbc, cu_seqlens=cu_seqlens, state=conv_state)  # (B, T, e+2GN)
+        xbc, conv_state = self.conv(xbc, cu_seqlens=cu_seqlens, state=conv_state, shard=shard)
         xs, b, c = xbc.split([e, G * N, G * N], dim=-1)
         xs = xs.view(B, T, H, P)  # (B, T, H, P)
         k = b.view(B, T, G, N).repeat_interleave(H // G, dim=2)  # (B, T, H, N)
@@ -99,7 +99,7 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, T, H)
         g = dt * -self.A_log.to(acc).exp()  # (B, T, H), log of the decay exp(dt A)
         v = (xs.to(acc) * dt[..., None]).to(x.dtype)  # (B, T, H, P)
-        y, h = simple_gla_scan(q, k, v, g, h, cu_seqlens, 1.0, self.chunk_size)  # y: (B, T, H, P)
+        y, h = simple_gla_scan(q, k, v, g, h, cu_seqlens, 1.0, self.chunk_size, shard)  # (B,T,H,P)
         y = y.to(acc) + self.D.to(acc)[:, None] * xs.to(acc)
         y = y.reshape(B, T, e) * F.silu(z.to(acc))  # (B, T, e), gated before the norm
         unit = y.new_ones(e // G)  # each group normalised alone, then the full-width weight

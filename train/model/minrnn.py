@@ -31,13 +31,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rnnscale.kernels.scan import linear_scan, linear_scan_step
+from rnnscale.parallel.state_passing import linear_scan_sp
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import MixerDims, ShortConvolution
 
 
-def elementwise_recurrence(a, b, h0, cu_seqlens, chunk_size: int):
+def elementwise_recurrence(a, b, h0, cu_seqlens, chunk_size: int, shard=None):
     """`h_t = a_t * h_{t-1} + b_t` over `a, b [B, T, D]` from `h0 [N, D]` (None: zeros).
     Returns `(h [B, T, D], final [N, D])`. One token of unpacked rows (generation) is one step."""
+    if shard is not None:  # this rank's slice of a sequence-parallel group
+        return linear_scan_sp(a, b, shard=shard, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     if b.shape[1] == 1 and cu_seqlens is None:
         h0 = b.new_zeros(b.shape[0], b.shape[2]) if h0 is None else h0.to(b.dtype)
         h, _ = linear_scan_step(a[:, 0], b[:, 0], h0)  # (B, D)
@@ -73,18 +76,18 @@ class _MinRNN(nn.Module):
         projections = flops.linear(d, (1 + self.num_gates) * D) + flops.linear(D, d)
         return projections + conv + flops.elementwise_scan(D)
 
-    def forward(self, x, *, cu_seqlens=None, state=None):
+    def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         conv_state, h0 = (None, None) if state is None else state
         u = x
         if self.conv is not None:
-            c, conv_state = self.conv(x, cu_seqlens=cu_seqlens, state=conv_state)
+            c, conv_state = self.conv(x, cu_seqlens=cu_seqlens, state=conv_state, shard=shard)
             u = x + c  # (B, T, d_model)
         acc = torch.promote_types(x.dtype, torch.float32)  # bf16 rounds a decay of 0.999 to 1
         h_tilde, logits = (
             self.in_proj(u).to(acc).split([self.hidden, self.num_gates * self.hidden], dim=-1)
         )  # (B, T, D), (B, T, num_gates * D)
         a, w = self.gates(logits)
-        h, h_last = elementwise_recurrence(a, w * h_tilde, h0, cu_seqlens, self.chunk_size)
+        h, h_last = elementwise_recurrence(a, w * h_tilde, h0, cu_seqlens, self.chunk_size, shard)
         return self.out_proj(h.to(x.dtype)), (conv_state, h_last)
 
 

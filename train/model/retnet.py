@@ -69,17 +69,22 @@ class MultiScaleRetention(nn.Module):
         projections = 2 * flops.linear(d, k) + 2 * flops.linear(d, v) + flops.linear(v, d)
         return projections + flops.linear_attention_scan(H, k // H, v // H, self.chunk_size)
 
-    def forward(self, x, *, cu_seqlens=None, state=None):
+    def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         B, T, _ = x.shape
         H = self.num_heads
         S, past = (None, None) if state is None else state
         pos, past = _positions(B, T, cu_seqlens, past, x.device)  # pos: (B, T), past: (N,)
+        if shard is not None:  # positions inside the documents of the whole rows
+            pos = shard.positions.to(x.device).expand(B, T)
+            before = torch.zeros_like(past)  # tokens of the first sequences on earlier ranks
+            before[: len(past) if cu_seqlens is None else 1] = pos[0, 0]
+            past = past + before
         q = apply_rope(self.q_proj(x).view(B, T, H, -1), pos, self.rope_theta)  # (B, T, H, K)
         k = apply_rope(self.k_proj(x).view(B, T, H, -1), pos, self.rope_theta)  # (B, T, H, K)
         v = self.v_proj(x).view(B, T, H, -1)  # (B, T, H, V)
         acc = torch.promote_types(x.dtype, torch.float32)  # the decay stays in fp32 or better
         g = retention_log_decays(H).to(x.device, acc).expand(B, T, H).contiguous()  # (B, T, H)
-        o, S = simple_gla_scan(q, k, v, g, S, cu_seqlens, self.head_k**-0.5, self.chunk_size)
+        o, S = simple_gla_scan(q, k, v, g, S, cu_seqlens, self.head_k**-0.5, self.chunk_size, shard)
         gate = self.g_proj(x).view(B, T, H, -1)  # (B, T, H, V)
         o = self.g_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim)), (S, past)

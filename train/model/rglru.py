@@ -110,14 +110,18 @@ class RGLRUBlock(nn.Module):
         gates = 2 * H * flops.linear(D // H, D // H)
         return projections + flops.conv(D, self.conv_size) + gates + flops.elementwise_scan(D)
 
-    def forward(self, x, *, cu_seqlens=None, state=None):
+    def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         B, T, _ = x.shape
         conv_state, h0 = (None, None) if state is None else state
         g = F.gelu(self.gate_proj(x), approximate="tanh")  # (B, T, D)
-        u, conv_state = self.conv(self.in_proj(x), cu_seqlens=cu_seqlens, state=conv_state)
+        u, conv_state = self.conv(
+            self.in_proj(x), cu_seqlens=cu_seqlens, state=conv_state, shard=shard
+        )
         starts = document_starts(B, T, cu_seqlens, x.device) if state is None else None
+        if shard is not None:  # where documents of the whole rows start
+            starts = (shard.positions.to(x.device) == 0).expand(B, T)
         a, b = self.coefficients(u, starts)
-        h, h_last = elementwise_recurrence(a, b, h0, cu_seqlens, self.chunk_size)
+        h, h_last = elementwise_recurrence(a, b, h0, cu_seqlens, self.chunk_size, shard)
         return self.out_proj(g * h.to(x.dtype)), (conv_state, h_last)
 
     def coefficients(self, u: torch.Tensor, starts: torch.Tensor | None):

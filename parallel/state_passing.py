@@ -1,0 +1,171 @@
+"""The chunkwise scans over a sequence split across the ranks of a sequence group, by passing
+recurrent states (SCANS.md section 5).
+
+Each rank runs the kernel on its slice from a zero state and gets its slice's affine map of
+the incoming state, `S_out = A(S_in) + S_loc`: A is exp(sum of g) per head (scalar decay), per
+key (GLA), the product of a (elementwise scan), or a K x K matrix (delta rule), and zero when a
+document starts inside the slice. One all-gather of (A, S_loc) per layer, in fp32; rank r
+composes the maps of ranks 0 .. r-1 in fp32 (starting from the caller's initial state on rank
+0, or zero) to get its true incoming state S_in, then corrects its outputs by the term S_in
+adds, which is linear in S_in:
+
+    scalar / per-key decay:  o_t += scale (q_t * exp(c_t))^T S_in   c_t: sum of g up to t
+    elementwise scan:        h_t += (a_1 ... a_t) * h_in
+    delta rule:              o_t += (scale q_t^T M_t ... M_1) S_in   M: the token transitions
+
+The delta rule's row vectors and its A come from the same kernel call: the values get K extra
+zero columns whose initial state is the identity (the state's columns evolve independently),
+so the call returns `[o | scale q^T M_t..M_1]` and a final state `[S_loc | A]`. Only the first
+document of a slice receives S_in; the correction is written in torch ops, so autograd carries
+the gradients to q, the gates, k and beta, and through the all-gather's backward (an
+all-to-all of the per-piece gradients) to the earlier ranks. Every function takes and returns
+what its kernel does (`(out, final_state)`, final state `[N, ...]` per local sequence).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rnnscale.kernels.delta import chunk_delta_product, chunk_gated_delta_rule
+from rnnscale.kernels.gla import chunk_gla
+from rnnscale.kernels.scan import linear_scan
+from rnnscale.kernels.simple_gla import chunk_simple_gla
+from rnnscale.parallel.sequence import Shard, gather_states
+
+
+def _first_length(T: int, cu_seqlens: torch.Tensor | None) -> int:
+    """Tokens of the slice's first sequence (the one the incoming state reaches)."""
+    return T if cu_seqlens is None else int(cu_seqlens[1])
+
+
+def _check_state(shard: Shard, initial_state, cu_seqlens) -> bool:
+    """Whether this rank's first sequence receives a state: it continues the previous rank's,
+    or it is the first rank's and the caller passed one."""
+    if initial_state is not None and cu_seqlens is not None:
+        raise ValueError(
+            "a caller's initial_state with packed documents is not supported under sequence "
+            "parallelism: pass plain rows, or no initial_state"
+        )
+    return shard.continues or (shard.rank == 0 and initial_state is not None)
+
+
+def _incoming(shard: Shard, A, S_last, initial_state, apply, receives: bool) -> torch.Tensor:
+    """This rank's true incoming state (fp32) from every rank's `(A, S_last)`, or zeros when
+    its first sequence receives none. `apply(A, S)` is the family's map.
+
+    Every rank's result depends on the gathered tensor, so the all-gather's backward (itself a
+    collective) runs on every rank, and every rank builds the same graph."""
+    A, S_last = A.float(), S_last.float()
+    parts = gather_states(shard, torch.cat([A.reshape(-1), S_last.reshape(-1)]))  # (P, n)
+    S_in = torch.zeros_like(S_last) if initial_state is None else initial_state.float()
+    for j in range(shard.rank):
+        A_j = parts[j, : A.numel()].view_as(A)
+        S_j = parts[j, A.numel() :].view_as(S_last)
+        S_in = apply(A_j, S_in) + S_j
+    return (S_in + 0.0 * parts.sum()) * float(receives)
+
+
+def _last(final: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """The states that reach the slice's end: every row's, or the last packed document's."""
+    return final if cu_seqlens is None else final[-1:]
+
+
+def _decay_scan(kernel, inputs, shard, initial_state, cu_seqlens, options):
+    """Scalar-decay (g `[B, T, H]`) and per-key-decay (g `[B, T, H, K]`) linear attention."""
+    q, k, v, g = inputs
+    o, final = kernel(q, k, v, g, initial_state=None, output_final_state=True,
+                      cu_seqlens=cu_seqlens, **options)  # fmt: skip
+    scale = options.get("scale")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    receives = _check_state(shard, initial_state, cu_seqlens)
+    n = _first_length(q.shape[1], cu_seqlens)
+    c = g[:, :n].float().cumsum(1)  # (B, n, H[, K]): log-decay from the slice start
+    per_key = g.dim() == 4
+    whole = receives and (cu_seqlens is None or len(cu_seqlens) == 2)
+    A = c[:, -1].exp() if whole else torch.zeros_like(c[:, -1])  # (B, H[, K])
+
+    def apply(A, S):  # S: (B, H, K, V)
+        return (A[..., None] if per_key else A[..., None, None]) * S
+
+    S_in = _incoming(shard, A, _last(final, cu_seqlens), initial_state, apply, receives)
+    decay = c.exp() if per_key else c.exp()[..., None]  # (B, n, H, K or 1)
+    extra = scale * torch.einsum("bthk,bhkv->bthv", q[:, :n].float() * decay, S_in)
+    o = torch.cat([o[:, :n] + extra.to(o.dtype), o[:, n:]], dim=1)
+    reached = apply(c[:, -1].exp(), S_in)  # the first sequence's final state gains A_0 S_in
+    return o, _add_first(final, reached, cu_seqlens)
+
+
+def _elementwise_scan(kernel, inputs, shard, initial_state, cu_seqlens, options):
+    """`h_t = a_t * h_{t-1} + b_t` over `[B, T, D]`."""
+    a, b = inputs
+    h, final = kernel(a, b, initial_state=None, output_final_state=True,
+                      cu_seqlens=cu_seqlens, **options)  # fmt: skip
+    receives = _check_state(shard, initial_state, cu_seqlens)
+    n = _first_length(b.shape[1], cu_seqlens)
+    prod = a[:, :n].float().cumprod(1)  # (B, n, D)
+    whole = receives and (cu_seqlens is None or len(cu_seqlens) == 2)
+    A = prod[:, -1] if whole else torch.zeros_like(prod[:, -1])
+    S_in = _incoming(shard, A, _last(final, cu_seqlens), initial_state, torch.mul, receives)
+    extra = prod * S_in[:, None]  # (B, n, D)
+    h = torch.cat([h[:, :n] + extra.to(h.dtype), h[:, n:]], dim=1)
+    return h, _add_first(final, prod[:, -1] * S_in, cu_seqlens)
+
+
+def _delta(kernel, inputs, shard, initial_state, cu_seqlens, options):
+    """The gated delta rule (and DeltaProduct, whose k, v, beta have a Householder axis)."""
+    q, k, v, g, beta = inputs
+    receives = _check_state(shard, initial_state, cu_seqlens)
+    (B, _, H, K), V = q.shape, v.shape[-1]
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    # K extra value columns starting from the identity carry q^T M_t..M_1 and A
+    v_ext = torch.cat([v, v.new_zeros(*v.shape[:-1], K)], dim=-1)
+    first = N if cu_seqlens is None else 1  # the sequences whose incoming state is passed
+    start = torch.zeros(N, H, K, V + K, dtype=torch.float32, device=q.device)
+    if receives:  # else A = 0 and the rows are zero: nothing reaches this slice
+        start[:first, :, :, V:] = torch.eye(K, device=q.device)
+    o_ext, f_ext = kernel(q, k, v_ext, g, beta, initial_state=start, output_final_state=True,
+                          cu_seqlens=cu_seqlens, **options)  # fmt: skip
+    o, rows = o_ext[..., :V], o_ext[..., V:]  # rows: (B, T, H, K), zero past the first doc
+    final, A_all = f_ext[..., :V], f_ext[..., V:]  # (N, H, K, V), (N, H, K, K)
+    A = _last(A_all, cu_seqlens)  # zero when the last sequence is not the first
+    S_in = _incoming(shard, A, _last(final, cu_seqlens), initial_state, torch.matmul, receives)
+    o = o + torch.einsum("bthk,bhkv->bthv", rows.float(), S_in).to(o.dtype)
+    reached = torch.matmul(A_all[:first].float(), S_in)
+    return o, _add_first(final, reached, cu_seqlens)
+
+
+def _add_first(final, extra, cu_seqlens):
+    """`final` with `extra` added to the first sequence's state (every row's, unpacked)."""
+    if cu_seqlens is None:
+        return final + extra.to(final.dtype)
+    return torch.cat([final[:1] + extra.to(final.dtype), final[1:]])
+
+
+def _sequence_parallel(kernel, runner, name: str):
+    """The SP form of `kernel`: the kernel's inputs and options (scale, chunk_size, backend),
+    plus the `shard`; every rank of the group passes the same `initial_state` (plain rows
+    only), which the first rank's slice starts from."""
+
+    def scan(*inputs, shard: Shard, initial_state=None, output_final_state=True,
+             cu_seqlens=None, **options):  # fmt: skip
+        out, final = runner(kernel, inputs, shard, initial_state, cu_seqlens, options)
+        return out, final if output_final_state else None
+
+    scan.__name__ = scan.__qualname__ = f"{kernel.__name__}_sp"
+    scan.__doc__ = f"`{name}` over this rank's slice of a sequence-parallel group. {__doc__}"
+    return scan
+
+
+chunk_gla_sp = _sequence_parallel(chunk_gla, _decay_scan, "rnnscale.kernels.gla.chunk_gla")
+chunk_simple_gla_sp = _sequence_parallel(
+    chunk_simple_gla, _decay_scan, "rnnscale.kernels.simple_gla.chunk_simple_gla"
+)
+linear_scan_sp = _sequence_parallel(
+    linear_scan, _elementwise_scan, "rnnscale.kernels.scan.linear_scan"
+)
+chunk_gated_delta_rule_sp = _sequence_parallel(
+    chunk_gated_delta_rule, _delta, "rnnscale.kernels.delta.chunk_gated_delta_rule"
+)
+chunk_delta_product_sp = _sequence_parallel(
+    chunk_delta_product, _delta, "rnnscale.kernels.delta.chunk_delta_product"
+)
