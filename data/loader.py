@@ -73,6 +73,8 @@ class PackedLoader:
     """Micro batches `{input_ids, labels [B, T], cu_seqlens}` from MDS shards, resumable.
 
     streams: `[(path, proportion)]`; proportions are normalised (None for a single stream).
+    replication: consecutive ranks that get the same samples (streaming's `replication`): the
+        sequence-parallel size, whose ranks each keep their slice of the same rows.
     """
 
     def __init__(
@@ -87,12 +89,14 @@ class PackedLoader:
         docs_per_batch: int = 16,
         pack_documents: bool = True,
         num_workers: int = 0,
+        replication: int = 1,
     ):
         from streaming import Stream, StreamingDataset
 
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.pack_documents = pack_documents
         self.docs_per_batch, self.num_workers = docs_per_batch, num_workers
+        self.replication = replication
         weighted = len(streams) > 1
         self.dataset = StreamingDataset(
             streams=[_stream(Stream, path, p if weighted else None) for path, p in streams],
@@ -100,7 +104,7 @@ class PackedLoader:
             shuffle_seed=seed,
             num_canonical_nodes=num_canonical_nodes,
             batch_size=docs_per_batch,
-            replication=None,
+            replication=replication if replication > 1 else None,
         )
         self._restart(None)
 
@@ -162,7 +166,8 @@ class PackedLoader:
             target = pulled
         while self.docs.pulled < target:  # line the ranks up on one stream position
             self.docs.pull()
-        in_epoch = self.sample_offset + (self.docs.pulled - self.epoch_start) * _world_size()
+        readers = _world_size() // self.replication  # ranks that read different samples
+        in_epoch = self.sample_offset + (self.docs.pulled - self.epoch_start) * readers
         return {
             "stream": self.dataset.state_dict(num_samples=in_epoch, from_beginning=True),
             "epoch_start": self.epoch_start,

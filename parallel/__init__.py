@@ -1,5 +1,8 @@
-"""rnnscale.parallel: process groups, sequence parallelism across the chunkwise scans.
+"""rnnscale.parallel: the DeepSpeed config, and sequence parallelism across the scans.
 
-Empty until the sequence-parallel issue lands; the package exists now so that the import
-contract (launch -> train -> {parallel, data} -> kernels) is checked from the start.
+- `deepspeed_config`: the DeepSpeed config dict derived from the run config.
+- `sequence`: data x sequence parallel groups (DeepSpeed's mpu), the slice each rank holds,
+  the collectives between the ranks of a sequence group (state all-gather, halos, key/value
+  all-gather, DeepSpeed Ulysses) and the bytes they move.
+- `state_passing`: the scan kernels over a slice of a sequence, passing recurrent states.
 """

@@ -62,3 +62,12 @@ def test_checkpoint_benchmark_runs(repo_root):
         "async save, step loop held up + slower steps (s)",
     ]
     assert all(float(row[3]) > 0 for row in rows)
+
+
+def test_sequence_parallel_benchmark_runs(repo_root):
+    rows = table(repo_root, "benchmarks/sequence_parallel.py", "--smoke")
+    names = [row[0] for row in rows]
+    assert names.count("attention, Ulysses all-to-all") == 3  # P = 2, 4, 8
+    recurrent = [row for row in rows if row[0].endswith("state passing")]
+    assert len(recurrent) == 9 and all(len(set(row[2:5])) == 1 for row in recurrent)  # no T
+    assert names[-1] == "gla x4" and float(rows[-1][3]) > 0

@@ -2,6 +2,7 @@
 of the loader that never stopped (one process, and two gloo ranks), and a weighted mixture keeps
 its proportions."""
 
+import functools
 import gc
 import os
 import random
@@ -99,25 +100,26 @@ def _join(rank: int, store: str) -> None:
                                          world_size=2)  # fmt: skip
 
 
-def _two_ranks(rank: int, shards, store: str, results: str) -> None:
+def _two_ranks(rank: int, shards, store: str, results: str, replication: int = 1) -> None:
     _join(rank, store)
+    make = functools.partial(loader, replication=replication)
     try:
-        it = loader(shards)
+        it = make(shards)
         whole = take(it, 10)
         del it
         gc.collect()
         torch.distributed.barrier()
-        it = loader(shards)
+        it = make(shards)
         take(it, 4)
         state = it.state_dict()  # collective: the ranks line up on one stream position
         del it
         gc.collect()
         torch.distributed.barrier()
-        resumed = loader(shards)
+        resumed = make(shards)
         resumed.load_state_dict(state)
         ok = same(take(resumed, 6), whole[4:])
-        first_ids = whole[0]["input_ids"].tolist()
-        torch.save({"ok": ok, "first": first_ids}, f"{results}.{rank}")
+        ids = [b["input_ids"].tolist() for b in whole]
+        torch.save({"ok": ok, "first": ids[0], "ids": ids}, f"{results}.{rank}")
         del resumed
         gc.collect()
         torch.distributed.barrier()
@@ -131,6 +133,15 @@ def test_resume_with_two_ranks(shards, tmp_path):
     r0, r1 = (torch.load(tmp_path / f"r.{rank}") for rank in (0, 1))
     assert r0["ok"] and r1["ok"]
     assert r0["first"] != r1["first"]  # the ranks read different documents
+
+
+def test_ranks_of_a_sequence_group_read_the_same_rows(shards, tmp_path):
+    # a sequence group of 2 (streaming's replication): the same rows on both, and resumable
+    mp.start_processes(_two_ranks, args=(shards, str(tmp_path / "store"), str(tmp_path / "r"), 2),
+                       nprocs=2, start_method="spawn", join=True)  # fmt: skip
+    r0, r1 = (torch.load(tmp_path / f"r.{rank}") for rank in (0, 1))
+    assert r0["ok"] and r1["ok"]
+    assert r0["ids"] == r1["ids"]
 
 
 def test_mixture_keeps_its_proportions(shards):

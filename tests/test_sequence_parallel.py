@@ -4,6 +4,7 @@ sequence, with and without packed documents crossing the slice boundaries; the k
 forms honour a caller's initial state and return the true final states; the communication
 volume of a recurrent layer does not depend on the sequence length."""
 
+import functools
 import json
 import os
 import socket
@@ -91,6 +92,10 @@ def _kernel_cases(groups) -> dict:
         "delta_product": (chunk_delta_product, sp.chunk_delta_product_sp,
                           (q, kp, vp, g_head, betap), S0),
         "scan": (linear_scan, sp.linear_scan_sp, (a, b), h0),
+        # the delta rule's identity columns through the Triton kernel (interpreted on CPU)
+        "delta_triton": (chunk_gated_delta_rule, functools.partial(
+            sp.chunk_gated_delta_rule_sp, backend="triton", chunk_size=16),
+            (q, k, v, g_head, beta), S0),
     }  # fmt: skip
     shard = groups.shard(T)
     errors = {}
@@ -181,7 +186,7 @@ def _run(world: int, tmp_path, job: str) -> list[dict]:
 def test_every_mixer_and_a_hybrid_equal_the_single_rank_run(tmp_path, world):
     results = _run(world, tmp_path, "equal")
     worst = {case: max(r[case] for r in results) for case in results[0]}
-    assert len(worst) == 2 * (len(MIXERS) + 1) + 2 + 5
+    assert len(worst) == 2 * (len(MIXERS) + 1) + 2 + 6
     bad = {case: err for case, err in worst.items() if not err < TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
 

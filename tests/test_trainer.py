@@ -91,8 +91,8 @@ def _poison(monkeypatch, bad_calls):
     """lm_loss gives NaN on the given training calls (1-based, counting micro batches)."""
     real, calls = trainer.lm_loss, {"n": 0}
 
-    def lm_loss(model, batch, device):
-        loss = real(model, batch, device)
+    def lm_loss(model, batch, device, groups=None):
+        loss = real(model, batch, device, groups)
         if model.training:
             calls["n"] += 1
             if calls["n"] in bad_calls:
@@ -213,3 +213,25 @@ def test_batch_that_does_not_split_over_the_ranks_exits_2(repo_root, tmp_path):
     assert r.returncode != 0
     assert "rnnscale: train.global_batch_size: 4 rows per step do not split into micro " in r.stderr
     assert "ConfigError" not in r.stderr  # a message, not a traceback
+
+
+def test_sequence_parallel_training_matches_one_rank(repo_root, tmp_path):
+    """2 ranks holding halves of every packed row (ZeRO-2, documents crossing the halves; a
+    hybrid of state passing, Ulysses attention and halos) train like 1 rank on whole rows."""
+    hybrid = ["model.mixer_pattern=[gated_deltanet,attn,mamba2,swa]", "model.num_layers=4",
+              "model.mamba2.head_dim=32", "model.swa.window=8", "train.eval_interval=3",
+              "train.eval_batches=2"]  # fmt: skip
+    trainer.run(config(repo_root, tmp_path / "one", *hybrid))
+    want = losses(tmp_path / "one")
+    run_dir = tmp_path / "sp"
+    r = torchrun(repo_root, run_dir, *hybrid, "parallel.sequence_parallel_size=2",
+                 "parallel.zero_stage=2")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(run_dir) == pytest.approx(want, abs=TOLERANCE)
+    evals = [{r["step"]: r["eval_loss"] for r in map(json.loads, (d / "metrics.jsonl").open())
+              if "eval_loss" in r} for d in (tmp_path / "one", run_dir)]  # fmt: skip
+    assert list(evals[0]) == [3, 6] and evals[1] == pytest.approx(evals[0], abs=TOLERANCE)
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["tokens"] == 8 * 64  # every token once, not once per rank
+    assert record["sp_bytes_state"] > 0 and record["sp_bytes_ulysses"] > 0
+    assert record["sp_bytes_halo"] > 0

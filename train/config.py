@@ -437,6 +437,13 @@ class ParallelSection:
         500_000_000, "ZeRO 1-2: elements per parameter all-gather bucket."
     )
     overlap_comm: bool = doc(False, "ZeRO: overlap gradient reduction with the backward.")
+    sequence_parallel_size: int = doc(
+        1,
+        "Ranks that split each sequence: P consecutive ranks hold consecutive slices of the "
+        "same rows and pass recurrent states (attention: DeepSpeed Ulysses or a key/value "
+        "all-gather; convolutions and swa: a halo); the ranks divided by P are the data-"
+        "parallel replicas. Must divide the ranks and train.seq_len. See docs/parallelism.md.",
+    )
     stage3_prefetch_bucket_size: int = doc(
         50_000_000, "ZeRO-3: elements of parameters fetched ahead of use."
     )
@@ -450,7 +457,8 @@ class ParallelSection:
     def check(self, path: str) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), f"{path}.zero_stage", "must be 0, 1, 2 or 3")
         _positive(self, path, "reduce_bucket_size", "allgather_bucket_size",
-                  "stage3_prefetch_bucket_size", "stage3_max_live_parameters")  # fmt: skip
+                  "stage3_prefetch_bucket_size", "stage3_max_live_parameters",
+                  "sequence_parallel_size")  # fmt: skip
         _require(self.stage3_param_persistence_threshold >= 0,
                  f"{path}.stage3_param_persistence_threshold", "must be >= 0")  # fmt: skip
 

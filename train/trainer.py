@@ -47,8 +47,11 @@ def run(cfg: RunConfig) -> dict:
 
 def _train(cfg: RunConfig, deepspeed) -> dict:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    groups = sequence_groups(cfg, world)  # None without sequence parallelism
+    P = cfg.parallel.sequence_parallel_size
+    dp_rank, dp_world = rank // P, world // P  # the ranks that read different rows
     try:
-        ds_config = deepspeed_config(cfg.train, cfg.optim, cfg.parallel, world)
+        ds_config = deepspeed_config(cfg.train, cfg.optim, cfg.parallel, dp_world)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     run_dir = cfg.run_dir
@@ -79,12 +82,15 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
         optimizer, lr_multiplier(cfg.schedule, cfg.train.max_steps)
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+        model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        mpu=groups,  # ZeRO over all ranks, gradients averaged over the data-parallel replicas
+    )  # fmt: skip
     if cfg.parallel.zero_stage == 3:  # the loss uses the head's weight outside head.forward
         deepspeed.zero.register_external_parameter(engine.module, engine.module.head.weight)
-    batches = make_batches(cfg, run_dir, rank, world)
-    val_batches = make_val_batches(cfg, rank, world) if cfg.train.eval_interval > 0 else []
+    batches = make_batches(cfg, run_dir, dp_rank, dp_world, replication=P)
+    val_batches = []
+    if cfg.train.eval_interval > 0:
+        val_batches = make_val_batches(cfg, dp_rank, dp_world, replication=P)
     peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, cfg.parallel.dtype)
     counters = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "skips_in_a_row": 0,
                 "rollbacks": 0}  # fmt: skip
@@ -101,14 +107,14 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
     try:
         while counters["step"] < cfg.train.max_steps:
             step = counters["step"] + 1
-            metrics = train_step(engine, batches, device, cfg.parallel.zero_stage)
+            metrics = train_step(engine, batches, device, cfg.parallel.zero_stage, groups)
             too_many = _count_skips(metrics, counters, step, cfg.train.max_consecutive_skips)
             counters["tokens_seen"] += metrics["tokens"]
             metrics["mfu"] = 3 * flops_per_token * metrics["tokens_per_s"] / (peak * world)
             metrics["peak_memory_gb"] = peak_memory_gb(device)
             last = step == cfg.train.max_steps
             if val_batches and (step % cfg.train.eval_interval == 0 or last):
-                metrics.update(evaluate(engine, val_batches, device))
+                metrics.update(evaluate(engine, val_batches, device, groups))
             if step % cfg.train.log_interval == 0 or last or "eval_loss" in metrics:
                 logger.log(step, {**metrics, "tokens_seen": counters["tokens_seen"],
                                   "skipped_steps": counters["skipped_steps"]})  # fmt: skip
@@ -163,9 +169,15 @@ def universal_for_resume(path: Path, cfg: RunConfig, world: int) -> bool:
     except ValueError as e:
         raise ConfigError(f"checkpoint.resume: {e}") from None
     rank = torch.distributed.get_rank()
+    saved = checkpoint.read_meta(path)
+    if cfg.parallel.sequence_parallel_size > 1 or saved.get("sequence_parallel_size", 1) > 1:
+        raise ConfigError(
+            f"checkpoint.resume: {path.name} was saved by {saved['world_size']} ranks at ZeRO "
+            f"stage {saved['zero_stage']}; resuming sequence-parallel runs on another number "
+            "of ranks or stage is not supported: use the same ones"
+        )
     box = [None]
     if rank == 0:
-        saved = checkpoint.read_meta(path)
         print(
             f"rnnscale: {path.name} was saved by {saved['world_size']} ranks at ZeRO stage "
             f"{saved['zero_stage']}; this job has {world} at stage {cfg.parallel.zero_stage}: "
@@ -186,6 +198,12 @@ def _resume(engine, path: Path, cfg: RunConfig, batches, universal: bool, counte
     """Restore engine, RNG, data position and counters from `path`; refuse a config whose model
     or tokenizer differs from the checkpoint's."""
     meta = checkpoint.read_meta(path)
+    saved_P, P = meta.get("sequence_parallel_size", 1), cfg.parallel.sequence_parallel_size
+    if saved_P != P:  # the ranks of a sequence group share a data position
+        raise ConfigError(
+            f"checkpoint {path} was saved with parallel.sequence_parallel_size={saved_P}; "
+            f"this run has {P}: resume with {saved_P}"
+        )
     now = {"model": to_dict(cfg)["model"], "tokenizer": _tokenizer_fingerprint(cfg)}
     for key in ("model", "tokenizer"):
         if meta[key] != now[key]:
@@ -283,6 +301,7 @@ class Checkpointer:
             "step": step,
             "world_size": torch.distributed.get_world_size(),
             "zero_stage": cfg.parallel.zero_stage,
+            "sequence_parallel_size": cfg.parallel.sequence_parallel_size,
             "model": to_dict(cfg)["model"],
             "tokenizer": _tokenizer_fingerprint(cfg),
         }
@@ -421,9 +440,12 @@ def _prompt_hint(run_dir: Path) -> str:
     return '--prompt "def "' if (run_dir / "tokenizer.model").exists() else "--prompt-ids 1"
 
 
-def train_step(engine, batches: Iterator[dict], device, zero_stage: int) -> dict:
+def train_step(engine, batches: Iterator[dict], device, zero_stage: int, groups=None) -> dict:
     """One optimizer step: gradient_accumulation_steps micro batches through the DeepSpeed
-    engine (forward, backward, step), then the step's metrics, averaged over ranks."""
+    engine (forward, backward, step), then the step's metrics, averaged over ranks. Under
+    sequence parallelism (`groups`) each rank runs its slice of the rows, and the metrics
+    include the bytes this rank sent in SP collectives (`sp_bytes`, and per kind)."""
+    P = 1 if groups is None else groups.size
     start = time.perf_counter()
     accum = engine.gradient_accumulation_steps()
     lr = engine.get_lr()[0]
@@ -434,7 +456,7 @@ def train_step(engine, batches: Iterator[dict], device, zero_stage: int) -> dict
         fetch = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - fetch
-        loss = lm_loss(engine, batch, device)
+        loss = lm_loss(engine, batch, device, groups)
         engine.backward(loss)
         if zero_stage == 0 and engine.is_gradient_accumulation_boundary():
             grad_norm = _grad_norm(engine.module)  # reduced over ranks by now
@@ -442,7 +464,7 @@ def train_step(engine, batches: Iterator[dict], device, zero_stage: int) -> dict
                 engine.optimizer.skip_next_step()  # DeepSpeed skips these only under ZeRO
         engine.step()
         loss_sum += loss.detach().double().cpu()
-        tokens += batch["input_ids"].numel()
+        tokens += batch["input_ids"].numel() // P  # this rank's slice
     world = torch.distributed.get_world_size()
     totals = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64)])
     torch.distributed.all_reduce(totals)  # the one collective the metrics cost per step
@@ -452,8 +474,15 @@ def train_step(engine, batches: Iterator[dict], device, zero_stage: int) -> dict
     skipped = engine.skipped_steps > skipped_before or not math.isfinite(grad_norm)
     seconds = time.perf_counter() - start
     global_tokens = int(totals[1])
+    sp = {}
+    if groups is not None:
+        sent = groups.stats.take()
+        sp = {"sp_bytes": sum(sent.values()), **{f"sp_bytes_{k}": v for k, v in sent.items()}}
     return {
-        "loss": (totals[0] / (accum * world)).item(),
+        # each rank's loss is its slice's share of its rows' mean: the shares of the P ranks
+        # of a sequence group add up to it
+        "loss": (totals[0] / (accum * world / P)).item(),
+        **sp,
         "lr": lr,
         "grad_norm": grad_norm,
         "skipped": skipped,
@@ -472,16 +501,38 @@ def _grad_norm(model: torch.nn.Module) -> float:
     return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item()
 
 
-def lm_loss(model, batch: dict, device) -> torch.Tensor:
+def lm_loss(model, batch: dict, device, groups=None) -> torch.Tensor:
     """Mean next-token cross-entropy through `model` (the DeepSpeed engine or the module);
-    packed batches run as one row with cu_seqlens."""
+    packed batches run as one row with cu_seqlens. Under sequence parallelism (`groups`, a
+    `rnnscale.parallel.sequence.ParallelGroups`) the rank runs its slice of the rows (of the
+    one packed row) and returns its share of their mean."""
     input_ids = batch["input_ids"].to(device)  # (B, T)
     labels = batch["labels"].to(device)  # (B, T)
     cu_seqlens = batch["cu_seqlens"]
     if cu_seqlens is not None:
         input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)  # (1, B*T)
         cu_seqlens = cu_seqlens.to(device)
-    return model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
+    if groups is None:
+        return model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
+    shard = groups.shard(input_ids.shape[1], cu_seqlens)
+    return model(shard.local(input_ids), labels=shard.local(labels),
+                 cu_seqlens=shard.cu_seqlens, shard=shard)  # fmt: skip
+
+
+def sequence_groups(cfg: RunConfig, world: int):
+    """The data x sequence parallel groups (`ParallelGroups`, DeepSpeed's mpu) for
+    parallel.sequence_parallel_size > 1, else None."""
+    P = cfg.parallel.sequence_parallel_size
+    if world % P or cfg.train.seq_len % P:
+        raise ConfigError(
+            f"parallel.sequence_parallel_size = {P} must divide the job's {world} ranks and "
+            f"train.seq_len = {cfg.train.seq_len}: change one of them"
+        )
+    if P == 1:
+        return None
+    from rnnscale.parallel.sequence import ParallelGroups
+
+    return ParallelGroups(P)
 
 
 def export(engine, cfg: RunConfig, rank: int) -> None:
@@ -505,15 +556,18 @@ def export(engine, cfg: RunConfig, rank: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: LanguageModel, val_batches: list[dict], device) -> dict:
+def evaluate(model: LanguageModel, val_batches: list[dict], device, groups=None) -> dict:
     """Token-weighted mean loss over the validation batches (summed over ranks when
-    distributed), and its perplexity."""
+    distributed), and its perplexity. Under sequence parallelism each rank holds a share of
+    its rows' loss, and 1/P of their tokens."""
+    P = 1 if groups is None else groups.size
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)  # (loss * tokens, tokens)
     for batch in val_batches:
         n = batch["labels"].numel()
-        totals += torch.tensor([lm_loss(model, batch, device).item() * n, n], dtype=torch.float64)
+        loss = lm_loss(model, batch, device, groups).item()
+        totals += torch.tensor([loss * n, n / P], dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
     model.train(was_training)
@@ -521,23 +575,29 @@ def evaluate(model: LanguageModel, val_batches: list[dict], device) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
 
 
-def make_val_batches(cfg: RunConfig, rank: int = 0, world: int = 1) -> list[dict]:
+def make_val_batches(
+    cfg: RunConfig, rank: int = 0, world: int = 1, replication: int = 1
+) -> list[dict]:
     """This rank's first train.eval_batches micro batches of the validation data:
-    data.val_streams in order (mds), or held-out documents of the synthetic chain."""
+    data.val_streams in order (mds), or held-out documents of the synthetic chain. rank and
+    world count data-parallel replicas; `replication` consecutive ranks share rows."""
     n = cfg.train.eval_batches
     if cfg.data.source == "synthetic":
         held_out = SyntheticBatches(cfg, rank, world, first_index=HELD_OUT)
         return [next(held_out) for _ in range(n)]
-    loader = _packed_loader(cfg, cfg.data.val_streams, shuffle=False)
+    loader = _packed_loader(cfg, cfg.data.val_streams, shuffle=False, replication=replication)
     batches = [next(loader) for _ in range(n)]
     loader.close()
     return batches
 
 
-def make_batches(cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1) -> Iterator[dict]:
+def make_batches(
+    cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1, replication: int = 1
+) -> Iterator[dict]:
     """This rank's micro batches from data.source: synthetic documents, or MDS shards (whose
     tokenizer is copied into the run directory, after checking it fits the model's
-    vocabulary; streaming gives every rank its own part)."""
+    vocabulary; streaming gives every rank its own part). rank and world count data-parallel
+    replicas; `replication` consecutive ranks (a sequence group) get the same rows."""
     if cfg.data.source == "synthetic":
         return SyntheticBatches(cfg, rank, world)
     from streaming.base.util import clean_stale_shared_memory
@@ -554,9 +614,11 @@ def make_batches(cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1) -
             f"data.tokenizer {cfg.data.tokenizer} has {pieces} pieces but model.vocab_size is "
             f"{cfg.model.vocab_size}: raise model.vocab_size to at least {pieces}"
         )
-    if rank == 0:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         shutil.copyfile(cfg.data.tokenizer, run_dir / "tokenizer.model")
-    return _packed_loader(cfg, cfg.data.streams, num_workers=cfg.data.num_workers)
+    return _packed_loader(
+        cfg, cfg.data.streams, num_workers=cfg.data.num_workers, replication=replication
+    )
 
 
 def _packed_loader(cfg: RunConfig, streams, **options):

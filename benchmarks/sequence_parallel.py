@@ -1,0 +1,158 @@
+"""Sequence parallelism: bytes per layer against the two ways attention is split, and measured
+weak scaling on this machine.
+
+    .venv/bin/python benchmarks/sequence_parallel.py [--smoke] [--steps N]
+
+1. **Bytes per layer** (one rank, forward and backward), from the accounting functions the
+   training collectives record with (`rnnscale.parallel.sequence`): our state passing for the
+   recurrent layers of the 1.3B recipes (GLA, Gated DeltaNet, Mamba2; fp32 states) beside
+   DeepSpeed Ulysses' all-to-alls and an all-gather of keys and values for an attention layer
+   of the same width (16 heads of 128, bf16, one row), at T = 16K, 64K and 1M tokens and
+   P = 2, 4 and 8 ranks per sequence. Formulas, so they hold at any scale; the runtime counts
+   are checked against them in tests/test_sequence_parallel.py.
+2. **Weak scaling, measured**: `rnnscale.train.run` under torchrun, P = 1 on T tokens and
+   P = 2 on 2T (2 processes, each one thread, ZeRO-2, fp32, one row per step), for a recurrent
+   model (4 GLA layers) and a hybrid (Gated DeltaNet, sliding-window attention, Mamba2, GLA).
+   Efficiency = step time at P = 1 / step time at P = 2 (1.0: the longer sequence costs
+   nothing more per rank). Median of the steps after the first.
+
+Nothing here is asserted on; tests/test_benchmarks.py runs `--smoke`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LENGTHS = {"16K": 16 * 1024, "64K": 64 * 1024, "1M": 1024 * 1024}
+SIZES = (2, 4, 8)
+ATTENTION = {"H": 16, "D": 128, "itemsize": 2, "B": 1}  # a 2048-wide layer in bf16, one row
+MODELS = {
+    "gla x4": ["model.mixer_pattern=[gla]", "model.num_layers=4"],
+    "gdn+swa+mamba2+gla": ["model.mixer_pattern=[gated_deltanet,swa,mamba2,gla]",
+                           "model.num_layers=4", "model.swa.window=128",
+                           "model.mamba2.head_dim=32"],
+}  # fmt: skip
+COMMON = ["configs/debug_cpu.yaml", "model.d_model=128", "model.num_heads=4",
+          "model.gla.chunk_size=64", "train.micro_batch_size=1", "train.global_batch_size=1",
+          "train.log_interval=1", "parallel.zero_stage=2", "log.progress_bar=false",
+          "log.wandb.mode=disabled", "log.tensorboard=false", "train.eval_interval=0",
+          "schedule.warmup_steps=0", "train.peak_tflops=1"]  # fmt: skip
+
+
+def recurrent_shapes() -> dict[str, tuple[int, int]]:
+    """(transition, state) elements of one layer per sequence for the 1.3B recipes."""
+    import torch
+
+    from rnnscale.train.config import load_config
+    from rnnscale.train.model import build_model
+
+    shapes = {}
+    for name in ("gla", "gated_deltanet", "mamba2"):
+        cfg = load_config(ROOT / f"configs/recipes/{name}-1.3b.yaml", ["model.num_layers=1"])
+        with torch.device("meta"):
+            mixer = build_model(cfg.model).blocks[0].mixer
+        if name == "gla":
+            H, K, V = (
+                mixer.num_heads,
+                mixer.key_dim // mixer.num_heads,
+                mixer.value_dim // mixer.num_heads,
+            )
+            shapes[f"gla (H={H}, K={K}, V={V})"] = (H * K, H * K * V)  # a decay per key
+        elif name == "gated_deltanet":
+            H, K, V = mixer.num_heads, mixer.head_dim, mixer.head_v_dim
+            shapes[f"gated_deltanet (H={H}, K={K}, V={V})"] = (H * K * K, H * K * V)  # K x K
+        else:
+            H, N, Pd = mixer.num_heads, mixer.state_size, mixer.head_dim
+            shapes[f"mamba2 (H={H}, N={N}, P={Pd})"] = (H, H * N * Pd)  # a decay per head
+    return shapes
+
+
+def bytes_table() -> None:
+    from rnnscale.parallel.sequence import kv_gather_bytes, state_passing_bytes, ulysses_bytes
+
+    a = ATTENTION
+    print("bytes one rank sends per layer, forward + backward (MB = 1e6 bytes); attention: "
+          f"{a['H']} heads of {a['D']}, bf16, {a['B']} row")  # fmt: skip
+    print()
+    head = " | ".join(f"T={t}" for t in LENGTHS)
+    print(f"| layer | P | {head} | ours / Ulysses at 64K |")
+    print("|---|---|" + "---|" * len(LENGTHS) + "---|")
+    shapes = recurrent_shapes()
+    for P in SIZES:
+        uly = {
+            t: ulysses_bytes(P, a["B"], n, a["H"], a["D"], a["itemsize"])
+            for t, n in LENGTHS.items()
+        }
+        kv = {
+            t: kv_gather_bytes(P, a["B"], n, a["H"], a["D"], a["itemsize"])
+            for t, n in LENGTHS.items()
+        }
+        for name, (transition, state) in shapes.items():
+            ours = state_passing_bytes(P, transition, state)
+            cells = " | ".join(f"{ours / 1e6:.2f}" for _ in LENGTHS)
+            print(f"| {name}, state passing | {P} | {cells} | {ours / uly['64K']:.2%} |")
+        print(
+            f"| attention, Ulysses all-to-all | {P} | "
+            + " | ".join(f"{uly[t] / 1e6:.1f}" for t in LENGTHS)
+            + " | 100% |"
+        )
+        print(f"| attention, all-gather of K/V | {P} | "
+              + " | ".join(f"{kv[t] / 1e6:.1f}" for t in LENGTHS) + " | - |")  # fmt: skip
+
+
+def step_time(run_dir: Path) -> float:
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return statistics.median(s["step_time_s"] for s in steps[1:])
+
+
+def weak_scaling(T: int, steps: int, models: dict[str, list[str]]) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    print()
+    print(f"weak scaling on this machine: P = 1 on T = {T}, P = 2 on T = {2 * T} (one thread "
+          f"per process, ZeRO-2, fp32, one row, median of steps 2-{steps})")  # fmt: skip
+    print()
+    print("| model | step P=1, T (s) | step P=2, 2T (s) | efficiency |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="rnnscale-sp-bench-") as tmp:
+        for name, model in models.items():
+            times = []
+            for P in (1, 2):
+                run_dir = Path(tmp) / f"{name.replace(' ', '_')}-{P}"
+                cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(P),
+                       "-m", "rnnscale.train", *COMMON, *model, f"train.seq_len={P * T}",
+                       f"parallel.sequence_parallel_size={P}", f"train.max_steps={steps}",
+                       f"run.dir={run_dir}"]  # fmt: skip
+                r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise SystemExit(f"{name} P={P} failed:\n{r.stderr[-3000:]}")
+                times.append(step_time(run_dir))
+            print(f"| {name} | {times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="one model, short, 2 steps")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=4096, help="T of the P = 1 run")
+    args = parser.parse_args()
+    bytes_table()
+    if args.smoke:  # the first model only
+        weak_scaling(256, 2, dict(list(MODELS.items())[:1]))
+    else:
+        weak_scaling(args.seq_len, args.steps, MODELS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
