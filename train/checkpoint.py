@@ -134,13 +134,6 @@ class SaveFailed(RuntimeError):
     previous committed checkpoint is untouched."""
 
 
-def save(engine, root: Path, step: int, rank_state: dict, meta: dict, config_yaml: str,
-         keep: int) -> Path:  # fmt: skip
-    """Write the checkpoint of `step` from every rank (collective) and commit it; returns its
-    directory. Raises `SaveFailed` on every rank when any rank could not write its part."""
-    return start_save(engine, root, step, rank_state, meta, config_yaml, keep).commit()
-
-
 def start_save(engine, root: Path, step: int, rank_state: dict, meta: dict, config_yaml: str,
                keep: int, asynchronous: bool = False) -> PendingSave:  # fmt: skip
     """Begin the checkpoint of `step` on every rank (collective): DeepSpeed's state and this
