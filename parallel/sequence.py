@@ -102,10 +102,11 @@ class ParallelGroups:
     def get_model_parallel_rank(self) -> int:
         return 0
 
-    def shard(self, length: int, cu_seqlens: torch.Tensor | None = None) -> Shard:
-        """This rank's slice of rows `length` tokens long (`cu_seqlens`: one packed row)."""
+    def shard(self, length: int, cu_seqlens: torch.Tensor | None = None, device=None) -> Shard:
+        """This rank's slice of rows `length` tokens long (`cu_seqlens`: one packed row), its
+        tensors on `device` (default: cu_seqlens', or the CPU)."""
         return Shard.of(self.sequence_group, self.sequence_rank, self.size, length, cu_seqlens,
-                        self.stats)  # fmt: skip
+                        self.stats, device)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +173,7 @@ class Shard:
     continues: the slice's first token continues a sequence from the previous rank (rows: every
         rank but the first; packed: unless a document starts exactly there).
     positions: `[length]` every token's position inside its own document (or row).
+    first_length: tokens of the slice's first sequence (a host int: no device sync per layer).
     """
 
     group: object
@@ -185,9 +187,12 @@ class Shard:
     continues: bool
     positions: torch.Tensor
     stats: CommStats
+    first_length: int = 0
+    exchanges: int = 0  # halo exchanges so far: each one's messages carry its own tag
 
     @classmethod
-    def of(cls, group, rank, size, total, global_cu_seqlens=None, stats=None) -> Shard:
+    def of(cls, group, rank, size, total, global_cu_seqlens=None, stats=None,
+           device=None) -> Shard:  # fmt: skip
         if total % size:
             raise ValueError(
                 f"a sequence of {total} tokens does not split into {size} equal slices "
@@ -196,21 +201,24 @@ class Shard:
             )
         length = total // size
         start = rank * length
-        device = global_cu_seqlens.device if global_cu_seqlens is not None else "cpu"
-        index = torch.arange(start, start + length, device=device)
+        if device is None:
+            device = global_cu_seqlens.device if global_cu_seqlens is not None else "cpu"
+        stats = stats or CommStats()
+        index = torch.arange(start, start + length)  # the arithmetic runs on the host, once
         if global_cu_seqlens is None:
-            return cls(group, rank, size, start, length, total, None, None, rank > 0, index,
-                       stats or CommStats())  # fmt: skip
-        bounds = global_cu_seqlens.to(torch.long)
+            return cls(group, rank, size, start, length, total, None, None, rank > 0,
+                       index.to(device), stats, length)  # fmt: skip
+        bounds = global_cu_seqlens.to("cpu", torch.long)
         if int(bounds[0]) != 0 or int(bounds[-1]) != total:
             raise ValueError(f"cu_seqlens must run from 0 to {total}, got {bounds.tolist()}")
         doc = torch.searchsorted(bounds, index, right=True) - 1  # (L,)
         positions = index - bounds[doc]
         inner = torch.unique(bounds[(bounds > start) & (bounds < start + length)]) - start
         local = torch.cat([bounds.new_zeros(1), inner, bounds.new_full((1,), length)])
-        continues = bool(positions[0] > 0)
-        return cls(group, rank, size, start, length, total, local.to(global_cu_seqlens.dtype),
-                   global_cu_seqlens, continues, positions, stats or CommStats())  # fmt: skip
+        return cls(group, rank, size, start, length, total,
+                   local.to(device, global_cu_seqlens.dtype), global_cu_seqlens.to(device),
+                   bool(positions[0] > 0), positions.to(device), stats,
+                   int(local[1]))  # fmt: skip
 
     def local(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's slice of a whole-row tensor along `dim`."""
@@ -262,9 +270,10 @@ class _Halo(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tail, shard):
-        ctx.shard = shard
+        ctx.shard, ctx.tag = shard, 2 * shard.exchanges  # the backward answers with tag + 1
+        shard.exchanges += 1
         received = torch.zeros_like(tail)
-        _exchange(shard, tail.contiguous(), received, forward=True)
+        _exchange(shard, tail.contiguous(), received, ctx.tag, forward=True)
         shard.stats.record(
             "halo", tail.numel() * tail.element_size() * (shard.rank < shard.size - 1)
         )
@@ -274,20 +283,22 @@ class _Halo(torch.autograd.Function):
     def backward(ctx, grad):
         shard = ctx.shard
         back = torch.zeros_like(grad)
-        _exchange(shard, grad.contiguous(), back, forward=False)
+        _exchange(shard, grad.contiguous(), back, ctx.tag + 1, forward=False)
         shard.stats.record("halo", grad.numel() * grad.element_size() * (shard.rank > 0))
         return back, None
 
 
-def _exchange(shard: Shard, send: torch.Tensor, recv: torch.Tensor, forward: bool) -> None:
-    """Send `send` one rank on (forward) or back, and receive into `recv` from the other side."""
+def _exchange(shard: Shard, send, recv, tag: int, forward: bool) -> None:
+    """Send `send` one rank on (forward) or back, and receive into `recv` from the other side.
+    The tag pairs each message with its own receive, whatever order a backward runs the
+    exchanges of one layer in (the k and v halos of `swa` have the same shape)."""
     rank, P = shard.rank, shard.size
     to, frm = (rank + 1, rank - 1) if forward else (rank - 1, rank + 1)
     ops = []
     if 0 <= to < P:
-        ops.append(dist.P2POp(dist.isend, send, group=shard.group, group_peer=to))
+        ops.append(dist.P2POp(dist.isend, send, group=shard.group, tag=tag, group_peer=to))
     if 0 <= frm < P:
-        ops.append(dist.P2POp(dist.irecv, recv, group=shard.group, group_peer=frm))
+        ops.append(dist.P2POp(dist.irecv, recv, group=shard.group, tag=tag, group_peer=frm))
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
@@ -328,7 +339,7 @@ class _GatherSequence(torch.autograd.Function):
         dist.all_to_all(received, pieces, group=shard.group)
         nbytes = pieces[0].numel() * pieces[0].element_size()
         shard.stats.record("kv_gather", all_gather_bytes(nbytes, shard.size))
-        return torch.stack(received).sum(0), None
+        return torch.stack(received).float().sum(0).to(grad.dtype), None  # summed in fp32
 
 
 def gather_sequence(shard: Shard, x: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,10 @@ adds, which is linear in S_in:
     elementwise scan:        h_t += (a_1 ... a_t) * h_in
     delta rule:              o_t += (scale q_t^T M_t ... M_1) S_in   M: the token transitions
 
-The delta rule's row vectors and its A come from the same kernel call: the values get K extra
-zero columns whose initial state is the identity (the state's columns evolve independently),
-so the call returns `[o | scale q^T M_t..M_1]` and a final state `[S_loc | A]`. Only the first
+The delta rule's row vectors and its A come from the kernel itself: a second call with K value
+columns of zeros whose initial state is the identity (the state's columns evolve
+independently) returns `scale q^T M_t..M_1` as its output and A as its final state (SCANS.md's
+alternative is a second pass with S_in; this one needs no wait for S_in). Only the first
 document of a slice receives S_in; the correction is written in torch ops, so autograd carries
 the gradients to q, the gates, k and beta, and through the all-gather's backward (an
 all-to-all of the per-piece gradients) to the earlier ranks. Every function takes and returns
@@ -33,9 +34,12 @@ from rnnscale.kernels.simple_gla import chunk_simple_gla
 from rnnscale.parallel.sequence import Shard, gather_states
 
 
-def _first_length(T: int, cu_seqlens: torch.Tensor | None) -> int:
-    """Tokens of the slice's first sequence (the one the incoming state reaches)."""
-    return T if cu_seqlens is None else int(cu_seqlens[1])
+def _first_length(T: int, cu_seqlens: torch.Tensor | None, shard: Shard) -> int:
+    """Tokens of the slice's first sequence (the one the incoming state reaches); the shard
+    knows it without a device sync when cu_seqlens are its own."""
+    if cu_seqlens is None:
+        return T
+    return shard.first_length if cu_seqlens is shard.cu_seqlens else int(cu_seqlens[1])
 
 
 def _check_state(shard: Shard, initial_state, cu_seqlens) -> bool:
@@ -78,7 +82,7 @@ def _decay_scan(kernel, inputs, shard, initial_state, cu_seqlens, options):
     scale = options.get("scale")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     receives = _check_state(shard, initial_state, cu_seqlens)
-    n = _first_length(q.shape[1], cu_seqlens)
+    n = _first_length(q.shape[1], cu_seqlens, shard)
     c = g[:, :n].float().cumsum(1)  # (B, n, H[, K]): log-decay from the slice start
     per_key = g.dim() == 4
     whole = receives and (cu_seqlens is None or len(cu_seqlens) == 2)
@@ -101,7 +105,7 @@ def _elementwise_scan(kernel, inputs, shard, initial_state, cu_seqlens, options)
     h, final = kernel(a, b, initial_state=None, output_final_state=True,
                       cu_seqlens=cu_seqlens, **options)  # fmt: skip
     receives = _check_state(shard, initial_state, cu_seqlens)
-    n = _first_length(b.shape[1], cu_seqlens)
+    n = _first_length(b.shape[1], cu_seqlens, shard)
     prod = a[:, :n].float().cumprod(1)  # (B, n, D)
     whole = receives and (cu_seqlens is None or len(cu_seqlens) == 2)
     A = prod[:, -1] if whole else torch.zeros_like(prod[:, -1])
@@ -115,18 +119,20 @@ def _delta(kernel, inputs, shard, initial_state, cu_seqlens, options):
     """The gated delta rule (and DeltaProduct, whose k, v, beta have a Householder axis)."""
     q, k, v, g, beta = inputs
     receives = _check_state(shard, initial_state, cu_seqlens)
-    (B, _, H, K), V = q.shape, v.shape[-1]
+    B, _, H, K = q.shape
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    # K extra value columns starting from the identity carry q^T M_t..M_1 and A
-    v_ext = torch.cat([v, v.new_zeros(*v.shape[:-1], K)], dim=-1)
+    o, final = kernel(q, k, v, g, beta, initial_state=None, output_final_state=True,
+                      cu_seqlens=cu_seqlens, **options)  # fmt: skip
+    # K value columns of zeros starting from the identity carry q^T M_t..M_1 and A: the same
+    # kernel in a second call (not V + K columns in one, so its tiles keep their size)
     first = N if cu_seqlens is None else 1  # the sequences whose incoming state is passed
-    start = torch.zeros(N, H, K, V + K, dtype=torch.float32, device=q.device)
+    start = torch.zeros(N, H, K, K, dtype=torch.float32, device=q.device)
     if receives:  # else A = 0 and the rows are zero: nothing reaches this slice
-        start[:first, :, :, V:] = torch.eye(K, device=q.device)
-    o_ext, f_ext = kernel(q, k, v_ext, g, beta, initial_state=start, output_final_state=True,
-                          cu_seqlens=cu_seqlens, **options)  # fmt: skip
-    o, rows = o_ext[..., :V], o_ext[..., V:]  # rows: (B, T, H, K), zero past the first doc
-    final, A_all = f_ext[..., :V], f_ext[..., V:]  # (N, H, K, V), (N, H, K, K)
+        start[:first] = torch.eye(K, device=q.device)
+    zeros = v.new_zeros(*v.shape[:-1], K)
+    rows, A_all = kernel(q, k, zeros, g, beta, initial_state=start, output_final_state=True,
+                         cu_seqlens=cu_seqlens, **options)  # fmt: skip
+    # rows: (B, T, H, K), zero past the first doc; A_all: (N, H, K, K)
     A = _last(A_all, cu_seqlens)  # zero when the last sequence is not the first
     S_in = _incoming(shard, A, _last(final, cu_seqlens), initial_state, torch.matmul, receives)
     o = o + torch.einsum("bthk,bhkv->bthv", rows.float(), S_in).to(o.dtype)

@@ -31,10 +31,11 @@ def config(repo_root, run_dir, *overrides):
                         "train.max_steps=6", *overrides])  # fmt: skip
 
 
-def torchrun(repo_root, run_dir, *overrides) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "rnnscale.train",
-           "configs/debug_cpu.yaml", f"run.dir={run_dir}", "log.progress_bar=false",
-           "log.wandb.mode=disabled", "train.max_steps=6", *overrides]  # fmt: skip
+def torchrun(repo_root, run_dir, *overrides, ranks: int = 2) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks),
+           "-m", "rnnscale.train", "configs/debug_cpu.yaml", f"run.dir={run_dir}",
+           "log.progress_bar=false", "log.wandb.mode=disabled", "train.max_steps=6",
+           *overrides]  # fmt: skip
     return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
 
 
@@ -217,21 +218,23 @@ def test_batch_that_does_not_split_over_the_ranks_exits_2(repo_root, tmp_path):
 
 def test_sequence_parallel_training_matches_one_rank(repo_root, tmp_path):
     """2 ranks holding halves of every packed row (ZeRO-2, documents crossing the halves; a
-    hybrid of state passing, Ulysses attention and halos) train like 1 rank on whole rows."""
+    hybrid of state passing, Ulysses attention and halos) train like 1 rank on whole rows, and
+    so do 4 ranks as 2 data-parallel replicas of 2."""
     hybrid = ["model.mixer_pattern=[gated_deltanet,attn,mamba2,swa]", "model.num_layers=4",
               "model.mamba2.head_dim=32", "model.swa.window=8", "train.eval_interval=3",
               "train.eval_batches=2"]  # fmt: skip
     trainer.run(config(repo_root, tmp_path / "one", *hybrid))
-    want = losses(tmp_path / "one")
-    run_dir = tmp_path / "sp"
-    r = torchrun(repo_root, run_dir, *hybrid, "parallel.sequence_parallel_size=2",
-                 "parallel.zero_stage=2")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert losses(run_dir) == pytest.approx(want, abs=TOLERANCE)
-    evals = [{r["step"]: r["eval_loss"] for r in map(json.loads, (d / "metrics.jsonl").open())
-              if "eval_loss" in r} for d in (tmp_path / "one", run_dir)]  # fmt: skip
-    assert list(evals[0]) == [3, 6] and evals[1] == pytest.approx(evals[0], abs=TOLERANCE)
-    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["tokens"] == 8 * 64  # every token once, not once per rank
-    assert record["sp_bytes_state"] > 0 and record["sp_bytes_ulysses"] > 0
-    assert record["sp_bytes_halo"] > 0
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
+    for ranks in (2, 4):
+        run_dir = tmp_path / f"sp{ranks}"
+        r = torchrun(repo_root, run_dir, *hybrid, "parallel.sequence_parallel_size=2",
+                     "parallel.zero_stage=2", ranks=ranks)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        sp = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+        for key in ("loss", "grad_norm"):
+            assert [x[key] for x in sp] == pytest.approx([x[key] for x in one], abs=TOLERANCE)
+        evals = [{x["step"]: x["eval_loss"] for x in run if "eval_loss" in x} for run in (one, sp)]
+        assert list(evals[0]) == [3, 6] and evals[1] == pytest.approx(evals[0], abs=TOLERANCE)
+        assert sp[-1]["tokens"] == 8 * 64  # every token once, not once per rank
+        assert sp[-1]["sp_bytes_state"] > 0 and sp[-1]["sp_bytes_ulysses"] > 0
+        assert sp[-1]["sp_bytes_halo"] > 0

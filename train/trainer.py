@@ -115,6 +115,8 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
             last = step == cfg.train.max_steps
             if val_batches and (step % cfg.train.eval_interval == 0 or last):
                 metrics.update(evaluate(engine, val_batches, device, groups))
+                if groups is not None:  # sp_bytes count the training steps only
+                    groups.stats.take()
             if step % cfg.train.log_interval == 0 or last or "eval_loss" in metrics:
                 logger.log(step, {**metrics, "tokens_seen": counters["tokens_seen"],
                                   "skipped_steps": counters["skipped_steps"]})  # fmt: skip
@@ -514,7 +516,7 @@ def lm_loss(model, batch: dict, device, groups=None) -> torch.Tensor:
         cu_seqlens = cu_seqlens.to(device)
     if groups is None:
         return model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
-    shard = groups.shard(input_ids.shape[1], cu_seqlens)
+    shard = groups.shard(input_ids.shape[1], cu_seqlens, device=input_ids.device)
     return model(shard.local(input_ids), labels=shard.local(labels),
                  cu_seqlens=shard.cu_seqlens, shard=shard)  # fmt: skip
 

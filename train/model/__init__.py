@@ -4,11 +4,14 @@ A mixer is an `nn.Module` built as `cls(options, dims)` from its own options sec
 `model` config section of the same name) and a `MixerDims` (d_model, num_heads, norm_eps,
 layer_idx, num_layers), with
 
-    forward(x [B, T, d_model], *, cu_seqlens=None, state=None) -> (y [B, T, d_model], state)
+    forward(x [B, T, d_model], *, cu_seqlens=None, state=None, shard=None)
+        -> (y [B, T, d_model], state)
     flops_per_token(seq_len) -> int      forward FLOPs per token (train/model/flops.py)
 
 where `state` (whatever the mixer needs: recurrent state, convolution tails, a key/value
-cache) continues every sequence, or every packed document, exactly where the call stopped.
+cache) continues every sequence, or every packed document, exactly where the call stopped, and
+`shard` (a `rnnscale.parallel.sequence.Shard`) says that x is this rank's slice of longer rows
+under sequence parallelism (docs/parallelism.md).
 """
 
 from __future__ import annotations
