@@ -234,7 +234,9 @@ def test_sequence_parallel_training_matches_one_rank(repo_root, tmp_path):
         for key in ("loss", "grad_norm"):
             assert [x[key] for x in sp] == pytest.approx([x[key] for x in one], abs=TOLERANCE)
         evals = [{x["step"]: x["eval_loss"] for x in run if "eval_loss" in x} for run in (one, sp)]
-        assert list(evals[0]) == [3, 6] and evals[1] == pytest.approx(evals[0], abs=TOLERANCE)
+        assert list(evals[0]) == list(evals[1]) == [3, 6]
+        if ranks == 2:  # one replica reads the held-out batches 1 rank reads (2 read others)
+            assert evals[1] == pytest.approx(evals[0], abs=TOLERANCE)
         assert sp[-1]["tokens"] == 8 * 64  # every token once, not once per rank
         assert sp[-1]["sp_bytes_state"] > 0 and sp[-1]["sp_bytes_ulysses"] > 0
         assert sp[-1]["sp_bytes_halo"] > 0
