@@ -31,7 +31,14 @@ $(STAMP): pyproject.toml Makefile
 
 QS := runs/quickstart-data
 quickstart: $(STAMP) $(QS)/shards/prepare.json
-	$(VENV)/bin/rnnscale train configs/quickstart.yaml
+	$(VENV)/bin/rnnscale train configs/quickstart.yaml checkpoint.resume=none
+	$(VENV)/bin/rnnscale generate runs/quickstart --prompt "def " --max-new-tokens 48
+	@echo
+	@echo "run directory:  runs/quickstart (config.yaml, metrics.jsonl, model.safetensors)"
+	@echo "checkpoints:    runs/quickstart/checkpoints"
+	@echo "TensorBoard:    $(VENV)/bin/rnnscale dashboard runs/quickstart   (http://127.0.0.1:6006)"
+	@echo "wandb, offline: runs/quickstart/wandb  ($(VENV)/bin/wandb sync runs/quickstart/wandb/offline-run-*)"
+	@echo "where it is:    $(VENV)/bin/rnnscale status runs/quickstart"
 
 # the embedded corpus (the Python standard library's source) and its tokenizer, built once
 $(QS)/tokenizer/tokenizer.model: | $(STAMP)

@@ -1,6 +1,9 @@
 """The `rnnscale` command.
 
-    rnnscale train CONFIG [key=value ...]        train (one process on this machine, for now)
+    rnnscale train CONFIG [key=value ...]        train: one process, or launch.num_workers Ray
+                                                 Train workers (embedded local Ray by default)
+    rnnscale submit CONFIG --address URL [k=v]   the same run on a Ray cluster (Jobs API)
+    rnnscale jobs list|status ID|logs ID [--follow]|stop ID   submitted runs
     rnnscale config show CONFIG [key=value ...]  print the resolved config, start nothing
     rnnscale plan CONFIG --gpus N [key=value ...]  parameters, FLOPs, memory per GPU by ZeRO stage
     rnnscale generate RUN_DIR --prompt TEXT      sample from a trained model (recurrent form)
@@ -28,7 +31,7 @@ from rnnscale.train.config import ConfigError, RunConfig, dump_yaml, load_config
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "plan" and not any(a.startswith("-") for a in rest):
+    if args.command in ("plan", "submit") and not any(a.startswith("-") for a in rest):
         args.overrides += rest  # `plan CONFIG --gpus N key=value`: overrides after the options
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -42,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     if args.command == "ckpt":
         return _ckpt(args)
+    if args.command in ("submit", "jobs"):
+        from rnnscale.launch import jobs
+
+        if args.command == "submit":  # the config must load here before it goes anywhere
+            try:
+                load_config(args.config, args.overrides)
+            except ConfigError as e:
+                print(f"rnnscale: {e}", file=sys.stderr)
+                return 2
+            return jobs.submit(args)
+        return jobs.jobs(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -106,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     reshard.add_argument(
         "checkpoint", metavar="CHECKPOINT", help="a committed checkpoint: .../checkpoints/step_*"
     )
+    from rnnscale.launch.jobs import add_parsers
+
+    add_parsers(commands)
     status = commands.add_parser("status", help="print where a run stands")
     status.add_argument("run_dir", metavar="RUN_DIR")
     dash = commands.add_parser("dashboard", help="serve TensorBoard on a run's tb/ directory")
@@ -206,6 +223,19 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(cfg: RunConfig) -> int:
+    """Train in this process, or with launch.num_workers > 1 in Ray Train workers."""
+    if cfg.launch.num_workers > 1:
+        from ray.train import TrainingFailedError
+
+        from rnnscale.launch.ray_launch import train_with_ray
+
+        try:
+            train_with_ray(cfg)
+        except TrainingFailedError as e:
+            print(f"rnnscale: training failed after launch.max_failures="
+                  f"{cfg.launch.max_failures} restarts: {e}", file=sys.stderr)  # fmt: skip
+            return 1
+        return 0
     from rnnscale.train import run
 
     try:

@@ -498,6 +498,45 @@ class CheckpointSection:
 
 
 @dataclass
+class LaunchSection:
+    num_workers: int = doc(
+        1,
+        "Training processes. 1: `rnnscale train` trains in its own process; more: it runs them "
+        "as Ray Train workers (an embedded local Ray, or the cluster of launch.address).",
+    )
+    address: str = doc(
+        "",
+        "Ray cluster to run the workers on ('auto', 'ray://HEAD:10001', 'HEAD:6379'); empty: "
+        "the RAY_ADDRESS environment variable, else an embedded local Ray bound to localhost.",
+    )
+    cpus_per_worker: float = doc(1.0, "CPUs Ray reserves for each worker.")
+    gpus_per_worker: float = doc(0.0, "GPUs Ray reserves for each worker (0: train on CPU).")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc(
+        "PACK",
+        "Ray placement of the workers: PACK fills nodes in turn; STRICT_SPREAD puts one worker "
+        "on every node. Streaming data wants the same number of workers on every node.",
+    )
+    max_failures: int = doc(
+        3,
+        "Times Ray restarts the worker group after a worker or node dies (the run then resumes "
+        "from its newest committed checkpoint by itself); -1: no limit.",
+    )
+    storage_path: str = doc(
+        "",
+        "Where Ray Train keeps its own run state (every node must see it on a multi-node "
+        "cluster); empty: <run dir>/ray.",
+    )
+    dashboard_port: int = doc(
+        8265, "Port of the embedded Ray's dashboard (bound to 127.0.0.1 only)."
+    )
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "num_workers", "cpus_per_worker", "dashboard_port")
+        _require(self.gpus_per_worker >= 0, f"{path}.gpus_per_worker", "must be >= 0")
+        _require(self.max_failures >= -1, f"{path}.max_failures", "must be >= -1")
+
+
+@dataclass
 class LogSection:
     progress_bar: bool = doc(True, "Show a console progress bar (step, loss, tokens/s, ETA).")
     tensorboard: bool = doc(
@@ -517,6 +556,7 @@ class RunConfig:
     parallel: ParallelSection = section(ParallelSection, "DeepSpeed: ZeRO, precision, memory.")
     checkpoint: CheckpointSection = section(CheckpointSection, "Saving and resuming.")
     log: LogSection = section(LogSection, "Console and metric logging.")
+    launch: LaunchSection = section(LaunchSection, "Workers: how many, and where (Ray).")
 
     @property
     def run_dir(self) -> Path:

@@ -101,7 +101,8 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
     logger = Logger.for_rank(rank, cfg, run_dir, initial_step=counters["step"])
     logger.event("start", step=counters["step"], world_size=world,
                  resumed_from=str(resume_from) if resume_from else None,
-                 load_s=round(load_s, 4))  # fmt: skip
+                 load_s=round(load_s, 4), pid=os.getpid(),
+                 host=socket.gethostname())  # fmt: skip
     metrics: dict = {}
     saves = Checkpointer(engine, cfg, batches, logger)
     try:

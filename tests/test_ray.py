@@ -1,0 +1,118 @@
+"""Ray launch on this machine: `rnnscale train` with launch.num_workers=2 runs the workers under
+Ray Train on an embedded local Ray; a worker killed with SIGKILL mid-run is restarted with its
+group, the run resumes from its last committed checkpoint by itself, and the losses equal those
+of a run that never stopped."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rnnscale.train import trainer
+from rnnscale.train.config import load_config
+
+BIN = Path(sys.executable).parent
+COMMON = ["log.progress_bar=false", "log.wandb.mode=disabled", "log.tensorboard=false",
+          "train.seq_len=512", "train.max_steps=14", "checkpoint.interval=2",
+          "checkpoint.keep=2"]  # fmt: skip
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e.get("event") == kind]
+
+
+def last_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss, the last record of each step (steps after a restart are logged again)."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").open())}
+
+
+def test_a_killed_ray_worker_is_restarted_and_the_run_resumes(repo_root, tmp_path):
+    trainer.run(load_config(repo_root / "configs/debug_cpu.yaml",
+                            [f"run.dir={tmp_path / 'whole'}", *COMMON]))  # fmt: skip
+    want = last_losses(tmp_path / "whole")
+    run_dir = tmp_path / "ray"
+    cmd = [str(BIN / "rnnscale"), "train", "configs/debug_cpu.yaml", f"run.dir={run_dir}",
+           "launch.num_workers=2", "launch.max_failures=2", "launch.dashboard_port=8299",
+           *COMMON]  # fmt: skip
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not [e for e in events(run_dir, "checkpoint") if e["step"] >= 4]:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        worker = events(run_dir, "start")[-1]["pid"]  # rank 0, a Ray Train worker process
+        os.kill(worker, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    starts = events(run_dir, "start")
+    assert len(starts) == 2 and starts[1]["resumed_from"], starts  # restarted once, resumed
+    assert last_losses(run_dir) == pytest.approx(want, abs=1e-4)
+    status = subprocess.run([str(BIN / "rnnscale"), "status", str(run_dir)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert "restarts: 1" in status.stdout, status.stdout
+    assert "Ray dashboard: http://127.0.0.1:8299" in out
+
+
+def test_submit_to_a_local_head_and_read_the_job_logs(repo_root, tmp_path):
+    """`ray start --head` on this machine, `rnnscale submit` a 2-worker run to it, follow it
+    with `rnnscale jobs`, and see the training output in `rnnscale jobs logs`."""
+    # Ray's token authentication (on by default for local clusters since Ray 2.59): the head,
+    # its jobs and `rnnscale submit`/`jobs` read the token from the environment
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # fmt: skip
+    address = "http://127.0.0.1:8296"
+    head = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+            "--port=6391", "--dashboard-host=127.0.0.1", "--dashboard-port=8296",
+            "--num-cpus=2", "--disable-usage-stats"]  # fmt: skip
+    r = subprocess.run(head, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def rnnscale(*args, check=True):
+        r = subprocess.run([str(BIN / "rnnscale"), *args], cwd=repo_root, env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert not check or r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    try:
+        out = rnnscale("submit", "configs/debug_cpu.yaml", "--address", address,
+                       "--job-id", "rnnscale-test", f"run.dir={tmp_path / 'run'}",
+                       "launch.num_workers=2", "train.max_steps=4", "log.progress_bar=false",
+                       "log.wandb.mode=disabled")  # fmt: skip
+        assert "submitted rnnscale-test" in out and "jobs logs rnnscale-test --follow" in out
+        deadline, status = time.monotonic() + 300, ""
+        while not any(end in status for end in ("SUCCEEDED", "FAILED", "STOPPED")):
+            assert time.monotonic() < deadline, status
+            time.sleep(2)
+            status = rnnscale("jobs", "status", "rnnscale-test", "--address", address)
+        logs = rnnscale("jobs", "logs", "rnnscale-test", "--address", address)
+        assert "SUCCEEDED" in status, logs[-4000:]
+        assert "rnnscale: done: 4 steps" in logs
+        assert "rnnscale-test\tSUCCEEDED" in rnnscale("jobs", "list", "--address", address)
+        assert (tmp_path / "run" / "model.safetensors").exists()
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+
+
+def test_cluster_files_parse(repo_root):
+    import yaml
+
+    job = yaml.safe_load((repo_root / "docs/cluster/rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("rnnscale train ")
+    r = subprocess.run(["bash", "-n", str(repo_root / "docs/cluster/slurm.sbatch")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
