@@ -67,6 +67,9 @@ def train_with_ray(cfg: RunConfig) -> None:
                 num_cpus=max(os.cpu_count() or 1, needed),
             )
         dashboard = context.dashboard_url or ""
+    # our ranks print through stdout once (Ray forwards it); Train's print patch would print
+    # every line a second time through its logger (the setting reaches the workers)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     gpus = launch.gpus_per_worker
     resources = {"CPU": launch.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     storage = launch.storage_path or str(cfg.run_dir / "ray")
