@@ -155,11 +155,6 @@ def kv_gather_bytes(P: int, B: int, T: int, H: int, D: int, itemsize: int) -> in
     return 2 * 2 * all_gather_bytes(B * (T // P) * H * D * itemsize, P)
 
 
-def halo_bytes(B: int, n: int, width: int, itemsize: int) -> int:
-    """A halo of `n` tokens `width` wide to the next rank, forward and its gradient back."""
-    return 2 * B * n * width * itemsize
-
-
 # ---------------------------------------------------------------------------------------------
 # the slice a rank holds
 

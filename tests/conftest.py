@@ -1,9 +1,15 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# DeepSpeed JIT-builds its CPU shared-memory comm op on first use (about a minute on 2 cores) into
+# TORCH_EXTENSIONS_DIR; one directory per environment, so that two checkouts' environments on one
+# machine do not rebuild it in turn (the default ~/.cache is shared and keyed by source path).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 # Without a GPU the Triton kernels are tested in Triton's interpreter (NumPy on CPU). Triton
 # reads this when it decorates a kernel, so it is set before any test imports one.

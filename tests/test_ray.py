@@ -1,25 +1,30 @@
 """Ray launch on this machine: `rnnscale train` with launch.num_workers=2 runs the workers under
 Ray Train on an embedded local Ray; a worker killed with SIGKILL mid-run is restarted with its
 group, the run resumes from its last committed checkpoint by itself, and the losses equal those
-of a run that never stopped."""
+of a run that never stopped. The same holds on a cluster of three Ray nodes in network namespaces
+when a whole node's raylet is killed and a replacement node joins."""
 
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from netns_cluster import NetnsCluster, unavailable
 
 from rnnscale.train import trainer
 from rnnscale.train.config import load_config
 
 BIN = Path(sys.executable).parent
+MAX_STEPS = 24  # about 6 s of training on 2 workers: time to see step 4's checkpoint and kill
 COMMON = ["log.progress_bar=false", "log.wandb.mode=disabled", "log.tensorboard=false",
-          "train.seq_len=512", "train.max_steps=14", "checkpoint.interval=2",
+          "train.seq_len=512", f"train.max_steps={MAX_STEPS}", "checkpoint.interval=2",
           "checkpoint.keep=2"]  # fmt: skip
 
 
@@ -36,10 +41,18 @@ def last_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").open())}
 
 
-def test_a_killed_ray_worker_is_restarted_and_the_run_resumes(repo_root, tmp_path):
-    trainer.run(load_config(repo_root / "configs/debug_cpu.yaml",
-                            [f"run.dir={tmp_path / 'whole'}", *COMMON]))  # fmt: skip
-    want = last_losses(tmp_path / "whole")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Step -> loss of the COMMON run on one process that never stopped."""
+    run_dir = tmp_path_factory.mktemp("whole")
+    config = Path(__file__).resolve().parents[1] / "configs/debug_cpu.yaml"
+    trainer.run(load_config(config, [f"run.dir={run_dir}", *COMMON]))
+    return last_losses(run_dir)
+
+
+def test_a_killed_ray_worker_is_restarted_and_the_run_resumes(repo_root, tmp_path,
+                                                              uninterrupted):  # fmt: skip
+    want = uninterrupted
     run_dir = tmp_path / "ray"
     cmd = [str(BIN / "rnnscale"), "train", "configs/debug_cpu.yaml", f"run.dir={run_dir}",
            "launch.num_workers=2", "launch.max_failures=2", "launch.dashboard_port=8299",
@@ -69,8 +82,9 @@ def test_a_killed_ray_worker_is_restarted_and_the_run_resumes(repo_root, tmp_pat
 
 
 def test_submit_to_a_local_head_and_read_the_job_logs(repo_root, tmp_path):
-    """`ray start --head` on this machine, `rnnscale submit` a 2-worker run to it, follow it
-    with `rnnscale jobs`, and see the training output in `rnnscale jobs logs`."""
+    """`ray start --head` on this machine, `rnnscale submit` a run to it, follow it with
+    `rnnscale jobs`, and see the training output in `rnnscale jobs logs`. One worker: Ray Train
+    workers under a submitted job are the multi-node test's."""
     # Ray's token authentication (on by default for local clusters since Ray 2.59): the head,
     # its jobs and `rnnscale submit`/`jobs` read the token from the environment
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -91,7 +105,7 @@ def test_submit_to_a_local_head_and_read_the_job_logs(repo_root, tmp_path):
     try:
         out = rnnscale("submit", "configs/debug_cpu.yaml", "--address", address,
                        "--job-id", "rnnscale-test", f"run.dir={tmp_path / 'run'}",
-                       "launch.num_workers=2", "train.max_steps=4", "log.progress_bar=false",
+                       "train.max_steps=4", "log.progress_bar=false",
                        "log.wandb.mode=disabled")  # fmt: skip
         assert "submitted rnnscale-test" in out and "jobs logs rnnscale-test --follow" in out
         deadline, status = time.monotonic() + 300, ""
@@ -106,6 +120,65 @@ def test_submit_to_a_local_head_and_read_the_job_logs(repo_root, tmp_path):
         assert (tmp_path / "run" / "model.safetensors").exists()
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+
+
+def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_path,
+                                                               uninterrupted):  # fmt: skip
+    """A head and two worker nodes, each in its own network namespace with its own address;
+    `rnnscale submit` a 2-worker run (one worker per node); SIGKILL one worker node's raylet
+    mid-run and start a replacement node: Ray declares the node dead, restarts the worker group
+    on the survivor and the new node, the run resumes from its last committed checkpoint, and
+    the job finishes with the losses of a run that never stopped."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"multi-node Ray test needs network namespaces: {reason}")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_DEDUP_LOGS": "0",
+           # the head declares a node dead after 3 missed 1-second health checks (default ~30 s)
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+           "RAY_health_check_failure_threshold": "3"}  # fmt: skip
+    run_dir = tmp_path / "run"
+    temp = Path(tempfile.mkdtemp(prefix="rsray", dir="/tmp"))  # Ray's sockets: a short path
+    cluster = NetnsCluster(BIN, temp, env)
+    try:
+        head = cluster.start_head("head", "--num-cpus=0")  # runs the job's driver, no worker
+        cluster.start_worker("w1", "--num-cpus=1")
+        cluster.start_worker("w2", "--num-cpus=1")
+        address = f"http://{head}:8265"
+
+        def rnnscale(*args, extra_env=None):
+            return cluster.run("head", str(BIN / "rnnscale"), *args, "--address", address,
+                               cwd=repo_root, extra_env=extra_env).stdout  # fmt: skip
+
+        # gloo would take the host name's address (127.0.0.1 here): the job names the interface
+        out = rnnscale("submit", "configs/debug_cpu.yaml", "--job-id", "multinode",
+                       "--env", "GLOO_SOCKET_IFNAME", f"run.dir={run_dir}",
+                       "launch.num_workers=2", "launch.max_failures=3",
+                       "launch.placement=STRICT_SPREAD", *COMMON,
+                       extra_env={"GLOO_SOCKET_IFNAME": "eth0"})  # fmt: skip
+        assert "submitted multinode" in out, out
+        deadline = time.monotonic() + 300
+        while not [e for e in events(run_dir, "checkpoint") if e["step"] >= 4]:
+            assert time.monotonic() < deadline, rnnscale("jobs", "logs", "multinode")[-4000:]
+            time.sleep(0.1)
+        cluster.kill("w1", "raylet")  # the node and its worker are gone
+        cluster.start_worker("w3", "--num-cpus=1")  # the replacement
+        deadline, status = time.monotonic() + 300, ""
+        while not any(end in status for end in ("SUCCEEDED", "FAILED", "STOPPED")):
+            assert time.monotonic() < deadline, status
+            time.sleep(2)
+            status = rnnscale("jobs", "status", "multinode")
+        logs = rnnscale("jobs", "logs", "multinode")
+        assert "SUCCEEDED" in status, logs[-6000:]
+    finally:
+        cluster.close()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert f"rnnscale: done: {MAX_STEPS} steps" in logs
+    assert "ip=10.77.0.4" in logs  # a worker ran on the replacement node
+    starts = events(run_dir, "start")
+    assert len(starts) == 2 and starts[1]["resumed_from"], starts
+    assert last_losses(run_dir) == pytest.approx(uninterrupted, abs=1e-4)
 
 
 def test_cluster_files_parse(repo_root):
