@@ -228,7 +228,13 @@ def _train(cfg: RunConfig) -> int:
         from ray.train import TrainingFailedError
 
         from rnnscale.launch.ray_launch import train_with_ray
+        from rnnscale.train.trainer import check_inputs
 
+        try:  # here, once: a worker's ConfigError would be retried launch.max_failures times
+            check_inputs(cfg, cfg.launch.num_workers)
+        except ConfigError as e:
+            print(f"rnnscale: {e}", file=sys.stderr)
+            return 2
         try:
             train_with_ray(cfg)
         except TrainingFailedError as e:

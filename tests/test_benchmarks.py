@@ -54,7 +54,7 @@ def test_data_benchmark_runs(repo_root):
 
 
 def test_checkpoint_benchmark_runs(repo_root):
-    rows = table(repo_root, "benchmarks/checkpoint.py", "--smoke")
+    rows = table(repo_root, "benchmarks/checkpoint.py", "--smoke", "--saves", "2")
     assert [row[0] for row in rows] == [
         "save bandwidth (sync, GB/s)",
         "load bandwidth (GB/s)",

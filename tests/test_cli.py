@@ -35,6 +35,26 @@ def test_train_refuses_bad_config_at_once(repo_root, tmp_path, override, needle)
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+@pytest.mark.parametrize(
+    "config,overrides,needle",
+    [
+        ("debug_cpu", ["train.global_batch_size=6"], "global_batch_size"),  # 6 rows, 2 workers
+        ("debug_cpu", ["parallel.sequence_parallel_size=3"], "sequence_parallel_size = 3"),
+        ("quickstart", ["data.tokenizer=missing.model"], "data.tokenizer"),
+        ("debug_cpu", ["checkpoint.resume=nowhere/step_000000004"], "checkpoint.resume"),
+    ],
+)  # fmt: skip
+def test_ray_train_refuses_bad_inputs_before_starting_workers(repo_root, tmp_path, config,
+                                                              overrides, needle):  # fmt: skip
+    """With launch.num_workers > 1 what the ranks would refuse is checked before Ray starts:
+    an error once, not once per restart."""
+    r = rnnscale("train", f"configs/{config}.yaml", "launch.num_workers=2", *overrides,
+                 f"run.dir={tmp_path}/run", cwd=repo_root)  # fmt: skip
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "Ray" not in r.stdout and not (tmp_path / "run").exists()  # nothing started
+
+
 def test_config_show_prints_the_resolved_config(repo_root):
     r = rnnscale("config", "show", "configs/debug_cpu.yaml", "optim.lr=0.5", cwd=repo_root)
     assert r.returncode == 0, r.stderr

@@ -240,3 +240,18 @@ def test_sequence_parallel_training_matches_one_rank(repo_root, tmp_path):
         assert sp[-1]["tokens"] == 8 * 64  # every token once, not once per rank
         assert sp[-1]["sp_bytes_state"] > 0 and sp[-1]["sp_bytes_ulysses"] > 0
         assert sp[-1]["sp_bytes_halo"] > 0
+
+
+def test_streaming_runs_refuse_uneven_ranks_per_node():
+    """mosaicml-streaming takes ranks r*n..r*n+n-1 to be one node's n ranks: a placement with
+    other counts, or a node's ranks out of order, is refused with what to set instead."""
+    from rnnscale.train.config import ConfigError
+    from rnnscale.train.trainer import check_node_layout
+
+    check_node_layout(["0", "0", "1", "1"], uses_streaming=True)
+    check_node_layout(["a"] * 3, uses_streaming=True)
+    check_node_layout(["0", "0", "0", "1"], uses_streaming=False)  # synthetic data: any layout
+    with pytest.raises(ConfigError, match=r"\(0: 3, 1: 1\).*STRICT_SPREAD"):
+        check_node_layout(["0", "0", "0", "1"], uses_streaming=True)
+    with pytest.raises(ConfigError, match="in rank order"):
+        check_node_layout(["0", "1", "0", "1"], uses_streaming=True)

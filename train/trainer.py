@@ -67,6 +67,11 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
     torch.distributed.barrier()
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
     device = _device()
+    if world > 1:  # NODE_RANK from torchrun / Ray Train, else the host name
+        nodes = [""] * world
+        here = os.environ.get("NODE_RANK") or socket.gethostname()
+        torch.distributed.all_gather_object(nodes, here)
+        check_node_layout(nodes, uses_streaming=cfg.data.source != "synthetic")
     with torch.device("meta"):  # counts from a copy that costs no memory
         shape = build_model(cfg.model)
     flops_per_token = shape.flops_per_token(cfg.train.seq_len)
@@ -522,15 +527,67 @@ def lm_loss(model, batch: dict, device, groups=None) -> torch.Tensor:
                  cu_seqlens=shard.cu_seqlens, shard=shard)  # fmt: skip
 
 
-def sequence_groups(cfg: RunConfig, world: int):
-    """The data x sequence parallel groups (`ParallelGroups`, DeepSpeed's mpu) for
-    parallel.sequence_parallel_size > 1, else None."""
+def _check_sequence_parallel_size(cfg: RunConfig, world: int) -> None:
     P = cfg.parallel.sequence_parallel_size
     if world % P or cfg.train.seq_len % P:
         raise ConfigError(
             f"parallel.sequence_parallel_size = {P} must divide the job's {world} ranks and "
             f"train.seq_len = {cfg.train.seq_len}: change one of them"
         )
+
+
+def check_inputs(cfg: RunConfig, world: int) -> None:
+    """What a job of `world` ranks would refuse at its start, checked before any rank starts
+    (the Ray launcher calls it, so that a bad config fails once instead of once per restart):
+    the parallel sizes, the batch arithmetic, the tokenizer against the model, the data
+    streams, and an explicitly named checkpoint to resume. Raises ConfigError."""
+    _check_sequence_parallel_size(cfg, world)
+    try:
+        deepspeed_config(cfg.train, cfg.optim, cfg.parallel,
+                         world // cfg.parallel.sequence_parallel_size)  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.data.source != "synthetic":
+        check_tokenizer(cfg)
+        for key in ("streams", "val_streams"):
+            for stream in getattr(cfg.data, key):
+                if "://" not in stream.path and not Path(stream.path).exists():
+                    raise ConfigError(
+                        f"data.{key}: {stream.path} does not exist: run `rnnscale data "
+                        f"prepare` to make it, or fix the path"
+                    )
+    how = cfg.checkpoint.resume
+    if how not in ("auto", "none"):
+        problem = checkpoint.verify(Path(how))
+        if problem is not None:
+            raise ConfigError(f"checkpoint.resume: {how} cannot be resumed: {problem}")
+
+
+def check_node_layout(nodes: list[str], uses_streaming: bool) -> None:
+    """`nodes[r]` is the node of rank r. mosaicml-streaming (data.source: mds) takes ranks
+    r*n .. r*n+n-1 to be one node's n ranks, the same n on every node; a placement that breaks
+    that would read the wrong shards, so it is refused. Raises ConfigError."""
+    if not uses_streaming or len(set(nodes)) <= 1:
+        return
+    counts = {node: nodes.count(node) for node in dict.fromkeys(nodes)}
+    n = len(nodes) // len(counts)
+    contiguous = all(nodes[r] == nodes[(r // n) * n] for r in range(len(nodes)))
+    if len(set(counts.values())) > 1 or not contiguous:
+        layout = ", ".join(f"{node}: {c}" for node, c in counts.items())
+        raise ConfigError(
+            f"the job's {len(nodes)} ranks sit unevenly on its nodes ({layout}); streaming "
+            f"data (data.source: mds) needs the same number of ranks on every node, in rank "
+            f"order: set launch.placement to STRICT_SPREAD (one worker per node) or "
+            f"STRICT_PACK (one node), or size launch.num_workers and the CPUs/GPUs per worker "
+            f"so that every node takes the same number"
+        )
+
+
+def sequence_groups(cfg: RunConfig, world: int):
+    """The data x sequence parallel groups (`ParallelGroups`, DeepSpeed's mpu) for
+    parallel.sequence_parallel_size > 1, else None."""
+    P = cfg.parallel.sequence_parallel_size
+    _check_sequence_parallel_size(cfg, world)
     if P == 1:
         return None
     from rnnscale.parallel.sequence import ParallelGroups
@@ -605,9 +662,19 @@ def make_batches(
         return SyntheticBatches(cfg, rank, world)
     from streaming.base.util import clean_stale_shared_memory
 
+    clean_stale_shared_memory()  # left by a killed earlier run; it would hang this one
+    check_tokenizer(cfg)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        shutil.copyfile(cfg.data.tokenizer, run_dir / "tokenizer.model")
+    return _packed_loader(
+        cfg, cfg.data.streams, num_workers=cfg.data.num_workers, replication=replication
+    )
+
+
+def check_tokenizer(cfg: RunConfig) -> None:
+    """data.tokenizer exists and its pieces fit model.vocab_size; raises ConfigError."""
     from rnnscale.data.tokenizer import load_tokenizer
 
-    clean_stale_shared_memory()  # left by a killed earlier run; it would hang this one
     try:
         pieces = load_tokenizer(cfg.data.tokenizer).vocab_size()
     except FileNotFoundError as e:
@@ -617,11 +684,6 @@ def make_batches(
             f"data.tokenizer {cfg.data.tokenizer} has {pieces} pieces but model.vocab_size is "
             f"{cfg.model.vocab_size}: raise model.vocab_size to at least {pieces}"
         )
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        shutil.copyfile(cfg.data.tokenizer, run_dir / "tokenizer.model")
-    return _packed_loader(
-        cfg, cfg.data.streams, num_workers=cfg.data.num_workers, replication=replication
-    )
 
 
 def _packed_loader(cfg: RunConfig, streams, **options):
