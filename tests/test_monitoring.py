@@ -279,3 +279,19 @@ def test_status_of_a_finished_run_and_of_no_run(repo_root, tmp_path):
     assert "ETA: done" in report and "restarts: 0" in report
     r = rnnscale("status", str(tmp_path), cwd=repo_root)
     assert r.returncode == 2 and "has no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_new_run_in_a_used_directory_keeps_the_old_logs_aside(repo_root, tmp_path):
+    """A fresh run (nothing to resume) where another ran keeps that run's metrics and events
+    beside its own, so `rnnscale status` counts no restart that belongs to the other run."""
+    from rnnscale.train.trainer import prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    cfg = _config(repo_root, run_dir, "train.max_steps=30")
+    _write_run(run_dir, cfg, steps=30, starts=2)
+    prepare_run_dir(cfg, resuming=True)  # a resume appends
+    assert not list(run_dir.glob("events.*.jsonl")) and "restarts: 1" in status_report(run_dir)
+    prepare_run_dir(cfg, resuming=False)
+    assert len(list(run_dir.glob("metrics.*.jsonl"))) == 1
+    assert len(list(run_dir.glob("events.*.jsonl"))) == 1
+    assert not (run_dir / "events.jsonl").exists() and not (run_dir / "metrics.jsonl").exists()

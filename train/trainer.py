@@ -159,13 +159,18 @@ def resolve_resume(cfg: RunConfig, rank: int) -> Path | None:
         if how == "auto":
             choice = checkpoint.find_resume(cfg.checkpoint_dir)
         elif how != "none":
-            problem = checkpoint.verify(Path(how))
-            if problem is not None:
-                raise ConfigError(f"checkpoint.resume: {how} cannot be resumed: {problem}")
-            choice = Path(how)
+            choice = named_checkpoint(how)
     box = [str(choice) if choice else None]
     torch.distributed.broadcast_object_list(box, src=0)
     return Path(box[0]) if box[0] else None
+
+
+def named_checkpoint(how: str) -> Path:
+    """The checkpoint named by checkpoint.resume, verified against its manifest."""
+    problem = checkpoint.verify(Path(how))
+    if problem is not None:
+        raise ConfigError(f"checkpoint.resume: {how} cannot be resumed: {problem}")
+    return Path(how)
 
 
 def universal_for_resume(path: Path, cfg: RunConfig, world: int) -> bool:
@@ -556,11 +561,8 @@ def check_inputs(cfg: RunConfig, world: int) -> None:
                         f"data.{key}: {stream.path} does not exist: run `rnnscale data "
                         f"prepare` to make it, or fix the path"
                     )
-    how = cfg.checkpoint.resume
-    if how not in ("auto", "none"):
-        problem = checkpoint.verify(Path(how))
-        if problem is not None:
-            raise ConfigError(f"checkpoint.resume: {how} cannot be resumed: {problem}")
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        named_checkpoint(cfg.checkpoint.resume)
 
 
 def check_node_layout(nodes: list[str], uses_streaming: bool) -> None:
@@ -787,16 +789,19 @@ class SkippableAdamW(torch.optim.AdamW):
 
 def prepare_run_dir(cfg: RunConfig, resuming: bool = False) -> Path:
     """Create the run directory and save the resolved config.yaml in it. A new run (nothing to
-    resume) in a used directory keeps the old metrics.jsonl beside as metrics.<time>.jsonl; a
-    resumed run appends to it (steps after the checkpoint are logged again: the last record of
-    a step is the one that counts)."""
+    resume) in a used directory keeps the old metrics.jsonl and events.jsonl beside as
+    metrics.<time>.jsonl and events.<time>.jsonl (so its starts are not counted as this run's
+    restarts); a resumed run appends to them (steps after the checkpoint are logged again: the
+    last record of a step is the one that counts)."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    old = run_dir / "metrics.jsonl"
-    if old.exists() and not resuming:
-        kept = run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}.jsonl"
-        old.rename(kept)
-        print(f"rnnscale: {run_dir} held an earlier run; its metrics are now in {kept.name}")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+    for name in ("metrics", "events"):
+        old = run_dir / f"{name}.jsonl"
+        if old.exists() and not resuming:
+            kept = run_dir / f"{name}.{stamp}.jsonl"
+            old.rename(kept)
+            print(f"rnnscale: {run_dir} held an earlier run; its {name} are now in {kept.name}")
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     return run_dir
 
