@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as e:
                 print(f"rnnscale: {e}", file=sys.stderr)
                 return 2
-            return jobs.submit(args)
-        return jobs.jobs(args)
+        return jobs.main(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -49,6 +49,23 @@ def runtime_env(working_dir: Path, pip: str | None, env_names: list[str]) -> dic
     return out
 
 
+def main(args) -> int:
+    """`submit` or `jobs ...`, with what the cluster answers as one line and what to do."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return submit(args) if args.command == "submit" else jobs(args)
+    except ConnectionError as e:
+        print(f"rnnscale {args.command}: {e} Is the cluster's dashboard there? Pass "
+              f"--address http://HEAD:8265 or set RAY_ADDRESS.", file=sys.stderr)  # fmt: skip
+    except AuthenticationError as e:
+        print(f"rnnscale {args.command}: {e.message} Set RAY_AUTH_TOKEN to the cluster's "
+              f"token (or put it in ~/.ray/auth_token).", file=sys.stderr)  # fmt: skip
+    except RuntimeError as e:  # the Jobs API's answer, e.g. no job of that id
+        print(f"rnnscale {args.command}: {e}", file=sys.stderr)
+    return 1
+
+
 def submit(args) -> int:
     address = address_of(args.address)
     entrypoint = shlex.join(["rnnscale", "train", args.config, *args.overrides])

@@ -42,6 +42,7 @@ def test_train_refuses_bad_config_at_once(repo_root, tmp_path, override, needle)
         ("debug_cpu", ["parallel.sequence_parallel_size=3"], "sequence_parallel_size = 3"),
         ("quickstart", ["data.tokenizer=missing.model"], "data.tokenizer"),
         ("debug_cpu", ["checkpoint.resume=nowhere/step_000000004"], "checkpoint.resume"),
+        ("quickstart", ["data.streams=[{path: nowhere/shards}]"], "data.streams: nowhere"),
     ],
 )  # fmt: skip
 def test_ray_train_refuses_bad_inputs_before_starting_workers(repo_root, tmp_path, config,
@@ -53,6 +54,21 @@ def test_ray_train_refuses_bad_inputs_before_starting_workers(repo_root, tmp_pat
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "Ray" not in r.stdout and not (tmp_path / "run").exists()  # nothing started
+
+
+def test_a_missing_stream_is_named_before_training(repo_root, tmp_path):
+    r = rnnscale("train", "configs/quickstart.yaml", "launch.num_workers=1",
+                 "data.streams=[{path: nowhere/shards}]", f"run.dir={tmp_path}/run",
+                 cwd=repo_root)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "data.streams: nowhere/shards does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_jobs_without_a_cluster_say_so_in_one_line(repo_root):
+    r = rnnscale("jobs", "list", "--address", "http://127.0.0.1:9", cwd=repo_root)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "Failed to connect" in r.stderr and "--address" in r.stderr
 
 
 def test_config_show_prints_the_resolved_config(repo_root):

@@ -261,6 +261,12 @@ def test_training_and_generation_on_prepared_shards(tmp_path, repo_root):
                      f"run.dir={tmp_path / 'run2'}", cwd=repo_root)  # fmt: skip
     assert small.returncode == 2 and "raise model.vocab_size to at least 512" in small.stderr
     assert "Traceback" not in small.stderr
+    train_tokenizer([stdlib_html], 512, tmp_path / "other")  # not the shards' tokenizer
+    other = rnnscale("train", "configs/debug_cpu.yaml", "data.source=mds",
+                     f"data.streams=[{{path: {tmp_path / 'shards'}}}]", "model.vocab_size=512",
+                     f"data.tokenizer={tmp_path / 'other' / 'tokenizer.model'}",
+                     f"run.dir={tmp_path / 'run3'}", cwd=repo_root)  # fmt: skip
+    assert other.returncode == 2 and "was tokenized with another tokenizer" in other.stderr
 
 
 def test_remote_output_gets_every_file_marker_last(corpus, tokenizer, tmp_path):

@@ -7,6 +7,7 @@ when a whole node's raylet is killed and a replacement node joins."""
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from rnnscale.train import trainer
 from rnnscale.train.config import load_config
 
 BIN = Path(sys.executable).parent
-MAX_STEPS = 24  # about 6 s of training on 2 workers: time to see step 4's checkpoint and kill
+MAX_STEPS = 32  # seconds of training after step 4: time to see its checkpoint and kill
 COMMON = ["log.progress_bar=false", "log.wandb.mode=disabled", "log.tensorboard=false",
           "train.seq_len=512", f"train.max_steps={MAX_STEPS}", "checkpoint.interval=2",
           "checkpoint.keep=2"]  # fmt: skip
@@ -186,6 +187,9 @@ def test_cluster_files_parse(repo_root):
 
     job = yaml.safe_load((repo_root / "docs/cluster/rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("rnnscale train ")
+    config, *overrides = shlex.split(job["spec"]["entrypoint"])[2:]
+    cfg = load_config(repo_root / config, overrides)  # the job's config loads as written
+    assert cfg.checkpoint.interval > 0 and cfg.data.source == "mds"  # a restart resumes
     r = subprocess.run(["bash", "-n", str(repo_root / "docs/cluster/slurm.sbatch")],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr

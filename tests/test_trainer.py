@@ -253,5 +253,5 @@ def test_streaming_runs_refuse_uneven_ranks_per_node():
     check_node_layout(["0", "0", "0", "1"], uses_streaming=False)  # synthetic data: any layout
     with pytest.raises(ConfigError, match=r"\(0: 3, 1: 1\).*STRICT_SPREAD"):
         check_node_layout(["0", "0", "0", "1"], uses_streaming=True)
-    with pytest.raises(ConfigError, match="in rank order"):
+    with pytest.raises(ConfigError, match=r"not grouped by node in rank order \(nodes by rank"):
         check_node_layout(["0", "1", "0", "1"], uses_streaming=True)

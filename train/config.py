@@ -768,6 +768,14 @@ def _reference(cls: type, path: str, lines: list[str]) -> None:
     for tp, name, text in nested:
         lines += ["", f"{'#' * min(name.count('.') + 2, 4)} `{name}`", "", text]
         _reference(tp, name, lines)
+    for f in dataclasses.fields(cls):  # the fields of each item of a list of sections
+        tp = hints[f.name]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if item is not None and dataclasses.is_dataclass(item):
+            name = _join(path, _key(f)) + "[]"
+            lines += ["", f"{'#' * min(name.count('.') + 2, 4)} `{name}`", "",
+                      f"Each item of `{_join(path, _key(f))}`."]  # fmt: skip
+            _reference(item, name, lines)
 
 
 def _type_name(tp: Any) -> str:

@@ -553,14 +553,8 @@ def check_inputs(cfg: RunConfig, world: int) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.data.source != "synthetic":
+        check_streams(cfg)
         check_tokenizer(cfg)
-        for key in ("streams", "val_streams"):
-            for stream in getattr(cfg.data, key):
-                if "://" not in stream.path and not Path(stream.path).exists():
-                    raise ConfigError(
-                        f"data.{key}: {stream.path} does not exist: run `rnnscale data "
-                        f"prepare` to make it, or fix the path"
-                    )
     if cfg.checkpoint.resume not in ("auto", "none"):
         named_checkpoint(cfg.checkpoint.resume)
 
@@ -576,8 +570,13 @@ def check_node_layout(nodes: list[str], uses_streaming: bool) -> None:
     contiguous = all(nodes[r] == nodes[(r // n) * n] for r in range(len(nodes)))
     if len(set(counts.values())) > 1 or not contiguous:
         layout = ", ".join(f"{node}: {c}" for node, c in counts.items())
+        problem = (
+            f"sit unevenly on its nodes ({layout})"
+            if len(set(counts.values())) > 1
+            else f"are not grouped by node in rank order (nodes by rank: {', '.join(nodes)})"
+        )
         raise ConfigError(
-            f"the job's {len(nodes)} ranks sit unevenly on its nodes ({layout}); streaming "
+            f"the job's {len(nodes)} ranks {problem}; streaming "
             f"data (data.source: mds) needs the same number of ranks on every node, in rank "
             f"order: set launch.placement to STRICT_SPREAD (one worker per node) or "
             f"STRICT_PACK (one node), or size launch.num_workers and the CPUs/GPUs per worker "
@@ -665,12 +664,43 @@ def make_batches(
     from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()  # left by a killed earlier run; it would hang this one
+    check_streams(cfg)
     check_tokenizer(cfg)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         shutil.copyfile(cfg.data.tokenizer, run_dir / "tokenizer.model")
     return _packed_loader(
         cfg, cfg.data.streams, num_workers=cfg.data.num_workers, replication=replication
     )
+
+
+def check_streams(cfg: RunConfig) -> None:
+    """Every local stream of data.streams and data.val_streams exists and, where its
+    prepare.json says which tokenizer made it, was made with data.tokenizer (shards of another
+    tokenizer would feed ids the model was not trained on, or past its vocabulary); raises
+    ConfigError."""
+    from rnnscale.data.tokenizer import fingerprint
+
+    ours = None
+    for key in ("streams", "val_streams"):
+        for stream in getattr(cfg.data, key):
+            if "://" in stream.path:
+                continue
+            if not Path(stream.path).exists():
+                raise ConfigError(
+                    f"data.{key}: {stream.path} does not exist: run `rnnscale data prepare` "
+                    f"to make it, or fix the path"
+                )
+            record = Path(stream.path) / "prepare.json"
+            made_with = json.loads(record.read_text()).get("tokenizer") if record.exists() else None
+            if made_with is None or not Path(cfg.data.tokenizer).is_file():
+                continue
+            ours = ours or fingerprint(cfg.data.tokenizer)
+            if made_with != ours:
+                raise ConfigError(
+                    f"data.{key}: {stream.path} was tokenized with another tokenizer "
+                    f"(sha256 {made_with[:12]}...) than data.tokenizer {cfg.data.tokenizer} "
+                    f"(sha256 {ours[:12]}...): use the tokenizer the shards were made with"
+                )
 
 
 def check_tokenizer(cfg: RunConfig) -> None:
