@@ -2,6 +2,7 @@
 #   make quickstart   create .venv, install, build the stdlib corpus + tokenizer, train, print the run
 #   make test         create .venv if missing, install .[dev], run the whole test suite
 #   make lint         ruff + the import-direction contract
+#   make bench        every benchmark beside its peer (~28 min on 2 cores): docs/performance.md
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.rnnscale-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv quickstart test lint clean
+.PHONY: venv quickstart test lint bench clean
 
 venv: $(STAMP)
 
@@ -56,6 +57,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+
+# the tables and figures of docs/performance.md, each benchmark beside a peer in the same run
+bench: $(STAMP)
+	$(PY) benchmarks/suite.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

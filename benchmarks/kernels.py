@@ -12,10 +12,11 @@ matmul peak and are left out.
 
 `--memory` runs every (family, T) in a fresh process and reports the growth of its peak resident
 memory over what it held just before the forward (inputs made): on CPU there is no allocator
-high-water mark, so the process's peak RSS stands in for one.
+high-water mark, so the process's peak RSS stands in for one. The peer is the step loop's growth
+for the same inputs, each in a fresh process too (up to --loop-max-len).
 
 On a CUDA device the Triton path is timed beside flash-linear-attention's kernels (when `fla`
-is installed) in the same run; without one the table says so.
+is installed) in the same run; without one the output says that fla was not measured and why.
 """
 
 from __future__ import annotations
@@ -77,30 +78,50 @@ def fwd_bwd_seconds(fn, xs, repeats: int, **kw) -> float:
     return best
 
 
-def memory_child(name: str, T: int, H: int, K: int, V: int) -> None:
-    """In a fresh process: one fwd+bwd; print the peak RSS growth in MiB."""
-    chunk, _, C, _ = FAMILIES[name]
+def memory_child(path: str, name: str, T: int, H: int, K: int, V: int) -> None:
+    """In a fresh process: one fwd+bwd of the chunkwise path or the step loop; print the peak
+    RSS growth in MiB."""
+    chunk, loop, C, _ = FAMILIES[name]
     leaves = [x.requires_grad_() for x in inputs(name, 1, T, H, K, V)]
     before = rss_mb()
-    out, _ = chunk(*leaves, chunk_size=C, backend="torch")
+    if path == "chunk":
+        out, _ = chunk(*leaves, chunk_size=C, backend="torch")
+    else:
+        out, _ = loop(*leaves)
     out.sum().backward()
     print(f"{peak_rss_mb() - before:.1f}")
 
 
-def memory_table(lengths: list[int], H: int, K: int, V: int) -> None:
-    print("| family | T | peak memory growth MiB | MiB per 1K tokens |")
-    print("|---|---|---|---|")
+def memory_mib(path: str, name: str, T: int, H: int, K: int, V: int) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", path, name, *map(str, (T, H, K, V))]
+    return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def memory_table(lengths: list[int], H: int, K: int, V: int, loop_max_len: int) -> None:
+    print(
+        "| family | T | peak memory growth MiB | MiB per 1K tokens | "
+        "peer: step loop peak memory growth MiB | step loop / chunkwise |"
+    )
+    print("|---|---|---|---|---|---|")
     for name in FAMILIES:
         for T in lengths:
-            cmd = [sys.executable, __file__, "--memory-child", name, str(T), str(H), str(K), str(V)]
-            mib = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-            print(f"| {name} | {T} | {mib:.0f} | {1024 * mib / T:.1f} |", flush=True)
+            mib = memory_mib("chunk", name, T, H, K, V)
+            if T <= loop_max_len:
+                loop = memory_mib("loop", name, T, H, K, V)
+                peer, ratio = f"{loop:.0f}", f"{loop / max(mib, 1):.1f}x"
+            else:
+                peer, ratio = f"not measured: step loop skipped above T = {loop_max_len}", "-"
+            print(f"| {name} | {T} | {mib:.0f} | {1024 * mib / T:.1f} | {peer} | {ratio} |",
+                  flush=True)  # fmt: skip
 
 
 def triton_vs_fla(lengths: list[int], H: int, K: int, V: int) -> None:
     """On CUDA: the Triton path against flash-linear-attention's chunk kernels, fwd+bwd."""
     if not torch.cuda.is_available():
-        print("Triton path vs flash-linear-attention: not run (no CUDA device on this machine)")
+        print(
+            "Triton path vs flash-linear-attention: not measured: no CUDA device on this machine "
+            "(fla's kernels are Triton kernels for GPUs)"
+        )
         return
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_delta
@@ -111,15 +132,16 @@ def triton_vs_fla(lengths: list[int], H: int, K: int, V: int) -> None:
     except ImportError:
         peers = {}
     print(f"device: {torch.cuda.get_device_name()}; fla {'found' if peers else 'not installed'}")
-    print("| family | T | rnnscale triton ms | fla ms | rnnscale / fla time |")
+    print("| family | T | rnnscale triton ms | peer: fla ms | rnnscale / fla time |")
     print("|---|---|---|---|---|")
+    missing = "fla not installed" if not peers else "fla has no kernel of this family"
     for name, (chunk, *_) in FAMILIES.items():
         for T in lengths:
             xs = [x.cuda().bfloat16() for x in inputs(name, 1, T, H, K, V)]
             ours = _cuda_ms(chunk, xs, backend="triton")
             theirs = _cuda_ms(peers[name], xs) if name in peers else None
-            ratio = f"{ours / theirs:.2f}" if theirs else "no peer"
-            fla_ms = f"{theirs:.2f}" if theirs else "no peer"
+            ratio = f"{ours / theirs:.2f}" if theirs else "-"
+            fla_ms = f"{theirs:.2f}" if theirs else f"not measured: {missing}"
             print(f"| {name} | {T} | {ours:.2f} | {fla_ms} | {ratio} |", flush=True)
 
 
@@ -142,15 +164,16 @@ def main() -> None:
         "--loop-max-len", type=int, default=4096, help="longest T for the step loop (it is slow)"
     )
     parser.add_argument("--memory", action="store_true", help="peak memory against T instead")
-    parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        name, *dims = args.memory_child
-        return memory_child(name, *map(int, dims))
+        path, name, *dims = args.memory_child
+        return memory_child(path, name, *map(int, dims))
     H, K, V = (2, 16, 16) if args.smoke else (8, 64, 64)
     lengths = [64] if args.smoke else args.lengths
     if args.memory:
-        return memory_table([256, 512] if args.smoke else lengths, H, K, V)
+        loop_max_len = 256 if args.smoke else args.loop_max_len
+        return memory_table([256, 512] if args.smoke else lengths, H, K, V, loop_max_len)
     repeats = 1 if args.smoke else 3
     torch.manual_seed(0)
     peak = matmul_peak_gflops(256 if args.smoke else 1024)
@@ -159,7 +182,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s"
     )
     print(
-        "| family | T | chunkwise fwd+bwd s | step loop fwd+bwd s | speed-up | GFLOP/s | "
+        "| family | T | chunkwise fwd+bwd s | peer: step loop fwd+bwd s | speed-up | GFLOP/s | "
         "% of matmul peak |"
     )
     print("|---|---|---|---|---|---|---|")
@@ -168,8 +191,9 @@ def main() -> None:
             xs = inputs(name, 1, T, H, K, V)
             t_chunk = fwd_bwd_seconds(chunk, xs, repeats, chunk_size=C, backend="torch")
             t_loop = fwd_bwd_seconds(loop, xs, 1) if T <= args.loop_max_len else None
-            speedup = f"{t_loop / t_chunk:.0f}x" if t_loop else "not run"
-            loop_s = f"{t_loop:.3f}" if t_loop else "not run"
+            speedup = f"{t_loop / t_chunk:.0f}x" if t_loop else "-"
+            skipped = f"not measured: step loop skipped above T = {args.loop_max_len} (minutes)"
+            loop_s = f"{t_loop:.3f}" if t_loop else skipped
             if flops:
                 gflops = 3 * flops(C, K, V) * T * H / t_chunk / 1e9
                 rate, share = f"{gflops:.1f}", f"{100 * gflops / peak:.1f}%"

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/models.py                 # d_model 512, 4 layers, vocab 8192
     .venv/bin/python benchmarks/models.py --smoke         # tiny, seconds (the test runs it)
+    .venv/bin/python benchmarks/models.py --lengths 1024 2048 4096 --mamba2-max-len 1024  # suite
 
 At equal width, depth and vocabulary: our mamba2 against transformers' Mamba2 (its pure-PyTorch
 path: no CUDA kernels on CPU), and our gla, gated_deltanet and a gated_deltanet+attn 3:1 hybrid
@@ -9,8 +10,9 @@ against transformers' Llama with SDPA attention. One training step is forward, b
 AdamW step on one row of T tokens, fp32; tokens/s is the best of a few steps (the first is a
 warm-up). Peak memory: each (model, T) in a fresh process, the growth of peak resident memory
 over the built model. MFU: 3 x flops_per_token x tokens/s over this machine's fp32 matmul peak,
-measured in the same run (ours only: the peers have no FLOP count of their own). Read ratios,
-not absolute numbers: the machine is shared.
+measured in the same run (ours only: the peers have no FLOP count of their own). Every row
+carries both peers' figures at the same T and its ratios to them (tokens/s, and peak memory);
+a peer that did not run says why. Read ratios, not absolute numbers: the machine is shared.
 """
 
 from __future__ import annotations
@@ -102,12 +104,57 @@ def child(name: str, T: int, d: int, layers: int, vocab: int, steps: int) -> Non
     print(json.dumps(result))
 
 
+def run_child(name: str, T: int, dims: tuple[int, int, int, int], timeout: int) -> dict | str:
+    """One (model, T) in a fresh process: its JSON result, or why it did not run."""
+    cmd = [sys.executable, __file__, "--child", name, *map(str, (T, *dims))]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"over {timeout} s"
+    if r.returncode < 0:  # killed: on this machine, by the kernel's OOM killer
+        return f"killed by signal {-r.returncode} (out of memory)"
+    if r.returncode != 0:
+        errors = [x for x in r.stderr.splitlines() if "Error" in x] or ["failed"]
+        return errors[-1][:120]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def peer_cells(T: int, m: dict | str, peer: dict | str) -> list[str]:
+    """A peer's figures at this T, and this row's tokens/s and peak memory as multiples of the
+    peer's (a peer's own row shows 1.00x)."""
+    if isinstance(peer, str):
+        return [f"not measured: {peer}", "-"]
+    figures = f"{T / peer['seconds']:.0f} tokens/s, {peer['peak_mib']:.0f} MiB"
+    if isinstance(m, str):
+        return [figures, "-"]
+    speed, memory = peer["seconds"] / m["seconds"], m["peak_mib"] / max(peer["peak_mib"], 1)
+    return [figures, f"{speed:.2f}x, {memory:.2f}x"]
+
+
+def row(name: str, T: int, results: dict[str, dict | str], peak: float) -> str:
+    m = results[name]
+    cells = [name, str(T)]
+    if isinstance(m, str):
+        cells += [f"not run: {m}", "", "", ""]
+    else:
+        mfu = f"{100 * 3 * m['flops'] * T / m['seconds'] / 1e9 / peak:.1f}%" if m["flops"] else "-"
+        tokens_s, mib = f"{T / m['seconds']:.0f}", f"{m['peak_mib']:.0f}"
+        cells += [f"{m['params'] / 1e6:.1f}M", tokens_s, mib, mfu]
+    for peer in ("transformers Llama (sdpa)", "transformers Mamba2"):
+        cells += peer_cells(T, m, results[peer])
+    return "| " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check it runs")
     parser.add_argument("--lengths", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per model and T")
+    parser.add_argument(
+        "--mamba2-max-len", type=int, default=None,
+        help="longest T for transformers' Mamba2 (about 100 s a step at T = 2048 here)",
+    )  # fmt: skip
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -121,40 +168,21 @@ def main() -> None:
         f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads; fp32 matmul peak {peak:.1f} GFLOP/s; d_model {d}, {layers} layers, vocab {vocab}"
     )
-    print("| model | T | params | tokens/s | peak memory MiB | MFU |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | T | params | tokens/s | peak memory MiB | MFU | "
+        "peer: Llama (sdpa), same T | tokens/s, memory vs Llama | "
+        "peer: transformers Mamba2, same T | tokens/s, memory vs Mamba2 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for T in lengths:
+        results = {}
         for name in [*OURS, *PEERS]:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                name,
-                *map(str, (T, d, layers, vocab, steps)),
-            ]
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                print(f"| {name} | {T} | not run: over {args.timeout} s | | | |", flush=True)
+            if name == "transformers Mamba2" and T > (args.mamba2_max_len or T):
+                results[name] = f"skipped above T = {args.mamba2_max_len} (--mamba2-max-len)"
                 continue
-            if r.returncode != 0:
-                errors = [x for x in r.stderr.splitlines() if "Error" in x] or ["failed"]
-                reason = errors[-1][:120]
-                if r.returncode < 0:  # killed: on this machine, by the kernel's OOM killer
-                    reason = f"killed by signal {-r.returncode} (out of memory)"
-                print(f"| {name} | {T} | not run: {reason} | | | |", flush=True)
-                continue
-            m = json.loads(r.stdout.strip().splitlines()[-1])
-            mfu = (
-                f"{100 * 3 * m['flops'] * T / m['seconds'] / 1e9 / peak:.1f}%"
-                if m["flops"]
-                else "-"
-            )
-            print(
-                f"| {name} | {T} | {m['params'] / 1e6:.1f}M | {T / m['seconds']:.0f} | "
-                f"{m['peak_mib']:.0f} | {mfu} |",
-                flush=True,
-            )
+            results[name] = run_child(name, T, (d, layers, vocab, steps), args.timeout)
+        for name in [*OURS, *PEERS]:
+            print(row(name, T, results, peak), flush=True)
 
 
 if __name__ == "__main__":

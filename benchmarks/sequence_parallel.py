@@ -85,8 +85,8 @@ def bytes_table() -> None:
           f"{a['H']} heads of {a['D']}, bf16, {a['B']} row")  # fmt: skip
     print()
     head = " | ".join(f"T={t}" for t in LENGTHS)
-    print(f"| layer | P | {head} | ours / Ulysses at 64K |")
-    print("|---|---|" + "---|" * len(LENGTHS) + "---|")
+    print(f"| layer | P | {head} | ours / Ulysses at 64K | peer: Ulysses at 64K, same P (MB) |")
+    print("|---|---|" + "---|" * len(LENGTHS) + "---|---|")
     shapes = recurrent_shapes()
     for P in SIZES:
         uly = {
@@ -97,17 +97,18 @@ def bytes_table() -> None:
             t: kv_gather_bytes(P, a["B"], n, a["H"], a["D"], a["itemsize"])
             for t, n in LENGTHS.items()
         }
+        peer = f"{uly['64K'] / 1e6:.1f}"
         for name, (transition, state) in shapes.items():
             ours = state_passing_bytes(P, transition, state)
             cells = " | ".join(f"{ours / 1e6:.2f}" for _ in LENGTHS)
-            print(f"| {name}, state passing | {P} | {cells} | {ours / uly['64K']:.2%} |")
+            print(f"| {name}, state passing | {P} | {cells} | {ours / uly['64K']:.2%} | {peer} |")
         print(
             f"| attention, Ulysses all-to-all | {P} | "
             + " | ".join(f"{uly[t] / 1e6:.1f}" for t in LENGTHS)
-            + " | 100% |"
+            + f" | 100% | {peer} |"
         )
         print(f"| attention, all-gather of K/V | {P} | "
-              + " | ".join(f"{kv[t] / 1e6:.1f}" for t in LENGTHS) + " | - |")  # fmt: skip
+              + " | ".join(f"{kv[t] / 1e6:.1f}" for t in LENGTHS) + f" | - | {peer} |")  # fmt: skip
 
 
 def step_time(run_dir: Path) -> float:
@@ -122,7 +123,7 @@ def weak_scaling(T: int, steps: int, models: dict[str, list[str]]) -> None:
     print(f"weak scaling on this machine: P = 1 on T = {T}, P = 2 on T = {2 * T} (one thread "
           f"per process, ZeRO-2, fp32, one row, median of steps 2-{steps})")  # fmt: skip
     print()
-    print("| model | step P=1, T (s) | step P=2, 2T (s) | efficiency |")
+    print(f"| model | peer: step P=1, T={T} (s) | step P=2, T={2 * T} (s) | efficiency |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="rnnscale-sp-bench-") as tmp:
         for name, model in models.items():

@@ -1,36 +1,144 @@
-"""The benchmark scripts run (tiny shapes); their timings are never asserted."""
+"""The benchmark suite runs (every script at tiny shapes, once, through `benchmarks/suite.py
+--smoke`) and writes its regions and figures; every table of docs/performance.md names a peer.
+Timings are never asserted."""
 
+from __future__ import annotations
+
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "performance.md"
+REGIONS = ["kernels", "kernels-memory", "models", "data", "checkpoint", "sequence_parallel"]
+FIGURES = ["kernels", "models", "checkpoint", "sequence_parallel"]
+REGION = re.compile(r"<!-- bench:([\w-]+) -->\n(.*?)<!-- /bench:\1 -->", re.S)
 
 
-def table(repo_root, *args) -> list[list[str]]:
-    """Run a benchmark script; return its markdown table rows (header and rule dropped) as
-    stripped cells."""
-    r = subprocess.run(
-        [sys.executable, *args], cwd=repo_root, capture_output=True, text=True, timeout=600
-    )
-    assert r.returncode == 0, r.stderr
-    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in row] for row in rows[1:] if not row[0].startswith("---")]
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip()[1:-1].split("|")]
 
 
-def test_kernel_benchmark_runs(repo_root):
-    rows = table(repo_root, "benchmarks/kernels.py", "--smoke")
-    assert [row[0] for row in rows] == ["gla", "simple_gla", "delta", "scan"]
+def page_tables(text: str) -> list[tuple[int, list[str]]]:
+    """(line number, lines) of every run of lines that start with `|`."""
+    out: list[tuple[int, list[str]]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.lstrip().startswith("|"):
+            continue
+        if out and out[-1][0] + len(out[-1][1]) == number:
+            out[-1][1].append(line)
+        else:
+            out.append((number, [line]))
+    return out
 
 
-def test_kernel_memory_benchmark_runs(repo_root):
-    rows = table(repo_root, "benchmarks/kernels.py", "--memory", "--smoke")
-    assert [(row[0], int(row[1])) for row in rows] == [
+def table_problems(text: str) -> list[str]:
+    """What is wrong with the page's tables: each needs a header, a rule and rows of as many
+    cells, and a column whose header starts with `peer`, filled in every row (a figure, a name,
+    or `not measured: REASON`; not a placeholder)."""
+    problems = []
+    for line, lines in page_tables(text):
+        rows = [cells(x) for x in lines]
+        if len(rows) < 3 or not all(re.fullmatch(r":?-{3,}:?", c) for c in rows[1]):
+            problems.append(f"line {line}: not a header, a rule and rows")
+            continue
+        if len({len(r) for r in rows}) != 1:
+            problems.append(f"line {line}: rows of {sorted({len(r) for r in rows})} cells")
+        peers = [i for i, head in enumerate(rows[0]) if head.lower().startswith("peer")]
+        if not peers:
+            problems.append(f"line {line}: no column headed `peer...` in {rows[0]}")
+        for row in rows[2:]:
+            for cell in (row[i] for i in peers if i < len(row)):
+                unsaid = re.match(r"not (measured|run)(?!: \S)", cell)
+                if cell in ("", "-", "n/a", "?") or unsaid:
+                    problems.append(f"line {line}: row {row[0]!r} names no peer: {cell!r}")
+    return problems
+
+
+def test_every_table_on_the_performance_page_names_a_peer():
+    assert not table_problems(PAGE.read_text())
+
+
+def test_the_table_check_finds_a_missing_peer():
+    good = "| a | peer: b |\n|---|---|\n| x | 1.0 |\n| y | not measured: no GPU |\n"
+    assert not table_problems(good)
+    assert table_problems("| a | b |\n|---|---|\n| x | 1 |\n")  # no peer column
+    assert table_problems("| a | peer |\n|---|---|\n| x | |\n")  # an empty peer cell
+    assert table_problems("| a | peer |\n|---|---|\n| x | - |\n")  # a placeholder
+    assert table_problems("| a | peer |\n|---|---|\n| x | not measured |\n")  # no reason
+    assert table_problems("| a | peer |\n|---|---|\n| x | 1 | 2 |\n")  # a row too long
+    assert table_problems("| a | peer |\n| x | 1 |\n")  # no rule
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    """`benchmarks/suite.py --smoke` once, into a copy of the page: {region name: its text},
+    plus the page ("page") and the figures' folder ("img")."""
+    out = tmp_path_factory.mktemp("bench")
+    page = out / "performance.md"
+    shutil.copy(PAGE, page)
+    cmd = [sys.executable, "benchmarks/suite.py", "--smoke", "--out", str(page),
+           "--img", str(out / "img")]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    text = page.read_text()
+    return {**dict(REGION.findall(text)), "page": text, "img": out / "img"}
+
+
+def rows(region: str, first: str) -> list[list[str]]:
+    """The body rows of the region's table whose first header cell is `first`."""
+    for _, lines in page_tables(region):
+        if cells(lines[0])[0] == first:
+            return [cells(x) for x in lines[2:]]
+    raise AssertionError(f"no table headed {first!r} in:\n{region}")
+
+
+def test_suite_writes_every_region_with_its_header(smoke):
+    for name in REGIONS:
+        first = smoke[name].splitlines()[0]
+        assert first.startswith("Measured ") and "--smoke" in first, first
+        assert "command: `" in first and "peer in the same run: " in first, first
+        assert re.search(r"torch \d", first) and "cores" in first, first
+    assert not table_problems(smoke["page"])
+
+
+def test_suite_leaves_the_prose_as_it_was(smoke):
+    strip = lambda text: REGION.sub("", text)  # noqa: E731
+    assert strip(smoke["page"]) == strip(PAGE.read_text())
+
+
+def test_suite_draws_the_four_figures(smoke):
+    for name in FIGURES:
+        png = smoke["img"] / f"{name}.png"
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", png
+        assert len(data) > 1000
+        assert f"]({Path('img') / png.name})" in smoke[name]  # embedded in its region
+
+
+def test_kernel_benchmark_runs(smoke):
+    table = rows(smoke["kernels"], "family")
+    assert [row[0] for row in table] == ["gla", "simple_gla", "delta", "scan"]
+    assert all(float(row[3]) > 0 for row in table)  # the step loop ran beside each
+    assert "flash-linear-attention" in smoke["kernels"]  # measured, or why not
+
+
+def test_kernel_memory_benchmark_runs(smoke):
+    table = rows(smoke["kernels-memory"], "family")
+    assert [(row[0], int(row[1])) for row in table] == [
         (name, T) for name in ("gla", "simple_gla", "delta", "scan") for T in (256, 512)
     ]
-    assert all(float(row[2]) >= 0 for row in rows)
+    assert all(float(row[2]) >= 0 for row in table)
+    assert all(float(row[4]) >= 0 for row in table if row[1] == "256")  # the step loop's
 
 
-def test_model_benchmark_runs_with_its_peers(repo_root):
-    rows = table(repo_root, "benchmarks/models.py", "--smoke")
-    assert [row[0] for row in rows] == [
+def test_model_benchmark_runs_with_its_peers(smoke):
+    table = rows(smoke["models"], "model")
+    assert [row[0] for row in table] == [
         "rnnscale mamba2",
         "rnnscale gla",
         "rnnscale gated_deltanet",
@@ -38,36 +146,42 @@ def test_model_benchmark_runs_with_its_peers(repo_root):
         "transformers Mamba2",
         "transformers Llama (sdpa)",
     ]
-    assert not [row for row in rows if row[2].startswith("not run")], rows  # all measured
+    assert not [row for row in table if row[2].startswith("not run")], table  # all measured
+    assert not [row for row in table if "not measured" in row[6] + row[8]], table
 
 
-def test_data_benchmark_runs(repo_root):
-    rows = table(repo_root, "benchmarks/data.py", "--smoke")
-    assert [row[0] for row in rows[:3]] == [
+def test_data_benchmark_runs(smoke):
+    table = rows(smoke["data"], "step")
+    assert [row[0] for row in table] == [
         "sentencepiece encode, 1 process",
         "data prepare, 1 worker",
         "data prepare, 2 workers",
     ]
-    assert all(float(row[1]) > 0 for row in rows[:3])
-    debug = [row for row in rows if row[0].startswith("vs debug_cpu step")]
-    assert len(debug) == 1 and debug[0][2].endswith("x")
+    assert all(float(row[1]) > 0 for row in table)
+    debug = [row for row in rows(smoke["data"], "loader, against") if row[0] == "vs debug_cpu step"]
+    assert len(debug) == 1 and debug[0][3].endswith("x") and number(debug[0][2]) > 0
 
 
-def test_checkpoint_benchmark_runs(repo_root):
-    rows = table(repo_root, "benchmarks/checkpoint.py", "--smoke", "--saves", "2")
-    assert [row[0] for row in rows] == [
+def number(cell: str) -> float:
+    return float(re.search(r"[\d,]+\.?\d*", cell).group().replace(",", ""))
+
+
+def test_checkpoint_benchmark_runs(smoke):
+    table = rows(smoke["checkpoint"], "measure")
+    assert [row[0] for row in table] == [
         "save bandwidth (sync, GB/s)",
         "load bandwidth (GB/s)",
         "sync save, step loop held up (s)",
         "async save, step loop held up + slower steps (s)",
     ]
-    assert all(float(row[3]) > 0 for row in rows)
+    assert all(float(row[3]) > 0 for row in table)
 
 
-def test_sequence_parallel_benchmark_runs(repo_root):
-    rows = table(repo_root, "benchmarks/sequence_parallel.py", "--smoke")
-    names = [row[0] for row in rows]
+def test_sequence_parallel_benchmark_runs(smoke):
+    table = rows(smoke["sequence_parallel"], "layer")
+    names = [row[0] for row in table]
     assert names.count("attention, Ulysses all-to-all") == 3  # P = 2, 4, 8
-    recurrent = [row for row in rows if row[0].endswith("state passing")]
+    recurrent = [row for row in table if row[0].endswith("state passing")]
     assert len(recurrent) == 9 and all(len(set(row[2:5])) == 1 for row in recurrent)  # no T
-    assert names[-1] == "gla x4" and float(rows[-1][3]) > 0
+    scaling = rows(smoke["sequence_parallel"], "model")
+    assert [row[0] for row in scaling] == ["gla x4"] and float(scaling[-1][3]) > 0
