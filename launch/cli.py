@@ -229,8 +229,12 @@ def _train(cfg: RunConfig) -> int:
         from rnnscale.launch.ray_launch import train_with_ray
         from rnnscale.train.trainer import check_inputs
 
-        try:  # here, once: a worker's ConfigError would be retried launch.max_failures times
-            check_inputs(cfg, cfg.launch.num_workers)
+        # here, once: a worker's ConfigError would be retried launch.max_failures times. The
+        # files only on an embedded Ray: a cluster's driver (e.g. a head without the data
+        # volume) need not see what its workers read
+        joins = bool(cfg.launch.address or os.environ.get("RAY_ADDRESS"))
+        try:
+            check_inputs(cfg, cfg.launch.num_workers, files=not joins)
         except ConfigError as e:
             print(f"rnnscale: {e}", file=sys.stderr)
             return 2

@@ -7,6 +7,7 @@ inside one of the namespaces (`ip netns exec`)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,12 +27,47 @@ def unavailable() -> str:
     r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if r.returncode != 0:
         return f"`ip netns add` is not permitted here: {r.stderr.strip()}"
-    r = subprocess.run(["ip", "-n", name, "link", "add", "probe0", "type", "veth", "peer",
-                        "name", "probe1"], capture_output=True, text=True)  # fmt: skip
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    if r.returncode != 0:
-        return f"veth pairs cannot be made in a network namespace here: {r.stderr.strip()}"
+    try:
+        for what, cmd in [
+            ("veth pairs", ["ip", "-n", name, "link", "add", "p0", "type", "veth", "peer", "p1"]),
+            ("bridges", ["ip", "-n", name, "link", "add", "b0", "type", "bridge"]),
+            ("`ip netns exec`", ["ip", "netns", "exec", name, "true"]),
+        ]:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                return f"{what} cannot be made or used in a network namespace here: {r.stderr}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return ""
+
+
+def remove_leftovers() -> None:
+    """Namespaces of an earlier test process that was killed before it cleaned up (its pid is
+    gone): kill what still runs in them, then remove them."""
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        found = re.match(r"rs(\d+)n-\w+", line.split()[0]) if line.split() else None
+        if found and not Path(f"/proc/{found.group(1)}").exists():
+            _kill_all(line.split()[0])
+            subprocess.run(["ip", "netns", "del", line.split()[0]], capture_output=True)
+
+
+def _pids(ns: str) -> list[int]:
+    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+def _kill_all(ns: str, seconds: float = 15) -> None:
+    """SIGKILL every process in the namespace until none is left (a dying raylet may still
+    start one)."""
+    deadline = time.monotonic() + seconds
+    while (pids := _pids(ns)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
 
 
 def ip(*args: str) -> None:
@@ -42,11 +78,16 @@ class NetnsCluster:
     """Namespaces named <prefix><node>; node i has address 10.77.0.<i+1> on its eth0."""
 
     def __init__(self, bin_dir: Path, temp_dir: Path, env: dict[str, str]):
-        self.prefix = f"rs{os.getpid() % 100000}"
+        self.prefix = f"rs{os.getpid()}n-"  # remove_leftovers() reads the pid back
         self.bin, self.temp, self.env = bin_dir, temp_dir, env
         self.nodes: dict[str, str] = {}  # node name -> address
+        self.made: list[str] = []  # namespaces to remove, in the order they were made
         self.hub = self.prefix + "hub"
+
+    def start_hub(self) -> None:
+        """The bridge every node's veth joins, in a namespace of its own."""
         ip("netns", "add", self.hub)
+        self.made.append(self.hub)
         ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
         ip("-n", self.hub, "link", "set", "br0", "up")
 
@@ -54,8 +95,11 @@ class NetnsCluster:
         return self.prefix + node
 
     def add_node(self, node: str) -> str:
+        if not self.made:
+            self.start_hub()
         ns, address = self.ns(node), f"{SUBNET}.{len(self.nodes) + 1}"
         ip("netns", "add", ns)
+        self.made.append(ns)
         ip("-n", ns, "link", "set", "lo", "up")
         ip("-n", self.hub, "link", "add", f"v{node}", "type", "veth", "peer", "name", "eth0",
            "netns", ns)  # fmt: skip
@@ -97,9 +141,7 @@ class NetnsCluster:
         return address
 
     def pids(self, node: str) -> list[int]:
-        r = subprocess.run(["ip", "netns", "pids", self.ns(node)], capture_output=True,
-                           text=True)  # fmt: skip
-        return [int(p) for p in r.stdout.split()]
+        return _pids(self.ns(node))
 
     def kill(self, node: str, process: str) -> int:
         """SIGKILL the node's process named `process` (e.g. raylet); its pid."""
@@ -114,12 +156,7 @@ class NetnsCluster:
 
     def close(self) -> None:
         """Kill every process left in the namespaces, then remove them (veths go with them)."""
-        for node in self.nodes:
-            for pid in self.pids(node):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.5)
-        for ns in [*map(self.ns, self.nodes), self.hub]:
+        for ns in reversed(self.made):
+            _kill_all(ns)
+        for ns in reversed(self.made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)

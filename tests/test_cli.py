@@ -40,7 +40,8 @@ def test_train_refuses_bad_config_at_once(repo_root, tmp_path, override, needle)
     [
         ("debug_cpu", ["train.global_batch_size=6"], "global_batch_size"),  # 6 rows, 2 workers
         ("debug_cpu", ["parallel.sequence_parallel_size=3"], "sequence_parallel_size = 3"),
-        ("quickstart", ["data.tokenizer=missing.model"], "data.tokenizer"),
+        ("quickstart", ["data.streams=[{path: TMP}]", "data.tokenizer=missing.model"],
+         "data.tokenizer"),
         ("debug_cpu", ["checkpoint.resume=nowhere/step_000000004"], "checkpoint.resume"),
         ("quickstart", ["data.streams=[{path: nowhere/shards}]"], "data.streams: nowhere"),
     ],
@@ -49,6 +50,7 @@ def test_ray_train_refuses_bad_inputs_before_starting_workers(repo_root, tmp_pat
                                                               overrides, needle):  # fmt: skip
     """With launch.num_workers > 1 what the ranks would refuse is checked before Ray starts:
     an error once, not once per restart."""
+    overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]  # an existing folder
     r = rnnscale("train", f"configs/{config}.yaml", "launch.num_workers=2", *overrides,
                  f"run.dir={tmp_path}/run", cwd=repo_root)  # fmt: skip
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]

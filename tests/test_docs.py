@@ -35,6 +35,7 @@ COMMAND = re.compile(
     r"sbatch\s|pip\s|bash\s|wandb\s|tensorboard\s|export\s+\w+=)"
 )
 SKIP_LINKS = {".git", "runs", ".pytest_cache", "build", "dist"}
+SHELL_ONLY = {"export", "cd", "source", ".", "set", "unset", "alias"}
 
 
 @dataclass
@@ -61,9 +62,11 @@ def blocks(page: Path) -> list[Block]:
         fence = re.match(r"^(\s*)(```+|~~~+)\s*([\w+-]*)", line)
         if fence:
             indent, mark, lang = fence.groups()
+            closing = re.compile(rf"\s*{re.escape(mark[0])}{{{len(mark)},}}\s*")
             j = i + 1
-            while j < len(lines) and not lines[j].strip().startswith(mark):
+            while j < len(lines) and not closing.fullmatch(lines[j]):
                 j += 1
+            assert j < len(lines), f"{page.name}:{i + 1}: a code fence that is never closed"
             body = "\n".join(x[len(indent):] if x.startswith(indent) else x
                              for x in lines[i + 1: j])  # fmt: skip
             k = i - 1
@@ -154,6 +157,12 @@ def run_block(block: Block, cwd: Path, env: dict) -> None:
         assert r.returncode == 0, f"{block.where}: python block failed:\n{r.stderr[-3000:]}"
         return
     for command, expected in commands(block):
+        # each command runs in a bash of its own: one that only changes the shell would test
+        # nothing (mark its block not run, or fold it into the command that needs it)
+        first = command.split()[0]
+        assert first not in SHELL_ONLY and not re.match(r"^\w+=\S*$", command), (
+            f"{block.where}: `{command}` only changes the shell; each command runs alone"
+        )
         r = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, env=env,
                            capture_output=True, text=True, timeout=600)  # fmt: skip
         assert r.returncode == expected, (

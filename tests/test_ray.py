@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from netns_cluster import NetnsCluster, unavailable
+from netns_cluster import NetnsCluster, remove_leftovers, unavailable
 
 from rnnscale.train import trainer
 from rnnscale.train.config import load_config
 
 BIN = Path(sys.executable).parent
-MAX_STEPS = 32  # seconds of training after step 4: time to see its checkpoint and kill
+MAX_STEPS = 24  # 20 steps (seconds) after step 4: time to see its checkpoint and kill
 COMMON = ["log.progress_bar=false", "log.wandb.mode=disabled", "log.tensorboard=false",
           "train.seq_len=512", f"train.max_steps={MAX_STEPS}", "checkpoint.interval=2",
           "checkpoint.keep=2"]  # fmt: skip
@@ -136,12 +136,14 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_pat
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_DEDUP_LOGS": "0",
-           # the head declares a node dead after 3 missed 1-second health checks (default ~30 s)
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-           "RAY_health_check_failure_threshold": "3"}  # fmt: skip
+           # the head declares a node dead after 5 missed health checks a second apart, each
+           # given 3 s (Ray's default takes about 30 s); slack for 2 busy cores
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000",
+           "RAY_health_check_failure_threshold": "5"}  # fmt: skip
     run_dir = tmp_path / "run"
     temp = Path(tempfile.mkdtemp(prefix="rsray", dir="/tmp"))  # Ray's sockets: a short path
-    cluster = NetnsCluster(BIN, temp, env)
+    remove_leftovers()
+    cluster = NetnsCluster(BIN, temp, env)  # makes nothing until the first node
     try:
         head = cluster.start_head("head", "--num-cpus=0")  # runs the job's driver, no worker
         cluster.start_worker("w1", "--num-cpus=1")
@@ -161,7 +163,10 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_pat
         assert "submitted multinode" in out, out
         deadline = time.monotonic() + 300
         while not [e for e in events(run_dir, "checkpoint") if e["step"] >= 4]:
-            assert time.monotonic() < deadline, rnnscale("jobs", "logs", "multinode")[-4000:]
+            if time.monotonic() > deadline:
+                logs = cluster.run("head", str(BIN / "rnnscale"), "jobs", "logs", "multinode",
+                                   "--address", address, check=False).stdout  # fmt: skip
+                raise AssertionError(f"no checkpoint of step 4 in 300 s:\n{logs[-4000:]}")
             time.sleep(0.1)
         cluster.kill("w1", "raylet")  # the node and its worker are gone
         cluster.start_worker("w3", "--num-cpus=1")  # the replacement
@@ -177,8 +182,8 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_pat
         shutil.rmtree(temp, ignore_errors=True)
     assert f"rnnscale: done: {MAX_STEPS} steps" in logs
     assert "ip=10.77.0.4" in logs  # a worker ran on the replacement node
-    starts = events(run_dir, "start")
-    assert len(starts) == 2 and starts[1]["resumed_from"], starts
+    starts = events(run_dir, "start")  # a busy machine may cost a second restart
+    assert len(starts) >= 2 and starts[-1]["resumed_from"], starts
     assert last_losses(run_dir) == pytest.approx(uninterrupted, abs=1e-4)
 
 

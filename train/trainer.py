@@ -47,6 +47,13 @@ def run(cfg: RunConfig) -> dict:
 
 def _train(cfg: RunConfig, deepspeed) -> dict:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = _device()  # first: NCCL's object collectives below run on this rank's GPU
+    if world > 1:  # the node of every rank: Ray Train's NODE_RANK, torchrun's GROUP_RANK
+        nodes = [""] * world
+        env = os.environ
+        here = env.get("NODE_RANK") or env.get("GROUP_RANK") or socket.gethostname()
+        torch.distributed.all_gather_object(nodes, here)
+        check_node_layout(nodes, uses_streaming=cfg.data.source != "synthetic")
     groups = sequence_groups(cfg, world)  # None without sequence parallelism
     P = cfg.parallel.sequence_parallel_size
     dp_rank, dp_world = rank // P, world // P  # the ranks that read different rows
@@ -66,12 +73,6 @@ def _train(cfg: RunConfig, deepspeed) -> dict:
         print(dump_yaml(cfg), end="", flush=True)
     torch.distributed.barrier()
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
-    device = _device()
-    if world > 1:  # NODE_RANK from torchrun / Ray Train, else the host name
-        nodes = [""] * world
-        here = os.environ.get("NODE_RANK") or socket.gethostname()
-        torch.distributed.all_gather_object(nodes, here)
-        check_node_layout(nodes, uses_streaming=cfg.data.source != "synthetic")
     with torch.device("meta"):  # counts from a copy that costs no memory
         shape = build_model(cfg.model)
     flops_per_token = shape.flops_per_token(cfg.train.seq_len)
@@ -541,17 +542,20 @@ def _check_sequence_parallel_size(cfg: RunConfig, world: int) -> None:
         )
 
 
-def check_inputs(cfg: RunConfig, world: int) -> None:
+def check_inputs(cfg: RunConfig, world: int, files: bool = True) -> None:
     """What a job of `world` ranks would refuse at its start, checked before any rank starts
     (the Ray launcher calls it, so that a bad config fails once instead of once per restart):
-    the parallel sizes, the batch arithmetic, the tokenizer against the model, the data
-    streams, and an explicitly named checkpoint to resume. Raises ConfigError."""
+    the parallel sizes, the batch arithmetic and, with `files` (where this process sees the
+    workers' files), the tokenizer against the model, the data streams, and an explicitly
+    named checkpoint to resume. Raises ConfigError."""
     _check_sequence_parallel_size(cfg, world)
     try:
         deepspeed_config(cfg.train, cfg.optim, cfg.parallel,
                          world // cfg.parallel.sequence_parallel_size)  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if not files:
+        return
     if cfg.data.source != "synthetic":
         check_streams(cfg)
         check_tokenizer(cfg)
@@ -691,7 +695,13 @@ def check_streams(cfg: RunConfig) -> None:
                     f"to make it, or fix the path"
                 )
             record = Path(stream.path) / "prepare.json"
-            made_with = json.loads(record.read_text()).get("tokenizer") if record.exists() else None
+            try:
+                made_with = json.loads(record.read_text()).get("tokenizer")
+            except FileNotFoundError:
+                made_with = None
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"data.{key}: {record} cannot be read ({e}): prepare the "
+                                  f"shards again") from None  # fmt: skip
             if made_with is None or not Path(cfg.data.tokenizer).is_file():
                 continue
             ours = ours or fingerprint(cfg.data.tokenizer)
