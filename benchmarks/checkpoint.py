@@ -111,10 +111,10 @@ class SideBySide:
         real_start, real_finish = monkeypatch_target._start, monkeypatch_target.finish
         side = self
 
-        def _start(self, counters):
+        def _start(self, progress):
             if side.active:
                 side.writes.append(raw_write(side.raw, side.size) if side.size else None)
-            return real_start(self, counters)
+            return real_start(self, progress)
 
         def finish(self, step):
             pending = self.pending
@@ -167,6 +167,7 @@ def main() -> int:
 
 def child(args, model: list[str]) -> None:
     from rnnscale.train import trainer
+    from rnnscale.train.checkpointer import Checkpointer
     from rnnscale.train.config import load_config
 
     folder = Path(args.dir)
@@ -178,7 +179,7 @@ def child(args, model: list[str]) -> None:
     }[args.child]
     side = SideBySide(folder)
     if args.child == "sync":
-        side.install(trainer.Checkpointer)
+        side.install(Checkpointer)
         side.active = True
     trainer.run(load_config(ROOT / model[0], overrides))
     if args.child == "sync":

@@ -227,7 +227,7 @@ def _train(cfg: RunConfig) -> int:
         from ray.train import TrainingFailedError
 
         from rnnscale.launch.ray_launch import train_with_ray
-        from rnnscale.train.trainer import check_inputs
+        from rnnscale.train.preflight import check_inputs
 
         # here, once: a worker's ConfigError would be retried launch.max_failures times. The
         # files only on an embedded Ray: a cluster's driver (e.g. a head without the data

@@ -1,13 +1,16 @@
 """The DeepSpeed config, derived from the run config by one function (DESIGN.md section 5).
 
-`deepspeed_config(train, optim, parallel, data_parallel_size)` takes the run config's `train`,
-`optim` and `parallel` sections (this layer does not import the config's types) and returns the
-dict for `deepspeed.initialize`. The optimizer (AdamW with its parameter groups) and the LR
-schedule are built by the trainer and passed to `deepspeed.initialize` as objects, so DeepSpeed
-steps and checkpoints them; they are not in this dict.
+`deepspeed_config(train, optim, parallel, layout)` takes the run config's `train`, `optim` and
+`parallel` sections (this layer does not import the config's types) and the job's
+`ParallelLayout`, and returns the dict for `deepspeed.initialize`. The optimizer (AdamW with its
+parameter groups) and the LR schedule are built by the trainer and passed to
+`deepspeed.initialize` as objects, so DeepSpeed steps and checkpoints them; they are not in this
+dict.
 """
 
 from __future__ import annotations
+
+from rnnscale.parallel.layout import ParallelLayout
 
 
 def batch_split(global_batch: int, micro_batch: int, data_parallel_size: int) -> int:
@@ -23,8 +26,9 @@ def batch_split(global_batch: int, micro_batch: int, data_parallel_size: int) ->
     return global_batch // per_step
 
 
-def deepspeed_config(train, optim, parallel, data_parallel_size: int) -> dict:
-    accum = batch_split(train.global_batch_size, train.micro_batch_size, data_parallel_size)
+def deepspeed_config(train, optim, parallel, layout: ParallelLayout) -> dict:
+    """ValueError when the batch does not split over the layout's data-parallel replicas."""
+    accum = batch_split(train.global_batch_size, train.micro_batch_size, layout.data_parallel_size)
     zero: dict = {
         "stage": parallel.zero_stage,
         "reduce_bucket_size": parallel.reduce_bucket_size,

@@ -1,13 +1,14 @@
 """Sequence parallelism (SP): the process groups, the slice of the sequence each rank holds, and
 the collectives between the ranks of a sequence group, each counting the bytes it moves
-(DESIGN.md section 5, SCANS.md section 5, docs/parallelism.md).
+(DESIGN.md section 5, docs/scans.md section 5, docs/parallelism.md).
 
 Legend: W world size, P sequence-parallel size, D = W / P data-parallel replicas, B rows,
 T tokens of a whole row, L = T / P tokens of a slice.
 
-Ranks r = d * P + s: the P consecutive ranks of sequence group d hold slices s = 0 .. P-1 of the
-same rows, in order. A packed batch (one row with `cu_seqlens`) is cut the same way; documents
-that cross a slice boundary continue on the next rank.
+The ranks of sequence group d hold slices s = 0 .. P-1 of the same rows, in order
+(`rnnscale.parallel.layout.ParallelLayout` places them). A packed batch (one row with
+`cu_seqlens`) is cut the same way; documents that cross a slice boundary continue on the next
+rank.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from rnnscale.parallel.layout import ParallelLayout
 
 # ---------------------------------------------------------------------------------------------
 # process groups
@@ -36,23 +39,19 @@ class ParallelGroups:
     (`stage_1_and_2.get_grad_norm_direct`); clipping would then use a wrong norm.
     """
 
-    def __init__(self, sequence_parallel_size: int):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        P = sequence_parallel_size
-        if P < 1 or world % P:
-            raise ValueError(
-                f"parallel.sequence_parallel_size = {P} must divide the {world} ranks of the job"
-            )
+    def __init__(self, layout: ParallelLayout):
+        self.layout = layout
+        P, world, rank = layout.sequence_parallel_size, layout.world_size, layout.rank
         self.size, self.world, self.rank = P, world, rank
-        self.sequence_rank, self.data_parallel_rank = rank % P, rank // P
-        self.data_parallel_size = world // P
+        self.sequence_rank, self.data_parallel_rank = layout.sequence_rank, layout.data_rank
+        self.data_parallel_size = layout.data_parallel_size
         self.sequence_group = self.data_group = self.model_group = None
-        for d in range(world // P):  # every rank takes part in creating every group
-            group = dist.new_group(list(range(d * P, (d + 1) * P)))
+        for d in range(self.data_parallel_size):  # every rank takes part in creating every group
+            group = dist.new_group(layout.sequence_group(d))
             if d == self.data_parallel_rank:
                 self.sequence_group = group
         for s in range(P):
-            group = dist.new_group(list(range(s, world, P)))
+            group = dist.new_group(layout.data_group(s))
             if s == self.sequence_rank:
                 self.data_group = group
         for r in range(world):
@@ -91,7 +90,7 @@ class ParallelGroups:
         return self.data_parallel_rank
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return list(range(self.sequence_rank, self.world, self.size))
+        return self.layout.data_group(self.sequence_rank)
 
     def get_model_parallel_group(self):
         return self.model_group

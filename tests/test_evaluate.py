@@ -8,9 +8,14 @@ import math
 import pytest
 import torch
 
+from rnnscale.train.batches import RowShape, make_batches, make_val_batches
 from rnnscale.train.config import ConfigError, load_config
 from rnnscale.train.model import build_model
-from rnnscale.train.trainer import evaluate, lm_loss, make_batches, make_val_batches, run
+from rnnscale.train.trainer import evaluate, lm_loss, run
+
+
+def _validation(cfg):
+    return make_val_batches(cfg.data, RowShape.of(cfg), cfg.run.seed, cfg.train.eval_batches)
 
 
 @pytest.fixture
@@ -29,7 +34,7 @@ def cfg(repo_root, tmp_path):
 
 def test_evaluate_is_the_token_weighted_mean(cfg, tmp_path):
     model = build_model(cfg.model)
-    val = make_val_batches(cfg)
+    val = _validation(cfg)
     assert len(val) == 3
     got = evaluate(model, val, torch.device("cpu"))
     with torch.no_grad():
@@ -38,10 +43,10 @@ def test_evaluate_is_the_token_weighted_mean(cfg, tmp_path):
     assert got["eval_loss"] == pytest.approx(want, rel=1e-12)
     assert got["eval_ppl"] == pytest.approx(math.exp(want), rel=1e-12)
     assert model.training  # evaluate restores the mode
-    train = next(make_batches(cfg, tmp_path))
+    train = next(make_batches(cfg.data, RowShape.of(cfg), cfg.run.seed, tmp_path))
     assert not torch.equal(train["input_ids"], val[0]["input_ids"])  # held-out documents
     assert all(torch.equal(a["input_ids"], b["input_ids"])
-               for a, b in zip(val, make_val_batches(cfg), strict=True))  # fmt: skip
+               for a, b in zip(val, _validation(cfg), strict=True))  # fmt: skip
 
 
 def test_run_logs_eval_at_the_interval_and_the_end(cfg):

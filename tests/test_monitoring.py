@@ -284,7 +284,7 @@ def test_status_of_a_finished_run_and_of_no_run(repo_root, tmp_path):
 def test_a_new_run_in_a_used_directory_keeps_the_old_logs_aside(repo_root, tmp_path):
     """A fresh run (nothing to resume) where another ran keeps that run's metrics and events
     beside its own, so `rnnscale status` counts no restart that belongs to the other run."""
-    from rnnscale.train.trainer import prepare_run_dir
+    from rnnscale.train.run_dir import prepare_run_dir
 
     run_dir = tmp_path / "run"
     cfg = _config(repo_root, run_dir, "train.max_steps=30")

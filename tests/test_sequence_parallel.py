@@ -145,9 +145,10 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
+    from rnnscale.parallel.layout import ParallelLayout
     from rnnscale.parallel.sequence import ParallelGroups
 
-    groups = ParallelGroups(world)
+    groups = ParallelGroups(ParallelLayout(world, world, rank))
     results = {}
     if job == "equal":
         for packed in (False, True):

@@ -15,7 +15,9 @@ import torch
 
 from rnnscale.parallel.deepspeed_config import batch_split
 from rnnscale.train import trainer
+from rnnscale.train.batches import SyntheticBatches
 from rnnscale.train.config import load_config
+from rnnscale.train.distributed import free_port
 
 BIN = Path(sys.executable).parent
 TOLERANCE = 1e-4  # absolute, on losses near 5: the same sums in another order
@@ -62,7 +64,7 @@ def test_zero_stages_on_two_ranks_match_one_rank(repo_root, tmp_path):
 
 def test_deepspeed_launcher_runs_the_same_job(repo_root, tmp_path):
     trainer.run(config(repo_root, tmp_path / "one"))
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(trainer._free_port()),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "rnnscale.train", "configs/debug_cpu.yaml", f"run.dir={tmp_path / 'ds'}",
            "log.progress_bar=false", "log.wandb.mode=disabled", "train.max_steps=6",
            "parallel.zero_stage=2"]  # fmt: skip
@@ -136,14 +138,14 @@ def test_non_finite_steps_in_a_row_roll_back_past_their_data(repo_root, tmp_path
     clean = tmp_path / "clean"
     trainer.run(config(repo_root, clean, *steps))
     with monkeypatch.context() as m:  # the reference: step 4's state, data from step 8 on
-        real = trainer.SyntheticBatches.load_state_dict
+        real = SyntheticBatches.load_state_dict
 
         def later(self, state):
             real(self, state)
             for _ in range(3 * 2):  # 3 steps of 2 micro batches
                 next(self)
 
-        m.setattr(trainer.SyntheticBatches, "load_state_dict", later)
+        m.setattr(SyntheticBatches, "load_state_dict", later)
         trainer.run(config(repo_root, tmp_path / "ref", *steps,
                            f"checkpoint.resume={clean}/checkpoints/step_000000004"))  # fmt: skip
     _poison(monkeypatch, set(range(9, 15)))  # the micro batches of steps 5-7
@@ -246,7 +248,7 @@ def test_streaming_runs_refuse_uneven_ranks_per_node():
     """mosaicml-streaming takes ranks r*n..r*n+n-1 to be one node's n ranks: a placement with
     other counts, or a node's ranks out of order, is refused with what to set instead."""
     from rnnscale.train.config import ConfigError
-    from rnnscale.train.trainer import check_node_layout
+    from rnnscale.train.preflight import check_node_layout
 
     check_node_layout(["0", "0", "1", "1"], uses_streaming=True)
     check_node_layout(["a"] * 3, uses_streaming=True)

@@ -28,6 +28,28 @@ def export_model(model: LanguageModel, run_dir: Path) -> Path:
     return path
 
 
+def export_from_engine(engine, cfg: RunConfig) -> None:
+    """model.safetensors (fp32) from rank 0, at the end of a run (collective). ZeRO-3 gathers
+    the weights onto rank 0 only, layer by layer; other stages copy them (DeepSpeed's may be
+    bf16 views into its flat buffers)."""
+    rank = torch.distributed.get_rank()
+    if cfg.parallel.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
+    else:
+        state = engine.module.state_dict() if rank == 0 else {}
+    if rank == 0:
+        with torch.device("meta"):
+            copy = build_model(cfg.model)
+        copy.load_state_dict(
+            {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()},
+            assign=True,
+        )
+        if cfg.model.tie_embeddings:
+            copy.head.weight = copy.embed.weight
+        export_model(copy, cfg.run_dir)
+    torch.distributed.barrier()
+
+
 def load_exported(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[LanguageModel, RunConfig]:
