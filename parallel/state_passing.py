@@ -1,5 +1,5 @@
 """The chunkwise scans over a sequence split across the ranks of a sequence group, by passing
-recurrent states (SCANS.md section 5).
+recurrent states (docs/scans.md section 5).
 
 Each rank runs the kernel on its slice from a zero state and gets its slice's affine map of
 the incoming state, `S_out = A(S_in) + S_loc`: A is exp(sum of g) per head (scalar decay), per
@@ -15,12 +15,13 @@ adds, which is linear in S_in:
 
 The delta rule's row vectors and its A come from the kernel itself: a second call with K value
 columns of zeros whose initial state is the identity (the state's columns evolve
-independently) returns `scale q^T M_t..M_1` as its output and A as its final state (SCANS.md's
-alternative is a second pass with S_in; this one needs no wait for S_in). Only the first
-document of a slice receives S_in; the correction is written in torch ops, so autograd carries
-the gradients to q, the gates, k and beta, and through the all-gather's backward (an
-all-to-all of the per-piece gradients) to the earlier ranks. Every function takes and returns
-what its kernel does (`(out, final_state)`, final state `[N, ...]` per local sequence).
+independently) returns `scale q^T M_t..M_1` as its output and A as its final state (the
+alternative in docs/scans.md section 5 is a second pass with S_in; this one needs no wait for
+S_in). Only the first document of a slice receives S_in; the correction is written in torch
+ops, so autograd carries the gradients to q, the gates, k and beta, and through the
+all-gather's backward (an all-to-all of the per-piece gradients) to the earlier ranks. Every
+function takes and returns what its kernel does (`(out, final_state)`, final state `[N, ...]`
+per local sequence).
 """
 
 from __future__ import annotations

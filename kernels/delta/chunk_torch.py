@@ -1,4 +1,4 @@
-"""Chunkwise gated delta rule in plain PyTorch: the WY / UT form (SCANS.md section 3).
+"""Chunkwise gated delta rule in plain PyTorch: the WY / UT form (docs/scans.md section 3).
 
 Legend: B batch, T time, H heads, K key width, V value width, N sequences, C chunk size,
 M chunks. Per chunk, with in-chunk cumulative log-gates b, Gamma_rs = exp(b_r - b_s) for

@@ -1,4 +1,4 @@
-"""Chunkwise elementwise linear scan in plain PyTorch (SCANS.md section 4).
+"""Chunkwise elementwise linear scan in plain PyTorch (docs/scans.md section 4).
 
 Legend: B batch, T time, D channels, N sequences, C chunk size, M chunks.
   1. in every chunk at once, C steps from a zero state: the local result hloc_r and the

@@ -1,4 +1,4 @@
-"""Chunkwise scalar-decay linear attention in plain PyTorch (SCANS.md section 1).
+"""Chunkwise scalar-decay linear attention in plain PyTorch (docs/scans.md section 1).
 
 Legend: B batch, T time, H heads, K key width, V value width, N sequences, C chunk size,
 M chunks. For one chunk with entering state S, in-chunk cumulative log-gates b_r (one number
