@@ -51,7 +51,7 @@ def raw_encode_seconds(files: list[str], tokenizer: Path) -> tuple[float, int]:
 
 def step_tokens_per_s(config: str, steps: int = 3) -> float:
     cfg = load_config(ROOT / config)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.kernels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     T, B = cfg.train.seq_len, cfg.train.micro_batch_size
     ids = torch.randint(0, cfg.model.vocab_size, (B, T + 1))
@@ -104,7 +104,7 @@ def main() -> None:
         debug = step_tokens_per_s("configs/debug_cpu.yaml")
         cfg = load_config(ROOT / "configs/recipes/gla-1.3b.yaml")
         with torch.device("meta"):
-            flops = build_model(cfg.model).flops_per_token(cfg.train.seq_len)
+            flops = build_model(cfg.model, cfg.kernels).flops_per_token(cfg.train.seq_len)
         big = matmul_peak_gflops() * 1e9 / (3 * flops)
         print()
         print("PackedLoader: seq_len 2048, 8 rows per batch, over the 1-worker shards")

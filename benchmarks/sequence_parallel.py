@@ -60,7 +60,7 @@ def recurrent_shapes() -> dict[str, tuple[int, int]]:
     for name in ("gla", "gated_deltanet", "mamba2"):
         cfg = load_config(ROOT / f"configs/recipes/{name}-1.3b.yaml", ["model.num_layers=1"])
         with torch.device("meta"):
-            mixer = build_model(cfg.model).blocks[0].mixer
+            mixer = build_model(cfg.model, cfg.kernels).blocks[0].mixer
         if name == "gla":
             H, K, V = (
                 mixer.num_heads,

@@ -180,6 +180,20 @@ def test_a_changed_model_is_refused_a_longer_run_is_not(repo_root, tmp_path):
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
 
 
+def test_a_run_resumes_with_other_kernel_settings(repo_root, tmp_path):
+    """kernels.* change how the scans are computed, not the model: a run checkpointed with GLA
+    chunks of 16 resumes with chunks of 32 on the torch backend and continues with the losses
+    of the run that never stopped (within fp32 rounding: the sums run in another order)."""
+    trainer.run(config(repo_root, tmp_path / "whole", "train.max_steps=4"))
+    trainer.run(config(repo_root, tmp_path / "split", "train.max_steps=2"))
+    trainer.run(config(repo_root, tmp_path / "split", "train.max_steps=4",
+                       "kernels.chunk_size.gla=32", "kernels.backend=torch"))  # fmt: skip
+    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert [split[s] for s in (1, 2)] == [whole[s] for s in (1, 2)]
+    assert [split[s] for s in (3, 4)] == pytest.approx([whole[s] for s in (3, 4)], abs=1e-5)
+    assert split[3] != whole[3] or split[4] != whole[4]  # the other chunk size did run
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_export_of_a_checkpoint_is_the_trained_model(repo_root, tmp_path, stage):
     """The last step's checkpoint, exported, holds the weights the run exported at its end;

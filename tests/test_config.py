@@ -75,7 +75,13 @@ def test_integer_given_for_float_is_a_float():
             r"model\.mixer_pattern\[1\]: 'mamba9' .* not one of: gla, retnet, mamba2, ",
         ),
         ("model.mixer_pattern=gla", r"model\.mixer_pattern: expected a list"),
-        ("model.gla.chunk_size=0", r"model\.gla\.chunk_size: must be > 0"),
+        ("kernels.chunk_size.gla=0", r"kernels\.chunk_size\.gla: must be > 0"),
+        (
+            "kernels.chunk_size.delta=24",
+            r"kernels\.chunk_size\.delta: must be a power of two >= 16 .*kernels\.backend=torch",
+        ),
+        ("train.eval_interval=-1", r"train\.eval_interval: must be >= 0 \(0: never\)"),
+        ("schedule.min_lr_ratio=1.5", r"schedule\.min_lr_ratio: must be >= 0, <= 1"),
         ("model.d_model=65", r"model\.d_model: must divide by model\.num_heads=2"),
         (
             "train.global_batch_size=6",
@@ -115,7 +121,7 @@ def _fields(cls, prefix=""):
 
 def test_every_field_is_documented():
     fields = dict(_fields(RunConfig))
-    assert "model.gla.chunk_size" in fields
+    assert "kernels.chunk_size.gla" in fields
     undocumented = [name for name, f in fields.items() if not f.metadata.get("doc")]
     assert undocumented == []
 
@@ -142,3 +148,28 @@ def test_a_key_that_is_not_a_python_name(repo_root, tmp_path):
     assert load_config(tmp_path / "c.yaml").checkpoint.async_save is True
     with pytest.raises(ConfigError, match="did you mean checkpoint.async"):
         load_config(repo_root / "configs/debug_cpu.yaml", ["checkpoint.async_save=true"])
+
+
+def test_any_chunk_size_with_the_torch_backend(repo_root):
+    cfg = load_config(repo_root / "configs/debug_cpu.yaml",
+                      ["kernels.backend=torch", "kernels.chunk_size.gla=24"])  # fmt: skip
+    assert cfg.kernels.chunk_size.gla == 24
+
+
+def test_speed_settings_under_model_move_to_kernels_with_a_warning(repo_root, capsys):
+    """Configs written before the kernels section still load: model.<mixer>.chunk_size and
+    model.loss_chunk_tokens are read as kernels.chunk_size.<family> and
+    kernels.loss_chunk_tokens, each named in a warning; two that disagree are refused."""
+    cfg = load_config(repo_root / "configs/debug_cpu.yaml",
+                      ["model.rglru.chunk_size=64", "model.loss_chunk_tokens=128"])  # fmt: skip
+    assert cfg.kernels.chunk_size.scan == 64
+    assert cfg.kernels.loss_chunk_tokens == 128
+    err = capsys.readouterr().err
+    assert "model.loss_chunk_tokens is now kernels.loss_chunk_tokens" in err
+    old = {"model": {"mixer_pattern": ["rglru"], "rglru": {"chunk_size": 16, "c": 4.0}}}
+    assert from_dict(old).kernels.chunk_size.scan == 16
+    clash = r"model\.minlstm\.chunk_size \(now kernels\.chunk_size\.scan\) conflicts with model\."
+    with pytest.raises(ConfigError, match=clash):
+        from_dict({"model": {"mingru": {"chunk_size": 16}, "minlstm": {"chunk_size": 64}}})
+    with pytest.raises(ConfigError, match=r"conflicts with kernels\.chunk_size\.gla: set"):
+        from_dict({"model": {"gla": {"chunk_size": 32}}, "kernels": {"chunk_size": {"gla": 64}}})

@@ -33,7 +33,7 @@ def cfg(repo_root, tmp_path):
 
 
 def test_evaluate_is_the_token_weighted_mean(cfg, tmp_path):
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.kernels)
     val = _validation(cfg)
     assert len(val) == 3
     got = evaluate(model, val, torch.device("cpu"))

@@ -18,9 +18,10 @@ from rnnscale.train.model import build_model
 
 def test_greedy_decoding_follows_the_parallel_forward():
     cfg = {"vocab_size": 61, "d_model": 32, "num_layers": 3, "num_heads": 2}
-    cfg.update(mixer_pattern=["gla", "attn", "swa"], swa={"window": 4}, gla={"chunk_size": 8})
+    cfg.update(mixer_pattern=["gla", "attn", "swa"], swa={"window": 4})
+    run = from_dict({"model": cfg, "kernels": {"chunk_size": {"gla": 16}}})
     torch.manual_seed(0)
-    model = build_model(from_dict({"model": cfg}).model).double().eval()
+    model = build_model(run.model, run.kernels).double().eval()
     prompt = [1, 5, 9, 2, 33]
     new = generate(model, prompt, 20, temperature=0)
     assert len(new) == 20

@@ -6,10 +6,7 @@ hgrn2's forget-gate lower bound starts at HGRN's schedule (0 at layer 0, l / num
 import pytest
 import torch
 import torch.nn.functional as F
-from test_mixers import TINY, decode
-
-from rnnscale.train.config import from_dict
-from rnnscale.train.model import build_model
+from test_mixers import TINY, build_tiny, decode
 
 # (atol, rtol) against the step loops: float64 end to end (kernels.norm keeps float64 in float64),
 # so only the summation order differs
@@ -27,8 +24,7 @@ def model_with(name, options, num_layers=2, dtype=torch.float64):
     """A tiny model of `num_layers` `name` mixers, TINY's options updated with `options`."""
     cfg = {"vocab_size": 97, "d_model": 32, "num_layers": num_layers, "num_heads": 2}
     cfg.update(mixer_pattern=[name], **{name: {**TINY[name], **options}})
-    torch.manual_seed(0)
-    return build_model(from_dict({"model": cfg}).model).to(dtype)
+    return build_tiny(cfg).to(dtype)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_mixers import TINY_KERNELS
 
 from rnnscale.train.config import MinRNNSection, RGLRUSection, from_dict
 from rnnscale.train.model import MixerDims, build_model
@@ -15,7 +16,14 @@ from rnnscale.train.model.rglru import RGLRUBlock
 TOL = {  # dtype -> (atol = rtol, reason)
     torch.float64: (1e-10, "chunked scan vs step loop, exp(log a) vs a^(c r): rounding only"),
 }
-DIMS = MixerDims(d_model=24, num_heads=3, norm_eps=1e-6, layer_idx=0, num_layers=1)
+DIMS = MixerDims(
+    d_model=24,
+    num_heads=3,
+    norm_eps=1e-6,
+    layer_idx=0,
+    num_layers=1,
+    kernels=from_dict({"kernels": TINY_KERNELS}).kernels,
+)  # C = 8
 CASES = {  # name -> (batch rows, time, cu_seqlens)
     "one-token": (2, 1, None),
     "rows": (2, 15, None),
@@ -85,10 +93,10 @@ def rglru_reference(m, x, spans):
 def build(name, **options):
     torch.manual_seed(0)
     if name == "rglru":
-        m = RGLRUBlock(RGLRUSection(chunk_size=8, **options), DIMS)
+        m = RGLRUBlock(RGLRUSection(**options), DIMS)
     else:
         cls = MinLSTM if name == "minlstm" else MinGRU
-        m = cls(MinRNNSection(expand=1.5, chunk_size=8, **options), DIMS)
+        m = cls(MinRNNSection(expand=1.5, **options), DIMS)
     m = m.double()
     with torch.no_grad():  # move every parameter off its init (zero biases hide bias bugs)
         for p in m.parameters():
@@ -183,7 +191,7 @@ def test_minlstm_normalised_gates_sum_to_one_at_init_and_when_both_underflow():
 def test_rglru_gradients_stay_finite_where_a_reaches_one():
     """r_t = 0 makes a_t = 1 and sqrt(1 - a_t^2) = 0, whose derivative is infinite: the capped
     square root keeps every gradient finite."""
-    m = RGLRUBlock(RGLRUSection(chunk_size=8), DIMS)
+    m = RGLRUBlock(RGLRUSection(), DIMS)
     with torch.no_grad():
         m.b_a.fill_(-1e4)
     x = torch.randn(2, 11, DIMS.d_model)

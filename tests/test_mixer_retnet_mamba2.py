@@ -6,13 +6,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mixers import TINY_KERNELS
 
-from rnnscale.train.config import Mamba2Section, RetNetSection
+from rnnscale.train.config import Mamba2Section, RetNetSection, from_dict
 from rnnscale.train.model.layers import MixerDims, apply_rope
 from rnnscale.train.model.mamba2 import Mamba2
 from rnnscale.train.model.retnet import MultiScaleRetention, retention_log_decays
 
-DIMS = MixerDims(d_model=32, num_heads=4, norm_eps=1e-6, layer_idx=0, num_layers=1)
+DIMS = MixerDims(
+    d_model=32,
+    num_heads=4,
+    norm_eps=1e-6,
+    layer_idx=0,
+    num_layers=1,
+    kernels=from_dict({"kernels": TINY_KERNELS}).kernels,
+)  # C = 8
 # (atol, rtol) of each comparison against the float64 loops, and why
 TOL = {
     "state": (1e-10, 1e-10),  # float64 end to end: only summation order differs
@@ -22,7 +30,7 @@ TOL = {
 
 def mamba2(**options):
     torch.manual_seed(0)
-    cfg = Mamba2Section(**{"head_dim": 8, "state_size": 16, "chunk_size": 8, **options})
+    cfg = Mamba2Section(**{"head_dim": 8, "state_size": 16, **options})
     m = Mamba2(cfg, DIMS).double()
     with torch.no_grad():  # move D and the norm weight off 1 so a dropped term shows
         m.D.uniform_(0.5, 1.5)
@@ -105,7 +113,7 @@ def test_retnet_decays_are_the_papers():
 
 def test_retnet_state_decays_by_gamma_per_head():
     """A zero input adds nothing (no biases), so the state of head h only shrinks by gamma_h."""
-    m = MultiScaleRetention(RetNetSection(chunk_size=8), DIMS).double()
+    m = MultiScaleRetention(RetNetSection(), DIMS).double()
     x = torch.randn(1, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _, (S, pos) = m(x)
@@ -116,7 +124,7 @@ def test_retnet_state_decays_by_gamma_per_head():
 
 
 def test_retnet_matches_the_retention_step_loop():
-    m = MultiScaleRetention(RetNetSection(chunk_size=8), DIMS).double()
+    m = MultiScaleRetention(RetNetSection(), DIMS).double()
     x = torch.randn(2, 19, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     B, T, H = 2, 19, 4
     with torch.no_grad():

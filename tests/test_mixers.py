@@ -3,25 +3,30 @@ carried state gives the parallel forward's logits, packed documents equal separa
 gradients reach every parameter, and the FLOP count behaves (constant per token for recurrent
 mixers, growing with T for global attention)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from rnnscale.train.config import from_dict
+from rnnscale.train.mixers import FAMILIES
 from rnnscale.train.model import MIXERS, build_model
 
-# Small options for every mixer (chunks shorter than the test sequences, so several chunks run)
+# Small options for every mixer
 TINY = {
-    "gla": {"chunk_size": 8},
-    "retnet": {"chunk_size": 8},
-    "mamba2": {"head_dim": 8, "state_size": 16, "chunk_size": 8},
-    "hgrn2": {"expand_ratio": 8, "chunk_size": 8},
-    "gated_deltanet": {"chunk_size": 8},
-    "mingru": {"chunk_size": 8},
-    "minlstm": {"chunk_size": 8},
-    "rglru": {"chunk_size": 8},
+    "gla": {},
+    "retnet": {},
+    "mamba2": {"head_dim": 8, "state_size": 16},
+    "hgrn2": {"expand_ratio": 8},
+    "gated_deltanet": {},
+    "mingru": {},
+    "minlstm": {},
+    "rglru": {},
     "attn": {},
     "swa": {"window": 6},
 }
+# chunks shorter than the test sequences, so several chunks run (the PyTorch path takes any C)
+TINY_KERNELS = {"backend": "torch", "chunk_size": dict.fromkeys(FAMILIES, 8)}
 RECURRENT = [name for name in MIXERS if name not in ("attn", "swa")]
 HYBRID = ["gated_deltanet", "mamba2", "gla", "attn", "rglru", "swa"]
 
@@ -29,8 +34,14 @@ HYBRID = ["gated_deltanet", "mamba2", "gla", "attn", "rglru", "swa"]
 def tiny_model(pattern, dtype=torch.float64, **model):
     cfg = {"vocab_size": 97, "d_model": 32, "num_layers": len(pattern), "num_heads": 2}
     cfg.update(mixer_pattern=pattern, **TINY, **model)
+    return build_tiny(cfg).to(dtype)
+
+
+def build_tiny(model: dict):
+    """The model of a `model` section, its scans with TINY_KERNELS, seeded."""
+    cfg = from_dict({"model": model, "kernels": TINY_KERNELS})
     torch.manual_seed(0)
-    return build_model(from_dict({"model": cfg}).model).to(dtype)
+    return build_model(cfg.model, cfg.kernels)
 
 
 def decode(model, ids, state=None):
@@ -66,6 +77,28 @@ def test_decoding_token_by_token_matches_the_parallel_forward(pattern, dtype, to
         stepped, _ = decode(model, ids)
     torch.testing.assert_close(torch.cat([prefix, rest], 1), full, atol=tol, rtol=tol)
     torch.testing.assert_close(stepped, full, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_one_token_runs_the_step_form_not_a_padded_chunk(name, monkeypatch):
+    """Every recurrent mixer, GLA included, decodes a token with its family's one-step form
+    (through rnnscale.train.model.scan): with the chunkwise kernels made to fail, token-by-
+    token decoding still equals the chunkwise forward of the whole sequence."""
+    from rnnscale.train.model import scan
+
+    model = tiny_model([name])
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full, _ = model(ids)
+
+    def no_chunks(*args, **kwargs):
+        raise AssertionError("a one-token call reached a chunkwise kernel")
+
+    for family, entry in scan.SCANS.items():
+        monkeypatch.setitem(scan.SCANS, family, dataclasses.replace(entry, chunk=no_chunks))
+    with torch.no_grad():
+        stepped, _ = decode(model, ids)
+    torch.testing.assert_close(stepped, full, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=IDS)

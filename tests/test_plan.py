@@ -24,7 +24,7 @@ def gla(request):
     root = request.config.rootpath
     cfg = load_config(root / "configs" / "recipes" / "gla-1.3b.yaml")
     with torch.device("meta"):
-        params = build_model(cfg.model).num_params()
+        params = build_model(cfg.model, cfg.kernels).num_params()
     return cfg, params, plan_report(cfg, gpus=8, gpus_per_node=8, gpu_memory_gb=80)
 
 
@@ -42,7 +42,9 @@ def test_parameter_count_is_the_meta_models(gla):
 
 def test_largest_layer_follows_deepspeeds_rule(repo_root):
     cfg = load_config(repo_root / "configs" / "debug_cpu.yaml")
-    _, largest = stage3.model_to_params(build_model(cfg.model))  # a real model: data_ptr works
+    _, largest = stage3.model_to_params(
+        build_model(cfg.model, cfg.kernels)
+    )  # a real model: data_ptr works
     assert count_model(cfg.model, cfg.train.seq_len).largest_layer == largest
 
 

@@ -22,7 +22,7 @@ def test_tiny_config_learns_associative_recall(name, repo_root):
     cfg = load_config(repo_root / "configs" / "tiny" / f"{name}.yaml")
     cfg.model.vocab_size = task.vocab_size
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.kernels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     first = None
     for step in range(STEPS):

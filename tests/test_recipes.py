@@ -36,7 +36,7 @@ def test_recipe_has_its_stated_size(path):
     cfg = load_config(path)
     assert cfg.run.name == path.stem
     with torch.device("meta"):
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.kernels)
     params = model.num_params()
     flops = model.flops_per_token(cfg.train.seq_len)
     target = stated_size(path.stem)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_mixers import TINY
+from test_mixers import TINY, build_tiny
 
 from rnnscale.train.model import MIXERS
 
@@ -27,15 +27,11 @@ PACKED = [0, 5, 60, 72, 80, 96]
 
 
 def _model(pattern, **extra):
-    from rnnscale.train.config import from_dict
-    from rnnscale.train.model import build_model
-
     cfg = {"vocab_size": 97, "d_model": 32, "num_layers": len(pattern), "num_heads": 2}
     cfg.update(mixer_pattern=pattern, **TINY)
     for key, value in extra.items():  # sections merge into TINY's, scalars replace
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
-    torch.manual_seed(0)
-    return build_model(from_dict({"model": cfg}).model).float()
+    return build_tiny(cfg).float()
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

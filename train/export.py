@@ -39,7 +39,7 @@ def export_from_engine(engine, cfg: RunConfig) -> None:
         state = engine.module.state_dict() if rank == 0 else {}
     if rank == 0:
         with torch.device("meta"):
-            copy = build_model(cfg.model)
+            copy = build_model(cfg.model, cfg.kernels)
         copy.load_state_dict(
             {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()},
             assign=True,
@@ -67,7 +67,7 @@ def load_exported(
             f"{weights} not found: the run has not finished (the model is exported at its end)"
         )
     cfg = load_config(config)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.kernels)
     load_model(model, str(weights), device=str(device))
     return model.to(device).eval(), cfg
 
@@ -98,7 +98,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, dtype: str = 
         file = path / "mp_rank_00_model_states.pt"
         state = torch.load(file, map_location="cpu", weights_only=True)["module"]
     with torch.device("meta"):
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.kernels)
     target = torch.bfloat16 if dtype == "bf16" else torch.float32
     model.load_state_dict({k: v.to(target, copy=True) for k, v in state.items()}, assign=True)
     if cfg.model.tie_embeddings:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from rnnscale.train import checkpoint
-from rnnscale.train.config import ConfigError, RunConfig, to_dict
+from rnnscale.train.config import ConfigError, RunConfig, migrate, to_dict
 from rnnscale.train.notice import notice
 from rnnscale.train.preflight import named_checkpoint
 from rnnscale.train.progress import Progress
@@ -18,7 +18,9 @@ from rnnscale.train.progress import Progress
 
 def checkpoint_meta(cfg: RunConfig) -> dict:
     """What a checkpoint records of the run beside its step and world size: what a resume must
-    keep (architecture, tokenizer, sequence-parallel size) and the ZeRO stage."""
+    keep (the architecture, i.e. the `model` section; the tokenizer; the sequence-parallel
+    size) and the ZeRO stage. The `kernels` section is not in it: a run may resume with other
+    chunk sizes or another backend."""
     return {
         "zero_stage": cfg.parallel.zero_stage,
         "sequence_parallel_size": cfg.parallel.sequence_parallel_size,
@@ -83,6 +85,8 @@ def restore(engine, path: Path, cfg: RunConfig, batches, universal: bool) -> Pro
             f"this run has {P}: resume with {saved_P}"
         )
     now = checkpoint_meta(cfg)
+    # checkpoints from before the kernels section kept chunk sizes in model: not architecture
+    meta = {**meta, "model": migrate({"model": meta["model"]})["model"]}
     for key in ("model", "tokenizer"):
         if meta[key] != now[key]:
             raise ConfigError(

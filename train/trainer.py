@@ -76,7 +76,7 @@ def _train(cfg: RunConfig) -> dict:
         val_batches = make_val_batches(cfg.data, shape, cfg.run.seed, cfg.train.eval_batches,
                                        layout)  # fmt: skip
     with torch.device("meta"):  # counts from a copy that costs no memory
-        shape_model = build_model(cfg.model)
+        shape_model = build_model(cfg.model, cfg.kernels)
     notice(f"layers: {shape_model.layer_types}\nparameters: {shape_model.num_params():,}")
     job = _Job(engine, groups, batches, val_batches, device,
                shape_model.flops_per_token(cfg.train.seq_len))  # fmt: skip
@@ -124,7 +124,7 @@ def _engine(cfg: RunConfig, ds_config: dict, layout, device):
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
     stage3 = cfg.parallel.zero_stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext():
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.kernels)
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)

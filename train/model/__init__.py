@@ -2,7 +2,7 @@
 
 A mixer is an `nn.Module` built as `cls(options, dims)` from its own options section (the
 `model` config section of the same name) and a `MixerDims` (d_model, num_heads, norm_eps,
-layer_idx, num_layers), with
+layer_idx, num_layers, and the `kernels` section its scan runs with), with
 
     forward(x [B, T, d_model], *, cu_seqlens=None, state=None, shard=None)
         -> (y [B, T, d_model], state)
@@ -16,32 +16,23 @@ under sequence parallelism (docs/parallelism.md).
 
 from __future__ import annotations
 
-from rnnscale.train.config import ModelSection
-from rnnscale.train.model.attn import Attention, SlidingWindowAttention
-from rnnscale.train.model.gated_deltanet import GatedDeltaNet
-from rnnscale.train.model.gla import GatedLinearAttention
-from rnnscale.train.model.hgrn2 import HGRN2
+import importlib
+
+from rnnscale.train.config import KernelsSection, ModelSection
+from rnnscale.train.mixers import REGISTRY
 from rnnscale.train.model.layers import MixerDims
 from rnnscale.train.model.lm import LanguageModel
-from rnnscale.train.model.mamba2 import Mamba2
-from rnnscale.train.model.minrnn import MinGRU, MinLSTM
-from rnnscale.train.model.retnet import MultiScaleRetention
-from rnnscale.train.model.rglru import RGLRUBlock
 
-MIXERS = {
-    "gla": GatedLinearAttention,
-    "retnet": MultiScaleRetention,
-    "mamba2": Mamba2,
-    "hgrn2": HGRN2,
-    "gated_deltanet": GatedDeltaNet,
-    "mingru": MinGRU,
-    "minlstm": MinLSTM,
-    "rglru": RGLRUBlock,
-    "attn": Attention,
-    "swa": SlidingWindowAttention,
-}
-"""Mixer name -> module class; its options are the model config section of the same name.
-Its keys are the names `rnnscale.train.config.MixerName` allows (tests/test_model.py checks)."""
+
+def _mixer_class(path: str) -> type:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(f"rnnscale.train.model.{module}"), name)
+
+
+MIXERS = {name: _mixer_class(entry.cls) for name, entry in REGISTRY.items()}
+"""Mixer name -> module class, from the one registry (`rnnscale.train.mixers.REGISTRY`, whose
+names `rnnscale.train.config.MixerName` allows); its options are the model config section of
+the same name."""
 
 
 def layer_types(cfg: ModelSection) -> list[str]:
@@ -50,14 +41,16 @@ def layer_types(cfg: ModelSection) -> list[str]:
     return [pattern[i % len(pattern)] for i in range(cfg.num_layers)]
 
 
-def build_model(cfg: ModelSection) -> LanguageModel:
-    """Build the language model described by the `model` section of the run config."""
+def build_model(cfg: ModelSection, kernels: KernelsSection | None = None) -> LanguageModel:
+    """Build the language model described by the `model` section of the run config, its scans
+    and loss run as the `kernels` section says (default: the defaults)."""
+    kernels = KernelsSection() if kernels is None else kernels
     names = layer_types(cfg)
     mixers = []
     for i, name in enumerate(names):
-        dims = MixerDims(cfg.d_model, cfg.num_heads, cfg.norm_eps, i, len(names))
+        dims = MixerDims(cfg.d_model, cfg.num_heads, cfg.norm_eps, i, len(names), kernels)
         mixers.append(MIXERS[name](getattr(cfg, name), dims))
-    return LanguageModel(cfg, mixers, names)
+    return LanguageModel(cfg, mixers, names, loss_chunk_tokens=kernels.loss_chunk_tokens)
 
 
 __all__ = ["MIXERS", "LanguageModel", "MixerDims", "build_model", "layer_types"]

@@ -21,21 +21,15 @@ the short convolutions' last W - 1 inputs and the recurrent state, per sequence 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rnnscale.kernels.delta import (
-    chunk_delta_product,
-    chunk_gated_delta_rule,
-    gated_delta_rule_step,
-)
-from rnnscale.parallel.state_passing import chunk_delta_product_sp, chunk_gated_delta_rule_sp
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import GatedRMSNorm, MixerDims, ShortConvolution
+from rnnscale.train.model.scan import scan
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -62,7 +56,7 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = H * self.head_dim, H * self.head_v_dim
         n = self.num_householder = cfg.num_householder
         self.use_forget_gate, self.allow_neg_eigval = cfg.use_forget_gate, cfg.allow_neg_eigval
-        self.chunk_size, self.conv_size = cfg.chunk_size, cfg.conv_size
+        self.settings, self.conv_size = dims.scan_settings("delta"), cfg.conv_size
         self.q_proj = nn.Linear(d_model, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n * self.key_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n * self.value_dim, bias=False)
@@ -99,8 +93,9 @@ class GatedDeltaNet(nn.Module):
         if self.use_forget_gate:
             projections += flops.linear(d, H)
         convs = sum(flops.conv(dim, self.conv_size) for dim in (k, n * k, n * v))
-        scan = flops.delta_rule_scan(H, self.head_dim, self.head_v_dim, self.chunk_size)
-        return projections + convs + n * scan  # n delta steps per token
+        recurrence = flops.delta_rule_scan(H, self.head_dim, self.head_v_dim,
+                                           self.settings.chunk_size)  # fmt: skip
+        return projections + convs + n * recurrence  # n delta steps per token
 
     def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         B, T, _ = x.shape
@@ -114,10 +109,13 @@ class GatedDeltaNet(nn.Module):
         k = l2_normalize(k.view(B, T, n, H, self.head_dim))  # (B, T, n, H, K)
         v = v.view(B, T, n, H, self.head_v_dim)  # (B, T, n, H, V)
         g, beta = self.gates(x)  # (B, T, H), (B, T, n, H)
-        if T == 1 and cu_seqlens is None and shard is None:  # generation: n steps
-            o, S = self._step(q, k, v, g, beta, S)
-        else:
-            o, S = self._scan(q, k, v, g, beta, S, cu_seqlens, shard)  # o: (B, T, H, V)
+        if n == 1:  # the gated delta rule
+            k, v, beta, family = k[:, :, 0], v[:, :, 0], beta[:, :, 0], "delta"
+        else:  # DeltaProduct: n Householder steps per token
+            family = "delta_product"
+        o, S = scan(family, q, k, v, g, beta, state=S, cu_seqlens=cu_seqlens,
+                    settings=self.settings, shard=shard, scale=self.head_dim**-0.5)  # fmt: skip
+        # o: (B, T, H, V), S: (N, H, K, V)
         gate = self.g_proj(x).view(B, T, H, self.head_v_dim)
         o = self.o_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim)), (cq, ck, cv, S)
@@ -134,33 +132,3 @@ class GatedDeltaNet(nn.Module):
             return x.new_zeros(B, T, H, dtype=acc), beta
         dt = F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))  # (B, T, H)
         return -self.A_log.to(acc).exp() * dt, beta
-
-    def _scan(self, q, k, v, g, beta, S, cu_seqlens, shard=None):
-        one, many = chunk_gated_delta_rule, chunk_delta_product
-        if shard is not None:  # the sequence-parallel forms over this rank's slice
-            one = functools.partial(chunk_gated_delta_rule_sp, shard=shard)
-            many = functools.partial(chunk_delta_product_sp, shard=shard)
-        kwargs = dict(
-            scale=self.head_dim**-0.5,
-            initial_state=S,
-            output_final_state=True,
-            cu_seqlens=cu_seqlens,
-            chunk_size=self.chunk_size,
-        )
-        if self.num_householder == 1:
-            return one(q, k[:, :, 0], v[:, :, 0], g, beta[:, :, 0], **kwargs)
-        return many(q, k, v, g, beta, **kwargs)
-
-    def _step(self, q, k, v, g, beta, S):
-        """One token per row: the decay, then n delta steps through `gated_delta_rule_step`;
-        the state stays in its (fp32 or wider) dtype."""
-        B, _, H, K = q.shape
-        if S is None:
-            S = g.new_zeros(B, H, K, self.head_v_dim)  # (B, H, K, V)
-        dt, scale = S.dtype, self.head_dim**-0.5
-        decay = g[:, 0]
-        for j in range(self.num_householder):
-            qj, kj, vj = q[:, 0].to(dt), k[:, 0, j].to(dt), v[:, 0, j].to(dt)
-            o, S = gated_delta_rule_step(qj, kj, vj, decay, beta[:, 0, j], S, scale)
-            decay = torch.zeros_like(decay)  # the token decays the state once
-        return o[:, None].to(v.dtype), S  # (B, 1, H, V)

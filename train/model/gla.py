@@ -8,15 +8,12 @@ init so the state decays slowly); the output is normalised per head and gated by
 
 from __future__ import annotations
 
-import functools
-
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rnnscale.kernels.gla import chunk_gla
-from rnnscale.parallel.state_passing import chunk_gla_sp
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import GatedRMSNorm, MixerDims
+from rnnscale.train.model.scan import scan
 
 
 class GatedLinearAttention(nn.Module):
@@ -32,7 +29,7 @@ class GatedLinearAttention(nn.Module):
                 f"model.gla.expand_k/expand_v leave a head {head_dim} wide with no key or value "
                 "channels: raise them or d_model"
             )
-        self.chunk_size = cfg.chunk_size
+        self.settings = dims.scan_settings("gla")
         self.normalizer = cfg.gate_logit_normalizer
         self.q_proj = nn.Linear(d_model, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d_model, self.key_dim, bias=False)
@@ -51,7 +48,7 @@ class GatedLinearAttention(nn.Module):
         projections = 2 * flops.linear(d, k) + 2 * flops.linear(d, v) + flops.linear(v, d)
         gate = flops.linear(d, r) + flops.linear(r, k)
         H = self.num_heads
-        scan = flops.linear_attention_scan(H, k // H, v // H, self.chunk_size)
+        scan = flops.linear_attention_scan(H, k // H, v // H, self.settings.chunk_size)
         return projections + gate + scan
 
     def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
@@ -61,17 +58,9 @@ class GatedLinearAttention(nn.Module):
         k = self.k_proj(x).view(B, T, H, -1)  # (B, T, H, K)
         v = self.v_proj(x).view(B, T, H, -1)  # (B, T, H, V)
         g = (F.logsigmoid(self.gk_proj(x).float()) / self.normalizer).view(B, T, H, -1)
-        scan = chunk_gla if shard is None else functools.partial(chunk_gla_sp, shard=shard)
-        o, state = scan(
-            q,
-            k,
-            v,
-            g,
-            initial_state=state,
-            output_final_state=True,
-            cu_seqlens=cu_seqlens,
-            chunk_size=self.chunk_size,
-        )  # o: (B, T, H, V), state: (N, H, K, V)
+        o, state = scan("gla", q, k, v, g, state=state, cu_seqlens=cu_seqlens,
+                        settings=self.settings, shard=shard)  # fmt: skip
+        # o: (B, T, H, V), state: (N, H, K, V)
         gate = self.g_proj(x).view(B, T, H, -1)
         o = self.g_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim)), state

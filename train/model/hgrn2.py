@@ -30,10 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rnnscale.kernels.gla import chunk_gla, gla_step
-from rnnscale.parallel.state_passing import chunk_gla_sp
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import MixerDims, RMSNorm
+from rnnscale.train.model.scan import scan
 
 
 class HGRN2(nn.Module):
@@ -45,7 +44,7 @@ class HGRN2(nn.Module):
         self.num_heads, self.d_model = num_heads, d_model
         self.key_width = cfg.expand_ratio  # K: forget-gate channels per head
         self.forget_dim = num_heads * cfg.expand_ratio
-        self.chunk_size = cfg.chunk_size
+        self.settings = dims.scan_settings("gla")
         self.layer_idx, self.num_layers = dims.layer_idx, dims.num_layers
         self.q_proj = nn.Linear(d_model, self.forget_dim, bias=False)
         self.f_proj = nn.Linear(d_model, self.forget_dim, bias=False)
@@ -72,7 +71,7 @@ class HGRN2(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         d, f, H = self.d_model, self.forget_dim, self.num_heads
         projections = 2 * flops.linear(d, f) + 2 * flops.linear(d, d)
-        scan = flops.linear_attention_scan(H, self.key_width, d // H, self.chunk_size)
+        scan = flops.linear_attention_scan(H, self.key_width, d // H, self.settings.chunk_size)
         return projections + scan
 
     def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
@@ -84,25 +83,9 @@ class HGRN2(nn.Module):
         g = self.log_forget_gate(self.f_proj(x).to(acc)).view(B, T, H, -1)  # (B, T, H, K)
         k = (-torch.expm1(g)).to(x.dtype)  # 1 - f: (B, T, H, K)
         scale = self.key_width**-0.5
-        if shard is not None:
-            o, state = chunk_gla_sp(
-                q, k, v, g, shard=shard, scale=scale, cu_seqlens=cu_seqlens,
-                chunk_size=self.chunk_size,
-            )  # fmt: skip
-        elif T == 1 and cu_seqlens is None:  # generation: one step of the recurrence
-            o, state = self._step(q, k, v, g, state, scale)
-        else:
-            o, state = chunk_gla(
-                q,
-                k,
-                v,
-                g,
-                scale=scale,
-                initial_state=state,
-                output_final_state=True,
-                cu_seqlens=cu_seqlens,
-                chunk_size=self.chunk_size,
-            )  # o: (B, T, H, V), state: (N, H, K, V)
+        o, state = scan("gla", q, k, v, g, state=state, cu_seqlens=cu_seqlens,
+                        settings=self.settings, shard=shard, scale=scale)  # fmt: skip
+        # o: (B, T, H, V), state: (N, H, K, V)
         o = self.g_norm(o.reshape(B, T, self.d_model))
         return self.o_proj(o), state
 
@@ -112,12 +95,3 @@ class HGRN2(nn.Module):
             return F.logsigmoid(f)
         theta = self.lower_bound_logit.to(f.dtype)
         return torch.logaddexp(F.logsigmoid(theta), F.logsigmoid(-theta) + F.logsigmoid(f))
-
-    def _step(self, q, k, v, g, state, scale):
-        """One token per row through `gla_step`; the state stays in its (fp32 or wider) dtype."""
-        B, _, H, K = q.shape
-        if state is None:
-            state = g.new_zeros(B, H, K, v.shape[-1])  # (B, H, K, V)
-        dt = state.dtype
-        o, state = gla_step(q[:, 0].to(dt), k[:, 0].to(dt), v[:, 0].to(dt), g[:, 0], state, scale)
-        return o[:, None].to(v.dtype), state  # (B, 1, H, V)

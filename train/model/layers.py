@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from rnnscale.kernels.conv import causal_conv1d
 from rnnscale.kernels.norm import gated_rms_norm, rms_norm
-from rnnscale.kernels.simple_gla import chunk_simple_gla, simple_gla_step
 from rnnscale.parallel.sequence import halo_state
-from rnnscale.parallel.state_passing import chunk_simple_gla_sp
+from rnnscale.train.config import KernelsSection
+from rnnscale.train.model.scan import ScanSettings
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,12 @@ class MixerDims:
     norm_eps: float
     layer_idx: int  # 0-based position of the layer in the model
     num_layers: int
+    kernels: KernelsSection = field(default_factory=KernelsSection)  # chunk sizes, backend
+
+    def scan_settings(self, family: str) -> ScanSettings:
+        """The chunk size of `family` and the backend, for `rnnscale.train.model.scan.scan`."""
+        k = self.kernels
+        return ScanSettings(getattr(k.chunk_size, family), k.backend)
 
 
 class RMSNorm(nn.Module):
@@ -116,31 +122,3 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor
     cos, sin = angle.cos()[:, :, None, :], angle.sin()[:, :, None, :]  # (B, T, 1, D/2)
     x1, x2 = x.to(acc).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-def simple_gla_scan(q, k, v, g, S, cu_seqlens, scale: float, chunk_size: int, shard=None):
-    """Scalar-decay linear attention for a mixer (retnet, mamba2): `chunk_simple_gla` (its
-    sequence-parallel form over a `shard`), or one `simple_gla_step` when a single token of
-    plain sequences comes in (generation), which skips padding the token to a whole chunk.
-    Returns `(o [B, T, H, V], S [N, H, K, V])`."""
-    if shard is not None:
-        return chunk_simple_gla_sp(
-            q, k, v, g, shard=shard, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size
-        )
-    if q.shape[1] > 1 or cu_seqlens is not None:
-        return chunk_simple_gla(
-            q,
-            k,
-            v,
-            g,
-            scale=scale,
-            initial_state=S,
-            output_final_state=True,
-            cu_seqlens=cu_seqlens,
-            chunk_size=chunk_size,
-        )
-    acc = g.dtype
-    B, _, H, K = q.shape
-    S = q.new_zeros(B, H, K, v.shape[-1], dtype=acc) if S is None else S.to(acc)
-    o, S = simple_gla_step(q[:, 0].to(acc), k[:, 0].to(acc), v[:, 0].to(acc), g[:, 0], S, scale)
-    return o[:, None].to(v.dtype), S  # o: (B, 1, H, V), S: (B, H, K, V)

@@ -53,9 +53,11 @@ class LanguageModel(nn.Module):
     feeding it back continues the sequences exactly where they stopped.
     """
 
-    def __init__(self, cfg, mixers: list[nn.Module], layer_types: list[str]):
+    def __init__(self, cfg, mixers: list[nn.Module], layer_types: list[str],
+                 loss_chunk_tokens: int = 4096):  # fmt: skip
         super().__init__()
         self.cfg = cfg
+        self.loss_chunk_tokens = loss_chunk_tokens  # kernels.loss_chunk_tokens
         self.layer_types = layer_types
         self.activation_checkpointing = False  # per block; the trainer sets it from the config
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -100,7 +102,7 @@ class LanguageModel(nn.Module):
             if shard is not None:  # the token count of the whole rows
                 count = group_sum(shard, (labels != IGNORE_INDEX).sum())
             return chunked_cross_entropy(
-                hidden.flatten(0, 1), self.head.weight, labels, self.cfg.loss_chunk_tokens, count
+                hidden.flatten(0, 1), self.head.weight, labels, self.loss_chunk_tokens, count
             )
         return self.head(hidden), state  # (B, T, vocab)
 
@@ -132,7 +134,7 @@ class LanguageModel(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, cu_seqlens=None):
         """Mean next-token cross-entropy against `labels [B, T]` (-100: ignored), computed
-        `model.loss_chunk_tokens` tokens at a time without the whole logits tensor."""
+        `kernels.loss_chunk_tokens` tokens at a time without the whole logits tensor."""
         return self(input_ids, labels=labels, cu_seqlens=cu_seqlens)
 
     def num_params(self) -> int:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from rnnscale.kernels.norm import rms_norm
 from rnnscale.train.model import flops
-from rnnscale.train.model.layers import MixerDims, ShortConvolution, simple_gla_scan
+from rnnscale.train.model.layers import MixerDims, ShortConvolution
+from rnnscale.train.model.scan import scan
 
 
 class Mamba2(nn.Module):
@@ -51,7 +52,8 @@ class Mamba2(nn.Module):
                 "SSM heads (d_inner / head_dim)"
             )
         self.head_dim, self.state_size, self.n_groups = cfg.head_dim, cfg.state_size, cfg.n_groups
-        self.cfg, self.eps, self.chunk_size = cfg, dims.norm_eps, cfg.chunk_size
+        self.cfg, self.eps = cfg, dims.norm_eps
+        self.settings = dims.scan_settings("simple_gla")
         bc = cfg.n_groups * cfg.state_size
         self.in_proj = nn.Linear(
             self.d_model, 2 * self.d_inner + 2 * bc + self.num_heads, bias=False
@@ -81,7 +83,9 @@ class Mamba2(nn.Module):
         projections = flops.linear(d, 2 * e + 2 * self.n_groups * self.state_size + H)
         projections += flops.linear(e, d)
         conv = flops.conv(conv_dim, self.conv.weight.shape[1])
-        scan = flops.linear_attention_scan(H, self.state_size, self.head_dim, self.chunk_size)
+        scan = flops.linear_attention_scan(
+            H, self.state_size, self.head_dim, self.settings.chunk_size
+        )
         return projections + conv + scan
 
     def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
@@ -99,7 +103,18 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, T, H)
         g = dt * -self.A_log.to(acc).exp()  # (B, T, H), log of the decay exp(dt A)
         v = (xs.to(acc) * dt[..., None]).to(x.dtype)  # (B, T, H, P)
-        y, h = simple_gla_scan(q, k, v, g, h, cu_seqlens, 1.0, self.chunk_size, shard)  # (B,T,H,P)
+        y, h = scan(
+            "simple_gla",
+            q,
+            k,
+            v,
+            g,
+            state=h,
+            cu_seqlens=cu_seqlens,
+            settings=self.settings,
+            shard=shard,
+            scale=1.0,
+        )  # y: (B, T, H, P)
         y = y.to(acc) + self.D.to(acc)[:, None] * xs.to(acc)
         y = y.reshape(B, T, e) * F.silu(z.to(acc))  # (B, T, e), gated before the norm
         unit = y.new_ones(e // G)  # each group normalised alone, then the full-width weight

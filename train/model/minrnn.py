@@ -30,29 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rnnscale.kernels.scan import linear_scan, linear_scan_step
-from rnnscale.parallel.state_passing import linear_scan_sp
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import MixerDims, ShortConvolution
-
-
-def elementwise_recurrence(a, b, h0, cu_seqlens, chunk_size: int, shard=None):
-    """`h_t = a_t * h_{t-1} + b_t` over `a, b [B, T, D]` from `h0 [N, D]` (None: zeros).
-    Returns `(h [B, T, D], final [N, D])`. One token of unpacked rows (generation) is one step."""
-    if shard is not None:  # this rank's slice of a sequence-parallel group
-        return linear_scan_sp(a, b, shard=shard, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
-    if b.shape[1] == 1 and cu_seqlens is None:
-        h0 = b.new_zeros(b.shape[0], b.shape[2]) if h0 is None else h0.to(b.dtype)
-        h, _ = linear_scan_step(a[:, 0], b[:, 0], h0)  # (B, D)
-        return h[:, None], h
-    return linear_scan(
-        a,
-        b,
-        initial_state=h0,
-        output_final_state=True,
-        cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size,
-    )
+from rnnscale.train.model.scan import scan
 
 
 class _MinRNN(nn.Module):
@@ -65,7 +45,7 @@ class _MinRNN(nn.Module):
         super().__init__()
         d = dims.d_model
         self.d_model, self.hidden = d, max(1, round(cfg.expand * d))
-        self.conv_size, self.chunk_size = cfg.conv_size, cfg.chunk_size
+        self.conv_size, self.settings = cfg.conv_size, dims.scan_settings("scan")
         self.conv = ShortConvolution(d, cfg.conv_size, activation=None) if cfg.conv_size else None
         self.in_proj = nn.Linear(d, (1 + self.num_gates) * self.hidden)
         self.out_proj = nn.Linear(self.hidden, d)
@@ -87,7 +67,8 @@ class _MinRNN(nn.Module):
             self.in_proj(u).to(acc).split([self.hidden, self.num_gates * self.hidden], dim=-1)
         )  # (B, T, D), (B, T, num_gates * D)
         a, w = self.gates(logits)
-        h, h_last = elementwise_recurrence(a, w * h_tilde, h0, cu_seqlens, self.chunk_size, shard)
+        h, h_last = scan("scan", a, w * h_tilde, state=h0, cu_seqlens=cu_seqlens,
+                         settings=self.settings, shard=shard)  # fmt: skip
         return self.out_proj(h.to(x.dtype)), (conv_state, h_last)
 
 

@@ -31,8 +31,8 @@ from rnnscale.train.model.layers import (
     MixerDims,
     apply_rope,
     positions,
-    simple_gla_scan,
 )
+from rnnscale.train.model.scan import scan
 
 
 def retention_log_decays(num_heads: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ class MultiScaleRetention(nn.Module):
                 "non-zero key width: change expand_k/expand_v or model.d_model/num_heads"
             )
         self.key_dim, self.value_dim = H * self.head_k, H * self.head_v
-        self.rope_theta, self.chunk_size = cfg.rope_theta, cfg.chunk_size
+        self.rope_theta, self.settings = cfg.rope_theta, dims.scan_settings("simple_gla")
         self.q_proj = nn.Linear(d_model, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d_model, self.key_dim, bias=False)
         self.v_proj = nn.Linear(d_model, self.value_dim, bias=False)
@@ -67,7 +67,9 @@ class MultiScaleRetention(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         d, k, v, H = self.d_model, self.key_dim, self.value_dim, self.num_heads
         projections = 2 * flops.linear(d, k) + 2 * flops.linear(d, v) + flops.linear(v, d)
-        return projections + flops.linear_attention_scan(H, k // H, v // H, self.chunk_size)
+        return projections + flops.linear_attention_scan(
+            H, k // H, v // H, self.settings.chunk_size
+        )
 
     def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         B, T, _ = x.shape
@@ -84,7 +86,8 @@ class MultiScaleRetention(nn.Module):
         v = self.v_proj(x).view(B, T, H, -1)  # (B, T, H, V)
         acc = torch.promote_types(x.dtype, torch.float32)  # the decay stays in fp32 or better
         g = retention_log_decays(H).to(x.device, acc).expand(B, T, H).contiguous()  # (B, T, H)
-        o, S = simple_gla_scan(q, k, v, g, S, cu_seqlens, self.head_k**-0.5, self.chunk_size, shard)
+        o, S = scan("simple_gla", q, k, v, g, state=S, cu_seqlens=cu_seqlens,
+                    settings=self.settings, shard=shard, scale=self.head_k**-0.5)  # fmt: skip
         gate = self.g_proj(x).view(B, T, H, -1)  # (B, T, H, V)
         o = self.g_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim)), (S, past)

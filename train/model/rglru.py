@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import MixerDims, ShortConvolution
-from rnnscale.train.model.minrnn import elementwise_recurrence
+from rnnscale.train.model.scan import scan
 
 MAX_SQRT_GRADIENT = 1000.0
 
@@ -76,7 +76,7 @@ class RGLRUBlock(nn.Module):
         self.d_model, self.num_heads = d, H
         self.width = H * max(1, round(cfg.expand * d / H))
         block = self.width // H
-        self.conv_size, self.chunk_size = cfg.conv_size, cfg.chunk_size
+        self.conv_size, self.settings = cfg.conv_size, dims.scan_settings("scan")
         self.c, self.a_min, self.a_max = cfg.c, cfg.a_min, cfg.a_max
         self.gate_proj = nn.Linear(d, self.width)
         self.in_proj = nn.Linear(d, self.width)
@@ -121,7 +121,8 @@ class RGLRUBlock(nn.Module):
         if shard is not None:  # where documents of the whole rows start
             starts = (shard.positions.to(x.device) == 0).expand(B, T)
         a, b = self.coefficients(u, starts)
-        h, h_last = elementwise_recurrence(a, b, h0, cu_seqlens, self.chunk_size, shard)
+        h, h_last = scan("scan", a, b, state=h0, cu_seqlens=cu_seqlens, settings=self.settings,
+                         shard=shard)  # fmt: skip
         return self.out_proj(g * h.to(x.dtype)), (conv_state, h_last)
 
     def coefficients(self, u: torch.Tensor, starts: torch.Tensor | None):

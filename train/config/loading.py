@@ -1,0 +1,214 @@
+"""Loading a config: YAML files, dotted overrides, the typed tree built and checked, the tree
+written back as plain dicts or YAML; and the keys that moved to another section, carried over
+with a warning (`MOVED`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rnnscale.train.config.schema import ConfigError, RunConfig, check_tree, field_key, join
+from rnnscale.train.mixers import REGISTRY
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; read it as a number, as YAML 1.2 and users do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config, apply `key.sub=value` overrides, check everything, return the tree."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs/ holds the shipped ones)")
+    try:
+        raw = _yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw, source=str(path))
+
+
+def from_dict(raw: dict, source: str = "config") -> RunConfig:
+    """Build and check a RunConfig from plain dicts (as YAML gives them)."""
+    try:
+        raw = migrate(raw, warn=True)
+        cfg = _build(RunConfig, raw, "")
+        check_tree(cfg, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def _moved() -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Old dotted path -> new one: the speed settings that lived in `model` until 2026-12."""
+    moved = {("model", "loss_chunk_tokens"): ("kernels", "loss_chunk_tokens")}
+    for name, mixer in REGISTRY.items():
+        if mixer.family is not None:
+            moved[("model", name, "chunk_size")] = ("kernels", "chunk_size", mixer.family)
+    return moved
+
+
+MOVED = _moved()
+
+
+def migrate(raw: dict, warn: bool = False) -> dict:
+    """`raw` (plain dicts) with the keys of `MOVED` at their new places (a copy; with `warn`,
+    a notice names each). Two keys that land on one new key with different values are a
+    ConfigError."""
+    out, landed = _copy(raw), {}
+    for old, new in MOVED.items():
+        parent = _find(out, old[:-1])
+        if not isinstance(parent, dict) or old[-1] not in parent:
+            continue
+        value = parent.pop(old[-1])
+        was, now = ".".join(old), ".".join(new)
+        target = out
+        for part in new[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{was}: moved to {now}, but {part} is not a section")
+        if new[-1] in target and target[new[-1]] != value:
+            first = landed.get(new, now)
+            raise ConfigError(f"{was} (now {now}) conflicts with {first}: set {now} once")
+        target[new[-1]], landed[new] = value, was
+        if warn:
+            from rnnscale.train.notice import notice
+
+            notice(f"{was} is now {now} (a speed setting, not the architecture): the config "
+                   f"was read that way; write {now} instead", warning=True)  # fmt: skip
+    return out
+
+
+def _copy(raw: Any) -> Any:
+    return {k: _copy(v) for k, v in raw.items()} if isinstance(raw, dict) else raw
+
+
+def _find(raw: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if not isinstance(raw, dict):
+            return None
+        raw = raw.get(part)
+    return raw
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML: 3e-4, true, [a, b]) in place."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    try:
+        value = _yaml(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config tree as plain dicts and lists (for YAML and for checkpoints)."""
+    if dataclasses.is_dataclass(cfg):
+        return {field_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'top level'}: expected a mapping, got {_show(raw)}")
+    fields = {field_key(f): f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(_unknown_key(join(path, str(key)), str(key), list(fields)))
+    kwargs = {}
+    for key, value in raw.items():
+        name = fields[key].name
+        kwargs[name] = _convert(hints[name], value, join(path, key))
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            options = ", ".join(map(str, allowed))
+            raise ConfigError(f"{path}: {_show(value)} is not one of: {options}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list like [a, b], got {_show(value)}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return _scalar(tp, value, path)
+
+
+_SCALARS = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _scalar(tp: Any, value: Any, path: str) -> Any:
+    if tp not in _SCALARS:
+        raise TypeError(f"config field {path} has an unsupported type {tp!r}")
+    what, fits = _SCALARS[tp]
+    if not fits(value):
+        raise ConfigError(f"{path}: expected {what}, got {_show(value)}")
+    return float(value) if tp is float else value
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> str:
+    parent = path.rpartition(".")[0]
+    msg = f"{path}: unknown key; valid keys{' under ' + parent if parent else ''}: "
+    msg += ", ".join(valid)
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        msg += f" (did you mean {join(parent, close[0])}?)"
+    return msg
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
