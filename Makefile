@@ -3,6 +3,7 @@
 #   make test         create .venv if missing, install .[dev], run the whole test suite
 #   make lint         ruff + the import-direction contract
 #   make bench        every benchmark beside its peer (~28 min on 2 cores): docs/performance.md
+#   make gpu-check    on a CUDA machine: compiled Triton kernels tested and timed (docs/performance.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +17,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.rnnscale-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv quickstart test lint bench clean
+.PHONY: venv quickstart test lint bench clean gpu-check
 
 venv: $(STAMP)
 
@@ -61,6 +62,11 @@ lint: $(STAMP)
 # the tables and figures of docs/performance.md, each benchmark beside a peer in the same run
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py
+
+# on a GPU machine (the device's own python3 with torch and triton; installs nothing): the
+# compiled kernels' tests, and each recipe shape's fit and speed beside the PyTorch path
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out runs/gpu-check
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
