@@ -121,18 +121,24 @@ def prepare(
         item["file"] = origin.get(item["file"], item["file"])  # report URLs, not the cache
     shutil.rmtree(out / INPUTS, ignore_errors=True)
     stats["tokenizer"] = job["tokenizer"]
+    _commit(out, remote, stats, {"job": job_id, **job})
+    return stats
+
+
+def _commit(out: Path, remote: str | None, stats: dict, marker: dict) -> None:
+    """The stats, then the done-marker written last and atomically, each uploaded to `remote`
+    too (a failed upload of the marker leaves no local marker either)."""
     (out / STATS).write_text(json.dumps(stats, indent=2) + "\n")
     upload = _uploader(out, remote)
     upload(STATS)
     tmp = out / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"job": job_id, **job}, indent=2) + "\n")
-    os.replace(tmp, out / MARKER)  # the commit: written last, atomically
+    tmp.write_text(json.dumps(marker, indent=2) + "\n")
+    os.replace(tmp, out / MARKER)  # the commit
     try:
-        upload(MARKER)  # remote commit last too; a failed upload leaves no local marker either
+        upload(MARKER)
     except Exception:
         (out / MARKER).unlink()
         raise
-    return stats
 
 
 def _uploader(out: Path, remote: str | None):

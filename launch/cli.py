@@ -100,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     gen.add_argument("--seed", type=int, default=0)
     _data_parser(commands)
+    _checkpoint_parsers(commands)
+    from rnnscale.launch.jobs import add_parsers
+
+    add_parsers(commands)
+    status = commands.add_parser("status", help="print where a run stands")
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    dash = commands.add_parser("dashboard", help="serve TensorBoard on a run's tb/ directory")
+    dash.add_argument("run_dir", metavar="RUN_DIR")
+    dash.add_argument("--port", type=int, default=6006)
+    dash.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    return parser
+
+
+def _checkpoint_parsers(commands) -> None:
+    """rnnscale export, rnnscale ckpt reshard."""
     export = commands.add_parser(
         "export", help="a checkpoint's weights as safetensors, config and tokenizer"
     )
@@ -119,16 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     reshard.add_argument(
         "checkpoint", metavar="CHECKPOINT", help="a committed checkpoint: .../checkpoints/step_*"
     )
-    from rnnscale.launch.jobs import add_parsers
-
-    add_parsers(commands)
-    status = commands.add_parser("status", help="print where a run stands")
-    status.add_argument("run_dir", metavar="RUN_DIR")
-    dash = commands.add_parser("dashboard", help="serve TensorBoard on a run's tb/ directory")
-    dash.add_argument("run_dir", metavar="RUN_DIR")
-    dash.add_argument("--port", type=int, default=6006)
-    dash.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
-    return parser
 
 
 def _data_parser(commands) -> None:
@@ -271,10 +276,10 @@ def _export(args) -> int:
 def _ckpt(args) -> int:
     from pathlib import Path
 
-    from rnnscale.train import checkpoint
+    from rnnscale.train import universal
 
     try:
-        out = checkpoint.make_universal(Path(args.checkpoint))
+        out = universal.make_universal(Path(args.checkpoint))
     except (RuntimeError, OSError, KeyError, ValueError) as e:
         print(f"rnnscale: {e}", file=sys.stderr)
         return 2

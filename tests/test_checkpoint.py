@@ -313,7 +313,7 @@ def test_a_checkpoint_holding_pickled_code_is_refused_without_running_it(repo_ro
     manifest = json.loads((ckpt / "manifest.json").read_text())
     for name in manifest["files"]:
         manifest["files"][name] = {"bytes": (ckpt / name).stat().st_size,
-                                   "sha256": checkpoint._sha256(ckpt / name)}  # fmt: skip
+                                   "sha256": checkpoint.sha256_of(ckpt / name)}  # fmt: skip
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     assert checkpoint.verify(ckpt) is None  # consistent: only the content is hostile
     with pytest.raises(Exception, match="Weights only load failed"):

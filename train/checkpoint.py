@@ -15,12 +15,9 @@ Resume (`checkpoint.resume`): `auto` takes the newest directory whose manifest v
 skips the others with a warning naming what is wrong; `none` starts afresh; a path must verify.
 `checkpoint.keep` committed checkpoints are kept; the newest committed one is never deleted.
 
-Another world size (or ZeRO stage) on resume: DeepSpeed's ZeRO optimizer files are per rank, so
-the checkpoint is first converted to a DeepSpeed universal checkpoint (`ds_to_universal`: one
-folder per parameter, whole fp32 weights and Adam moments), which DeepSpeed loads at any world
-size and stage. The conversion is `<checkpoint>/universal/`, made once (by `rnnscale ckpt
-reshard` or by the first resume that needs it), committed by its own manifest. The per-rank
-JSON states are combined by `elastic_rank_state`.
+Another world size (or ZeRO stage) on resume goes through DeepSpeed's universal form of the
+checkpoint, `<checkpoint>/universal/` (train/universal.py); the per-rank JSON states are
+combined by `elastic_rank_state`.
 """
 
 from __future__ import annotations
@@ -32,12 +29,13 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from rnnscale.train.notice import notice
 
 MANIFEST, META = "manifest.json", "meta.json"
 PREFIX = "step_"
@@ -89,7 +87,7 @@ SAFE_GLOBALS = (
 WEIGHTS_ONLY_ENV = {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
 
 
-def _safe_globals() -> list:
+def safe_globals() -> list:
     import importlib
 
     out = []
@@ -107,7 +105,7 @@ def weights_only_loading():
     before = {k: os.environ.get(k) for k in WEIGHTS_ONLY_ENV}
     os.environ.update(WEIGHTS_ONLY_ENV)
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(safe_globals()):
             yield
     finally:
         for k, v in before.items():
@@ -120,7 +118,7 @@ def weights_only_loading():
 # ---- writing -------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -206,17 +204,17 @@ class PendingSave:
         def commit() -> None:
             if rank != 0:
                 return
-            _write_atomic(path / "config.yaml", self.config_yaml)
-            _write_atomic(path / META, json.dumps(self.meta, indent=2))
+            write_atomic(path / "config.yaml", self.config_yaml)
+            write_atomic(path / META, json.dumps(self.meta, indent=2))
             if pause := float(os.environ.get("RNNSCALE_FAULT_PAUSE_BEFORE_COMMIT_S", "0")):
                 time.sleep(pause)  # fault injection for tests: a kill here lands mid-save
             files = {k: v for rank_records in everyone for k, v in rank_records.items()}
             for p in path.rglob("*"):  # ours, and anything written around the writers
                 name = str(p.relative_to(path))
                 if p.is_file() and name not in files and name != MANIFEST:
-                    files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                    files[name] = {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
             manifest = {"step": self.step, "files": dict(sorted(files.items()))}
-            _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))  # the commit
+            write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))  # the commit
             prune(path.parent, self.keep)
 
         _everywhere(commit, path, rank)
@@ -281,7 +279,7 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -325,7 +323,7 @@ def verify(path: Path) -> str | None:
             return f"{p} is missing"
         if p.stat().st_size != info["bytes"]:
             return f"{p} has {p.stat().st_size} bytes, the manifest says {info['bytes']}"
-        if _sha256(p) != info["sha256"]:
+        if sha256_of(p) != info["sha256"]:
             return f"{p} does not match its checksum in the manifest"
     return None
 
@@ -336,83 +334,15 @@ def find_resume(root: Path) -> Path | None:
         problem = verify(path)
         if problem is None:
             return path
-        print(f"rnnscale: skipping checkpoint {path.name}: {problem}", file=sys.stderr, flush=True)
+        notice(f"skipping checkpoint {path.name}: {problem}", warning=True)
     return None
+
+
+UNIVERSAL = "universal"  # the folder of a checkpoint's universal form
 
 
 def read_meta(path: Path) -> dict:
     return json.loads((path / META).read_text())
-
-
-def needs_universal(path: Path, world: int, zero_stage: int) -> bool:
-    """Whether resuming `path` on `world` ranks at `zero_stage` must go through a universal
-    checkpoint: its ZeRO optimizer state is split over another number of ranks, or another
-    stage. (ZeRO-0 keeps the whole optimizer state in one file that any world size reads.)"""
-    meta = read_meta(path)
-    saved_stage = meta["zero_stage"]
-    if saved_stage != zero_stage and not {saved_stage, zero_stage} <= {1, 2}:
-        raise ValueError(
-            f"{path} was saved with ZeRO stage {saved_stage} and this run has stage "
-            f"{zero_stage}; DeepSpeed's checkpoints change stage only between 1 and 2. Resume "
-            f"it with parallel.zero_stage={saved_stage} (on any number of ranks)"
-        )
-    if saved_stage == 0:
-        return False
-    return meta["world_size"] != world or saved_stage != zero_stage
-
-
-UNIVERSAL = "universal"
-
-
-def make_universal(path: Path) -> Path:
-    """`<path>/universal/`, DeepSpeed's universal form of the checkpoint `path`, made with
-    `deepspeed.checkpoint.ds_to_universal` in a child process (it runs worker pools) into a
-    temporary folder, given its own manifest, then renamed into place; an existing one is
-    reused when it verifies. Raises RuntimeError with the converter's output on failure."""
-    out = path / UNIVERSAL
-    if out.is_dir() and verify(out) is None:
-        return out
-    problem = verify(path)
-    if problem is not None:
-        raise RuntimeError(f"{path} cannot be converted: {problem}")
-    if read_meta(path)["zero_stage"] == 0:
-        raise RuntimeError(
-            f"{path} was saved with ZeRO stage 0, whose one model-state file any world size "
-            f"reads; it needs no universal form (resume it with zero_stage=0)"
-        )
-    tmp = path / f".{UNIVERSAL}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
-    # DeepSpeed's converter, run with weights-only loading (it asks torch.load for pickle)
-    script = (
-        "import torch; from rnnscale.train.checkpoint import _safe_globals; "
-        "torch.serialization.add_safe_globals(_safe_globals()); "
-        "from deepspeed.checkpoint import ds_to_universal as c; c.main(c.parse_arguments())"
-    )
-    command = [sys.executable, "-c", script, "--input_folder", str(path), "--output_folder",
-               str(tmp), "--num_extract_workers", "2", "--num_merge_workers", "1"]  # fmt: skip
-    import subprocess
-
-    r = subprocess.run(command, capture_output=True, text=True,
-                       env={**os.environ, **WEIGHTS_ONLY_ENV})  # fmt: skip
-    (path / "latest_universal").unlink(missing_ok=True)  # the converter's; we name the tag
-    if r.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(
-            f"converting {path} to a universal checkpoint failed (exit {r.returncode}):\n"
-            f"{(r.stdout + r.stderr)[-3000:]}"
-        )
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {
-        "step": read_meta(path)["step"],
-        "files": {
-            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in files
-        },
-    }
-    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-    os.replace(tmp, out)
-    return out
 
 
 def rollback_target(root: Path, before_step: int, world: int, zero_stage: int) -> Path | None:

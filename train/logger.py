@@ -17,7 +17,6 @@ import math
 import netrc
 import os
 import re
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from rnnscale.train.config import ConfigError, RunConfig, to_dict
+from rnnscale.train.notice import notice
 
 
 class JsonlSink:
@@ -230,4 +230,4 @@ def _finite(v) -> bool:
 
 
 def _warn(message: str) -> None:
-    print(f"rnnscale: {message}", file=sys.stderr, flush=True)
+    notice(message, warning=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rnnscale.train import checkpoint
+from rnnscale.train import checkpoint, universal
 from rnnscale.train.config import ConfigError, RunConfig, migrate, to_dict
 from rnnscale.train.notice import notice
 from rnnscale.train.preflight import named_checkpoint
@@ -48,7 +48,7 @@ def universal_for_resume(path: Path, cfg: RunConfig, world: int) -> bool:
     """Whether resuming `path` goes through its universal form (another world size or ZeRO
     stage); if so rank 0 makes it (once) and every rank learns whether that worked."""
     try:
-        if not checkpoint.needs_universal(path, world, cfg.parallel.zero_stage):
+        if not universal.needs_universal(path, world, cfg.parallel.zero_stage):
             return False
     except ValueError as e:
         raise ConfigError(f"checkpoint.resume: {e}") from None
@@ -65,7 +65,7 @@ def universal_for_resume(path: Path, cfg: RunConfig, world: int) -> bool:
     box = [None]
     if torch.distributed.get_rank() == 0:
         try:
-            checkpoint.make_universal(path)
+            universal.make_universal(path)
         except RuntimeError as e:
             box = [str(e)]
     torch.distributed.broadcast_object_list(box, src=0)

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from rnnscale.kernels.common.chunks import sequence_bounds
+
 BACKENDS = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -75,13 +77,7 @@ def sequence_offsets(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`(bounds [N + 1], chunk_offsets [N + 1], M)` as int32 on `device`: token offsets of the
     sequences in the flat `[B * T]` layout, and where each one's chunks start."""
-    if cu_seqlens is None:
-        bounds = [i * T for i in range(B + 1)]
-    else:
-        bounds = [int(x) for x in cu_seqlens.tolist()]
-    offsets = [0]
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        offsets.append(offsets[-1] + -(-(e - s) // C))
+    bounds, offsets = sequence_bounds(B, T, cu_seqlens, C)
     as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
     return as_tensor(bounds), as_tensor(offsets), offsets[-1]
 

@@ -37,17 +37,26 @@ class ChunkLayout:
         return self.index.shape[0]
 
 
-def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, C: int, device) -> ChunkLayout:
-    """Lay out B rows of T tokens (or the documents of `cu_seqlens`, B = 1) in chunks of C."""
+def sequence_bounds(B: int, T: int, cu_seqlens: torch.Tensor | None, C: int):
+    """`(bounds, first_chunk)`, lists of N + 1 ints: the token offsets of the sequences in the
+    flat `[B * T]` layout (B rows of T laid end to end, or `cu_seqlens`), and where each one's
+    ceil(len / C) chunks start among all M chunks (`first_chunk[-1]` = M). The one place the
+    PyTorch layout and the Triton launches get their offsets from."""
     if cu_seqlens is None:
         bounds = [i * T for i in range(B + 1)]
     else:
         bounds = [int(x) for x in cu_seqlens.tolist()]
-    starts, ends = bounds[:-1], bounds[1:]
-    n_chunks = [-(-(e - s) // C) for s, e in zip(starts, ends)]
     first_chunk = [0]
-    for n in n_chunks:
-        first_chunk.append(first_chunk[-1] + n)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        first_chunk.append(first_chunk[-1] + -(-(e - s) // C))
+    return bounds, first_chunk
+
+
+def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, C: int, device) -> ChunkLayout:
+    """Lay out B rows of T tokens (or the documents of `cu_seqlens`, B = 1) in chunks of C."""
+    bounds, first_chunk = sequence_bounds(B, T, cu_seqlens, C)
+    starts, ends = bounds[:-1], bounds[1:]
+    n_chunks = [b - a for a, b in zip(first_chunk[:-1], first_chunk[1:])]
     rows = []
     for s, e, n in zip(starts, ends, n_chunks):
         pos = torch.arange(s, s + n * C)

@@ -21,6 +21,18 @@ from rnnscale.kernels.common.checks import check_linear_attention
 from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, scan_chunks, to_chunks
 
 
+def _wy(kc, vc, bc, b, gamma):
+    """Steps 1-3, the WY representation of a chunk's C Householder-like updates:
+    `T = (I + L)^-1 diag(beta)`, `W = T (exp(b) * K)`, `U = T V`."""
+    C = kc.shape[-2]
+    L = (bc[..., None] * (kc @ kc.transpose(-1, -2)) * gamma).tril(-1)  # (M, H, C, C)
+    eye = torch.eye(C, dtype=kc.dtype, device=kc.device)
+    Tm = torch.linalg.solve_triangular(
+        eye + L, torch.diag_embed(bc), upper=False, unitriangular=True
+    )  # (M, H, C, C)
+    return Tm @ (kc * b.exp()[..., None]), Tm @ vc
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,14 +71,7 @@ def chunk_gated_delta_rule(
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     gamma = torch.where(lower, b[..., :, None] - b[..., None, :], float("-inf")).exp()  # (M,H,C,C)
 
-    # 1-3. the WY representation of the chunk's C Householder-like updates
-    L = (bc[..., None] * (kc @ kc.transpose(-1, -2)) * gamma).tril(-1)  # (M, H, C, C)
-    eye = torch.eye(C, dtype=acc, device=q.device)
-    Tm = torch.linalg.solve_triangular(
-        eye + L, torch.diag_embed(bc), upper=False, unitriangular=True
-    )  # (M, H, C, C)
-    W = Tm @ (kc * b.exp()[..., None])  # (M, H, C, K)
-    U = Tm @ vc  # (M, H, C, V)
+    W, U = _wy(kc, vc, bc, b, gamma)  # 1-3: (M, H, C, K), (M, H, C, V)
     A = (qc @ kc.transpose(-1, -2)) * gamma  # (M, H, C, C), tril through gamma
     k_decay = kc * (b_last - b).exp()[..., None]  # (M, H, C, K)
     chunk_decay = b_last.exp()[..., None]  # (M, H, 1, 1)

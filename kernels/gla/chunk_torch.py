@@ -50,7 +50,8 @@ class PairwiseScores(torch.autograd.Function):
 
 
 # Largest in-chunk gate span (max over keys of b_1 - b_C) scored in factorised form: its factors
-# stay within exp(+-SAFE_SPAN / 2) of 1, far from fp32 overflow (exp(88)) and underflow.
+# stay within exp(+-SAFE_SPAN) of 1 (exp(+-SAFE_SPAN / 2) only when the decay is spread evenly
+# about the middle row), inside fp32's range (overflow past exp(88)).
 SAFE_SPAN = 60.0
 
 

@@ -2,8 +2,9 @@
 
     cfg = load_config("configs/debug_cpu.yaml", ["optim.lr=3e-4", "train.max_steps=50"])
 
-- `schema`: the sections and fields, each with its documentation and allowed range, and the
-  generic checker (ranges, then each section's rules across fields);
+- `schema` (with `architecture` for the `model` and `kernels` sections, and `fields` for
+  `doc()` and the generic checker): the sections and fields, each with its documentation and
+  allowed range; the checker enforces the ranges, then each section's rules across fields;
 - `loading`: YAML and overrides, building the typed tree, `to_dict` / `dump_yaml`, and the keys
   that moved (carried to their new place with a warning);
 - `reference`: docs/configs.md generated from the schema.
@@ -13,6 +14,22 @@ value out of range raises `ConfigError` naming the dotted path and what is allow
 here imports torch, so the CLI can reject a bad config at once.
 """
 
+from rnnscale.train.config.architecture import (
+    AttnSection,
+    ChunkSizeSection,
+    GatedDeltaNetSection,
+    GLASection,
+    HGRN2Section,
+    KernelsSection,
+    Mamba2Section,
+    MinRNNSection,
+    MixerName,
+    ModelSection,
+    RetNetSection,
+    RGLRUSection,
+    SWASection,
+)
+from rnnscale.train.config.fields import ConfigError
 from rnnscale.train.config.loading import (
     MOVED,
     apply_override,
@@ -24,30 +41,16 @@ from rnnscale.train.config.loading import (
 )
 from rnnscale.train.config.reference import reference_markdown
 from rnnscale.train.config.schema import (
-    AttnSection,
     CheckpointSection,
-    ChunkSizeSection,
-    ConfigError,
     DataSection,
-    GatedDeltaNetSection,
-    GLASection,
-    HGRN2Section,
-    KernelsSection,
     LaunchSection,
     LogSection,
-    Mamba2Section,
-    MinRNNSection,
-    MixerName,
-    ModelSection,
     OptimSection,
     ParallelSection,
-    RetNetSection,
-    RGLRUSection,
     RunConfig,
     RunSection,
     ScheduleSection,
     StreamSection,
-    SWASection,
     TrainSection,
     WandbSection,
 )

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
-from rnnscale.train.config.schema import ConfigError, RunConfig, check_tree, field_key, join
+from rnnscale.train.config.fields import ConfigError, check_tree, field_key, join
+from rnnscale.train.config.schema import RunConfig
 from rnnscale.train.mixers import REGISTRY
 
 

@@ -7,16 +7,18 @@ import dataclasses
 import typing
 from typing import Any, Literal
 
-from rnnscale.train.config.schema import RunConfig, field_key, join, range_text
+from rnnscale.train.config.fields import field_key, join, range_text
+from rnnscale.train.config.schema import RunConfig
 
 
 def reference_markdown() -> str:
     lines = [
         "# Config reference",
         "",
-        "Generated from the dataclasses in `train/config/schema.py` (tests/test_config.py checks",
-        "it is current; regenerate with `RNNSCALE_UPDATE_DOCS=1 .venv/bin/python -m pytest",
-        "tests/test_config.py`). Set any field from the command line as a dotted override:",
+        "Generated from the dataclasses in `train/config/schema.py` and `architecture.py`",
+        "(tests/test_config.py checks it is current; regenerate with `RNNSCALE_UPDATE_DOCS=1",
+        ".venv/bin/python -m pytest tests/test_config.py`). Set any field from the command line",
+        "as a dotted override:",
         "`rnnscale train CONFIG optim.lr=3e-4 model.mixer_pattern=[gla,attn]`. A value outside",
         "its range is refused at load, naming the field.",
     ]
