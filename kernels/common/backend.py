@@ -82,6 +82,26 @@ def sequence_offsets(
     return as_tensor(bounds), as_tensor(offsets), offsets[-1]
 
 
+def state_buffers(x: torch.Tensor, B: int, T: int, cu_seqlens, C: int, state: tuple, h0):
+    """What every Triton forward allocates: `(bounds, chunk_offsets, ht, hs, h0_in)`: the
+    offsets, the final states `ht [N, *state]` and the states entering every chunk
+    `hs [M, *state]` (fp32, kept for the backward), and the initial states to read (`ht`, not
+    read, when there are none)."""
+    bounds, offsets, M = sequence_offsets(B, T, cu_seqlens, C, x.device)
+    N = bounds.numel() - 1
+    ht = x.new_empty(N, *state, dtype=torch.float32)
+    hs = x.new_empty(max(M, 1), *state, dtype=torch.float32)
+    return bounds, offsets, ht, hs, ht if h0 is None else h0.contiguous()
+
+
+def state_grads(x: torch.Tensor, N: int, state: tuple, dht):
+    """What every Triton backward allocates: `(dh0, dht)`, the initial states' gradient and the
+    final states' incoming one (zeros when the final state was not used), fp32, contiguous."""
+    dh0 = x.new_empty(N, *state, dtype=torch.float32)
+    dht = x.new_zeros(N, *state, dtype=torch.float32) if dht is None else dht.float()
+    return dh0, dht.contiguous()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs keep fp32 products (tests compare them at 1e-5); half inputs, which carry 8
     to 11 bits already, let `tl.dot` use TF32 tensor cores."""

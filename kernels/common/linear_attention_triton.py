@@ -31,7 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from rnnscale.kernels.common.backend import check_triton, dot_precision, sequence_offsets
+from rnnscale.kernels.common.backend import (
+    check_triton,
+    dot_precision,
+    state_buffers,
+    state_grads,
+)
 from rnnscale.kernels.common.checks import check_linear_attention
 
 
@@ -211,13 +216,11 @@ class LinearAttentionTriton(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         per_key = g.dim() == 4
-        bounds, offsets, M = sequence_offsets(B, T, cu_seqlens, chunk_size, q.device)
+        bounds, offsets, ht, hs, h0_in = state_buffers(q, B, T, cu_seqlens, chunk_size,
+                                                       (H, K, V), h0)  # fmt: skip
         N = bounds.numel() - 1
         q, k, v, g = (x.contiguous() for x in (q, k, v, g))
         o = torch.empty_like(v)
-        ht = q.new_empty(N, H, K, V, dtype=torch.float32)
-        hs = q.new_empty(max(M, 1), H, K, V, dtype=torch.float32)
-        h0_in = ht if h0 is None else h0.contiguous()
         meta = dict(launch_meta(chunk_size, K, V, q.dtype), PER_KEY=per_key)
         _la_fwd[(N, H)](q, k, v, g, o, h0_in, ht, hs, bounds, offsets, scale, H, K, V,
                         HAS_H0=h0 is not None, **meta)  # fmt: skip
@@ -233,9 +236,8 @@ class LinearAttentionTriton(torch.autograd.Function):
         N = bounds.numel() - 1
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dg = torch.empty_like(g, dtype=torch.float32)
-        dh0 = q.new_empty(N, H, K, V, dtype=torch.float32)
-        dht = q.new_zeros(N, H, K, V, dtype=torch.float32) if dht is None else dht.float()
-        _la_bwd[(N, H)](q, k, v, g, do.contiguous(), dht.contiguous(), hs, bounds, offsets,
+        dh0, dht = state_grads(q, N, (H, K, V), dht)
+        _la_bwd[(N, H)](q, k, v, g, do.contiguous(), dht, hs, bounds, offsets,
                         dq, dk, dv, dg, dh0, ctx.scale, H, K, V, **ctx.meta)  # fmt: skip
         dh0 = None if ctx.h0 is None else dh0.to(ctx.h0[0])
         return dq, dk, dv, dg.to(g.dtype), dh0, None, None, None

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rnnscale.kernels.common.backend import check_triton, sequence_offsets
+from rnnscale.kernels.common.backend import check_triton, state_buffers, state_grads
 from rnnscale.kernels.common.checks import check_linear_attention
 from rnnscale.kernels.common.linear_attention_triton import launch_meta, sequence_program
 
@@ -189,13 +189,11 @@ class GatedDeltaRuleTriton(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, h0, scale, cu_seqlens, chunk_size):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        bounds, offsets, M = sequence_offsets(B, T, cu_seqlens, chunk_size, q.device)
+        bounds, offsets, ht, hs, h0_in = state_buffers(q, B, T, cu_seqlens, chunk_size,
+                                                       (H, K, V), h0)  # fmt: skip
         N = bounds.numel() - 1
         q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
         o = torch.empty_like(v)
-        ht = q.new_empty(N, H, K, V, dtype=torch.float32)
-        hs = q.new_empty(max(M, 1), H, K, V, dtype=torch.float32)
-        h0_in = ht if h0 is None else h0.contiguous()
         meta = launch_meta(chunk_size, K, V, q.dtype)
         _delta_fwd[(N, H)](q, k, v, g, beta, o, h0_in, ht, hs, bounds, offsets, scale, H, K, V,
                            HAS_H0=h0 is not None, **meta)  # fmt: skip
@@ -212,9 +210,8 @@ class GatedDeltaRuleTriton(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dg = torch.empty_like(g, dtype=torch.float32)
         dbeta = torch.empty_like(beta, dtype=torch.float32)
-        dh0 = q.new_empty(N, H, K, V, dtype=torch.float32)
-        dht = q.new_zeros(N, H, K, V, dtype=torch.float32) if dht is None else dht.float()
-        _delta_bwd[(N, H)](q, k, v, g, beta, do.contiguous(), dht.contiguous(), hs, bounds,
+        dh0, dht = state_grads(q, N, (H, K, V), dht)
+        _delta_bwd[(N, H)](q, k, v, g, beta, do.contiguous(), dht, hs, bounds,
                            offsets, dq, dk, dv, dg, dbeta, dh0, ctx.scale, H, K, V,
                            **ctx.meta)  # fmt: skip
         dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)

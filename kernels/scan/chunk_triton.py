@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rnnscale.kernels.common.backend import check_triton, sequence_offsets
+from rnnscale.kernels.common.backend import check_triton, state_buffers, state_grads
 from rnnscale.kernels.common.checks import (
     check_chunk_size,
     check_sequences,
@@ -112,13 +112,10 @@ class LinearScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, h0, cu_seqlens, chunk_size):
         B, T, D = b.shape
-        bounds, offsets, M = sequence_offsets(B, T, cu_seqlens, chunk_size, b.device)
+        bounds, offsets, ht, hs, h0_in = state_buffers(b, B, T, cu_seqlens, chunk_size, (D,), h0)
         N = bounds.numel() - 1
         a, b = a.contiguous(), b.contiguous()
         y = torch.empty_like(b)
-        ht = b.new_empty(N, D, dtype=torch.float32)
-        hs = b.new_empty(max(M, 1), D, dtype=torch.float32)
-        h0_in = ht if h0 is None else h0.contiguous()
         BD = min(64, max(16, triton.next_power_of_2(D)))
         grid = (N, triton.cdiv(D, BD))
         _scan_fwd[grid](a, b, y, h0_in, ht, hs, bounds, offsets, D, BC=chunk_size, BD=BD,
@@ -134,9 +131,8 @@ class LinearScanTriton(torch.autograd.Function):
         a, b, hs, bounds, offsets = ctx.saved_tensors
         N, D = bounds.numel() - 1, b.shape[-1]
         da, db = torch.empty_like(a), torch.empty_like(b)
-        dh0 = b.new_empty(N, D, dtype=torch.float32)
-        dht = b.new_zeros(N, D, dtype=torch.float32) if dht is None else dht.float()
-        _scan_bwd[ctx.grid](a, b, dy.contiguous(), dht.contiguous(), hs, bounds, offsets, da, db,
+        dh0, dht = state_grads(b, N, (D,), dht)
+        _scan_bwd[ctx.grid](a, b, dy.contiguous(), dht, hs, bounds, offsets, da, db,
                             dh0, D, **ctx.meta)  # fmt: skip
         dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)
         return da, db, dh0, None, None
