@@ -13,7 +13,7 @@ What it measures, each part guarded so that one failure leaves the others:
   b. pytest on tests/scans/test_families.py, every test (the `gpu`-marked one included): one
      process for the unmarked tests, beside (c)'s compiles, then one per `gpu`-marked test, side
      by side, each with a time limit; outcomes and failures from their JUnit XML;
-  c. for each case (a recipe's head shape, configs/recipes/*.yaml and train/config.py's
+  c. for each case (a recipe's head shape, configs/recipes/*.yaml and the config's
      defaults), the public op with backend="torch" and backend="triton": forward and
      forward + backward, timed with triton.testing.do_bench (median, the same warm-up and
      repetitions for both), tokens/s, the torch/triton time ratio, the relative RMS difference
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # do_bench settings (milliseconds of warm-up and of timed repetitions), the same for both paths
 WARMUP_MS, REP_MS = 25, 100
 
-# Head shapes of the recipes. K, V and C follow train/config.py's defaults:
+# Head shapes of the recipes. K, V and C follow the config's defaults at the time (2026-12-04):
 #   gla: K = 0.5 d/H, V = d/H, C = 16; mamba2: H = 2d/64, K = state_size 128, V = head_dim 64,
 #   C = 64, scale 1; gated_deltanet: K = head_dim, V = 2 K, C = 64; rglru: D = H round(4/3 d/H),
 #   C = 32, scanned in fp32 by the mixer; hgrn2 has no recipe: K = expand_ratio 128 and
