@@ -43,7 +43,7 @@ MODELS = {
                            "model.mamba2.head_dim=32"],
 }  # fmt: skip
 COMMON = ["configs/debug_cpu.yaml", "model.d_model=128", "model.num_heads=4",
-          "model.gla.chunk_size=64", "train.micro_batch_size=1", "train.global_batch_size=1",
+          "kernels.chunk_size.gla=64", "train.micro_batch_size=1", "train.global_batch_size=1",
           "train.log_interval=1", "parallel.zero_stage=2", "log.progress_bar=false",
           "log.wandb.mode=disabled", "log.tensorboard=false", "train.eval_interval=0",
           "schedule.warmup_steps=0", "train.peak_tflops=1"]  # fmt: skip

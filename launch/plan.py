@@ -48,10 +48,11 @@ class ModelCounts:
     forward_flops_per_token: int
 
 
-def count_model(model_cfg, seq_len: int) -> ModelCounts:
-    """Parameter and FLOP counts of the model of `model_cfg`, built on the meta device."""
+def count_model(model_cfg, seq_len: int, kernels=None) -> ModelCounts:
+    """Parameter and FLOP counts of the model of `model_cfg` (its scans' FLOPs with the chunk
+    sizes of `kernels`, default: the defaults), built on the meta device."""
     with torch.device("meta"):
-        model = build_model(model_cfg)
+        model = build_model(model_cfg, kernels)
     embedding = model.embed.weight.numel()
     head = 0 if model.head.weight is model.embed.weight else model.head.weight.numel()
     # DeepSpeed's rule (stage3.model_to_params), which cannot take a meta model: it
@@ -140,7 +141,7 @@ def plan_report(cfg, gpus: int, gpus_per_node: int, gpu_memory_gb: float) -> str
         raise ValueError(f"need --gpu-memory-gb > 0, got {gpu_memory_gb}")
     num_nodes, per_node = nodes(gpus, gpus_per_node)
     t = cfg.train
-    c = count_model(cfg.model, t.seq_len)
+    c = count_model(cfg.model, t.seq_len, cfg.kernels)
     zero_stage, dtype, _ = parallel_settings(cfg)
     per_stage = model_state_bytes(c.params, c.largest_layer, gpus, gpus_per_node)
     train_flops = 3 * c.forward_flops_per_token

@@ -12,7 +12,9 @@ from rnnscale.train.config import (
     dump_yaml,
     from_dict,
     load_config,
+    model_architecture,
     reference_markdown,
+    to_dict,
 )
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -156,20 +158,51 @@ def test_any_chunk_size_with_the_torch_backend(repo_root):
     assert cfg.kernels.chunk_size.gla == 24
 
 
+OLD_CHUNKS = {"gla": 16, "retnet": 64, "mamba2": 64, "hgrn2": 64, "gated_deltanet": 64,
+              "mingru": 32, "minlstm": 32, "rglru": 32}  # fmt: skip
+"""The chunk sizes every config.yaml and checkpoint wrote under model.<mixer> before 2026-12."""
+
+
+def _old_format(cfg) -> dict:
+    """`cfg` as a config.yaml (and a checkpoint's meta.json model) was written before the
+    kernels section: every mixer with its chunk size, loss_chunk_tokens under model."""
+    raw = to_dict(cfg)
+    del raw["kernels"]
+    for name, chunk in OLD_CHUNKS.items():
+        raw["model"][name]["chunk_size"] = chunk
+    raw["model"]["loss_chunk_tokens"] = 4096
+    return raw
+
+
+def test_configs_and_checkpoints_written_before_the_kernels_section_load(repo_root, capsys):
+    """Old config.yaml files (a run's, a checkpoint's) load: the chunk sizes of the mixers the
+    model has move to kernels.chunk_size.<family> with a warning, the others were never used;
+    two mixers of one family that disagree (gla 16, hgrn2 64) keep the first one's; and an old
+    checkpoint's model section, less those keys, is the model section of today."""
+    cfg = load_config(repo_root / "configs/debug_cpu.yaml")
+    old = _old_format(cfg)
+    assert from_dict(old) == cfg
+    assert "model.gla.chunk_size is now kernels.chunk_size.gla" in capsys.readouterr().err
+    old["model"]["mixer_pattern"] = ["gla", "hgrn2", "rglru"]
+    moved = from_dict(old)
+    assert (moved.kernels.chunk_size.gla, moved.kernels.chunk_size.scan) == (16, 32)
+    assert "model.hgrn2.chunk_size (64) is now kernels.chunk_size.gla, which is 16 here" in (
+        capsys.readouterr().err
+    )
+    assert model_architecture(_old_format(cfg)["model"]) == to_dict(cfg)["model"]
+
+
 def test_speed_settings_under_model_move_to_kernels_with_a_warning(repo_root, capsys):
-    """Configs written before the kernels section still load: model.<mixer>.chunk_size and
-    model.loss_chunk_tokens are read as kernels.chunk_size.<family> and
-    kernels.loss_chunk_tokens, each named in a warning; two that disagree are refused."""
+    """An override in the old place still works, with a warning naming the new one; a value
+    under kernels wins over an old one."""
     cfg = load_config(repo_root / "configs/debug_cpu.yaml",
-                      ["model.rglru.chunk_size=64", "model.loss_chunk_tokens=128"])  # fmt: skip
-    assert cfg.kernels.chunk_size.scan == 64
-    assert cfg.kernels.loss_chunk_tokens == 128
+                      ["model.mixer_pattern=[rglru]", "model.rglru.chunk_size=64",
+                       "model.loss_chunk_tokens=128"])  # fmt: skip
+    assert (cfg.kernels.chunk_size.scan, cfg.kernels.loss_chunk_tokens) == (64, 128)
     err = capsys.readouterr().err
     assert "model.loss_chunk_tokens is now kernels.loss_chunk_tokens" in err
-    old = {"model": {"mixer_pattern": ["rglru"], "rglru": {"chunk_size": 16, "c": 4.0}}}
-    assert from_dict(old).kernels.chunk_size.scan == 16
-    clash = r"model\.minlstm\.chunk_size \(now kernels\.chunk_size\.scan\) conflicts with model\."
-    with pytest.raises(ConfigError, match=clash):
-        from_dict({"model": {"mingru": {"chunk_size": 16}, "minlstm": {"chunk_size": 64}}})
-    with pytest.raises(ConfigError, match=r"conflicts with kernels\.chunk_size\.gla: set"):
-        from_dict({"model": {"gla": {"chunk_size": 32}}, "kernels": {"chunk_size": {"gla": 64}}})
+    both = {"model": {"gla": {"chunk_size": 32}}, "kernels": {"chunk_size": {"gla": 64}}}
+    assert from_dict(both).kernels.chunk_size.gla == 64
+    assert "model.gla.chunk_size (32) is now kernels.chunk_size.gla, which is 64 here" in (
+        capsys.readouterr().err
+    )

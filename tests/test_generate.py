@@ -19,7 +19,7 @@ from rnnscale.train.model import build_model
 def test_greedy_decoding_follows_the_parallel_forward():
     cfg = {"vocab_size": 61, "d_model": 32, "num_layers": 3, "num_heads": 2}
     cfg.update(mixer_pattern=["gla", "attn", "swa"], swa={"window": 4})
-    run = from_dict({"model": cfg, "kernels": {"chunk_size": {"gla": 16}}})
+    run = from_dict({"model": cfg, "kernels": {"backend": "torch", "chunk_size": {"gla": 8}}})
     torch.manual_seed(0)
     model = build_model(run.model, run.kernels).double().eval()
     prompt = [1, 5, 9, 2, 33]

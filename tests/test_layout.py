@@ -52,3 +52,19 @@ def test_progress_counts_skips_and_survives_a_rollback():
     back = p.rolled_back_to(saved)
     assert (back.step, back.tokens_seen, back.skipped_steps, back.skips_in_a_row) == (1, 10, 2, 0)
     assert back.rollbacks == 1 and Progress.from_dict(back.as_dict()) == back
+
+
+def test_notices_are_said_once_and_rank_lines_carry_the_rank():
+    """A line every rank would say is said by rank 0 only; `every_rank=True` lines carry the
+    rank. Before the process group exists the rank is the launcher's RANK."""
+    import subprocess
+    import sys
+
+    code = ("from rnnscale.train.notice import notice; notice('for all'); "
+            "notice('mine', every_rank=True); notice('careful', warning=True)")  # fmt: skip
+    for rank, out, err in [("0", "rnnscale: for all\nrnnscale [rank 0]: mine\n",
+                            "rnnscale: careful\n"),
+                           ("3", "rnnscale [rank 3]: mine\n", "")]:  # fmt: skip
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={"RANK": rank, "PATH": ""}, timeout=60)  # fmt: skip
+        assert (r.stdout, r.stderr) == (out, err)

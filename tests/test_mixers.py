@@ -61,6 +61,18 @@ def test_registry_matches_the_config_names():
     assert set(MIXERS) == set(typing.get_args(MixerName)) == set(TINY)
 
 
+def test_every_scan_family_has_its_forms_and_a_chunk_size():
+    """One table per side: the torch-free FAMILIES (chunk sizes, the config's fields) and
+    SCANS (the forms); every recurrent mixer names a family both know."""
+    from rnnscale.train.config import ChunkSizeSection
+    from rnnscale.train.mixers import REGISTRY
+    from rnnscale.train.model.scan import SCANS
+
+    assert set(FAMILIES) <= set(SCANS)
+    assert {m.family for m in REGISTRY.values()} - {None} == set(FAMILIES)
+    assert [f.name for f in dataclasses.fields(ChunkSizeSection)] == list(FAMILIES)
+
+
 PATTERNS = [[name] for name in MIXERS] + [HYBRID]
 IDS = [p[0] if len(p) == 1 else "hybrid" for p in PATTERNS]
 

@@ -1,9 +1,10 @@
 """The one registry of token mixers: each name, the class that implements it, and the scan
 family it runs on (whose chunk size `kernels.chunk_size.<family>` sets; None: attention).
 
-Torch-free, so that the config takes the names `model.mixer_pattern` allows from here, and
-`rnnscale.train.model.MIXERS` imports the classes from it. A new mixer is one entry here, its
-module under train/model/, and its options section in the config schema (`model.<name>`).
+Torch-free, so that the config takes from here the names `model.mixer_pattern` allows and
+the chunk-size fields `kernels.chunk_size.*`; `rnnscale.train.model.MIXERS` imports the
+classes. A new mixer is one entry here, its module under train/model/, and its options
+section in the config schema (`model.<name>`).
 """
 
 from __future__ import annotations
@@ -31,5 +32,12 @@ REGISTRY = {
 }
 """Mixer name -> its class and scan family."""
 
-FAMILIES = ("gla", "simple_gla", "delta", "scan")
-"""The scan families (rnnscale.kernels.<family>), each with its own chunk size."""
+FAMILIES = {
+    "gla": (16, "The gla family (per-key decay): the gla and hgrn2 mixers."),
+    "simple_gla": (64, "The simple_gla family (one decay per head): the retnet and mamba2 mixers."),
+    "delta": (64, "The delta family: the gated_deltanet mixer."),
+    "scan": (32, "The elementwise scan: the mingru, minlstm and rglru mixers."),
+}
+"""The scan families (rnnscale.kernels.<family>), each with the default and the documentation
+of its chunk size `kernels.chunk_size.<family>` (the config's ChunkSizeSection is made from
+this table); their forms are `rnnscale.train.model.scan.SCANS`."""

@@ -12,17 +12,20 @@ carries its rank. Metrics and events go through `rnnscale.train.logger.Logger` i
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 log = logging.getLogger("rnnscale")
 
 
 def _rank() -> int:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 0
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank: the process group's once it exists, else the launcher's RANK (a
+    config read before the group exists, under torchrun, is said once too). Imports nothing:
+    the config path stays torch-free."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 class _Console(logging.Handler):
@@ -39,7 +42,7 @@ class _Console(logging.Handler):
         print(f"rnnscale{where}: {record.getMessage()}", file=stream, flush=True)
 
 
-if not any(isinstance(h, _Console) for h in log.handlers):
+if not any(type(h).__name__ == "_Console" for h in log.handlers):  # once, reloads included
     log.addHandler(_Console())
     log.setLevel(logging.INFO)
     log.propagate = False  # the root logger's handlers (DeepSpeed sets some) would repeat it

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from rnnscale.train import checkpoint, universal
-from rnnscale.train.config import ConfigError, RunConfig, migrate, to_dict
+from rnnscale.train.config import ConfigError, RunConfig, model_architecture, to_dict
 from rnnscale.train.notice import notice
 from rnnscale.train.preflight import named_checkpoint
 from rnnscale.train.progress import Progress
@@ -86,7 +86,7 @@ def restore(engine, path: Path, cfg: RunConfig, batches, universal: bool) -> Pro
         )
     now = checkpoint_meta(cfg)
     # checkpoints from before the kernels section kept chunk sizes in model: not architecture
-    meta = {**meta, "model": migrate({"model": meta["model"]})["model"]}
+    meta = {**meta, "model": model_architecture(meta["model"])}
     for key in ("model", "tokenizer"):
         if meta[key] != now[key]:
             raise ConfigError(

@@ -68,6 +68,10 @@ def _train(cfg: RunConfig) -> dict:
         (cfg.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     notice(f"run directory {cfg.run_dir.resolve()} ({world} ranks)\n{dump_yaml(cfg)}".rstrip())
     torch.distributed.barrier()
+    seed_everything(cfg.run.seed)  # the same initial weights on every rank
+    with torch.device("meta"):  # counts from a copy that costs no memory
+        shape_model = build_model(cfg.model, cfg.kernels)
+    notice(f"layers: {shape_model.layer_types}\nparameters: {shape_model.num_params():,}")
     engine, groups = _engine(cfg, ds_config, layout, device)
     shape = RowShape.of(cfg)
     batches = make_batches(cfg.data, shape, cfg.run.seed, cfg.run_dir, layout)
@@ -75,18 +79,18 @@ def _train(cfg: RunConfig) -> dict:
     if cfg.train.eval_interval > 0:
         val_batches = make_val_batches(cfg.data, shape, cfg.run.seed, cfg.train.eval_batches,
                                        layout)  # fmt: skip
-    with torch.device("meta"):  # counts from a copy that costs no memory
-        shape_model = build_model(cfg.model, cfg.kernels)
-    notice(f"layers: {shape_model.layer_types}\nparameters: {shape_model.num_params():,}")
+    # before the resume restores the RNG: the measurement draws random numbers
+    peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, cfg.parallel.dtype)
     job = _Job(engine, groups, batches, val_batches, device,
-               shape_model.flops_per_token(cfg.train.seq_len))  # fmt: skip
-    progress, load_s = Progress(), time.perf_counter()
+               shape_model.flops_per_token(cfg.train.seq_len), peak)  # fmt: skip
+    progress, start = Progress(), time.perf_counter()
     if resume_from is not None:
         progress = restore(engine, resume_from, cfg, batches, universal)
+    load_s = time.perf_counter() - start
     job.logger = Logger.for_rank(rank, cfg, cfg.run_dir, initial_step=progress.step)
     job.logger.event("start", step=progress.step, world_size=world,
                      resumed_from=str(resume_from) if resume_from else None,
-                     load_s=round(time.perf_counter() - load_s, 4), pid=os.getpid(),
+                     load_s=round(load_s, 4), pid=os.getpid(),
                      host=socket.gethostname())  # fmt: skip
     try:
         progress, metrics = _loop(job, cfg, progress)
@@ -108,6 +112,7 @@ class _Job:
     val_batches: list[dict]
     device: torch.device
     flops_per_token: float
+    peak_flops: float  # of one device, for MFU
     logger: Logger | None = None
 
 
@@ -121,7 +126,6 @@ def _engine(cfg: RunConfig, ds_config: dict, layout, device):
         from rnnscale.parallel.sequence import ParallelGroups
 
         groups = ParallelGroups(layout)
-    seed_everything(cfg.run.seed)  # the same initial weights on every rank
     stage3 = cfg.parallel.zero_stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext():
         model = build_model(cfg.model, cfg.kernels)
@@ -140,8 +144,7 @@ def _engine(cfg: RunConfig, ds_config: dict, layout, device):
 def _loop(job: _Job, cfg: RunConfig, progress: Progress) -> tuple[Progress, dict]:
     """Steps until train.max_steps: train, count, evaluate, log, save; a rollback after too
     many non-finite steps in a row. Returns where the run stands and the last step's metrics."""
-    world = torch.distributed.get_world_size()
-    peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(job.device, cfg.parallel.dtype)
+    world, peak = torch.distributed.get_world_size(), job.peak_flops
     saves, metrics = Checkpointer(job.engine, cfg, job.batches, job.logger), {}
     while progress.step < cfg.train.max_steps:
         metrics, skipped = train_step(job.engine, job.batches, job.device,

@@ -60,7 +60,7 @@ def make_universal(path: Path) -> Path:
     # DeepSpeed's converter, run with weights-only loading (it asks torch.load for pickle)
     script = (
         "import torch; from rnnscale.train.checkpoint import safe_globals; "
-        "torch.serialization.addsafe_globals(safe_globals()); "
+        "torch.serialization.add_safe_globals(safe_globals()); "
         "from deepspeed.checkpoint import ds_to_universal as c; c.main(c.parse_arguments())"
     )
     command = [sys.executable, "-c", script, "--input_folder", str(path), "--output_folder",

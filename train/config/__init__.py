@@ -37,6 +37,7 @@ from rnnscale.train.config.loading import (
     from_dict,
     load_config,
     migrate,
+    model_architecture,
     to_dict,
 )
 from rnnscale.train.config.reference import reference_markdown
@@ -62,5 +63,5 @@ __all__ = [
     "ModelSection", "OptimSection", "ParallelSection", "RGLRUSection", "RetNetSection",
     "RunConfig", "RunSection", "SWASection", "ScheduleSection", "StreamSection",
     "TrainSection", "WandbSection", "apply_override", "dump_yaml", "from_dict", "load_config",
-    "migrate", "reference_markdown", "to_dict",
+    "migrate", "model_architecture", "reference_markdown", "to_dict",
 ]  # fmt: skip

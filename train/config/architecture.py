@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rnnscale.train.config.fields import doc, require, section
-from rnnscale.train.mixers import REGISTRY
+from rnnscale.train.mixers import FAMILIES, REGISTRY
 
 MixerName = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]
 """Token mixers that `model.mixer_pattern` may name: the keys of the mixer registry."""
@@ -153,14 +153,12 @@ class ModelSection:
         require(len(self.mixer_pattern) > 0, f"{path}.mixer_pattern", "must name a mixer")
 
 
-@dataclass
-class ChunkSizeSection:
-    gla: int = doc(16, "The gla family (per-key decay): the gla and hgrn2 mixers.", gt=0)
-    simple_gla: int = doc(
-        64, "The simple_gla family (one decay per head): the retnet and mamba2 mixers.", gt=0
-    )
-    delta: int = doc(64, "The delta family: the gated_deltanet mixer.", gt=0)
-    scan: int = doc(32, "The elementwise scan: the mingru, minlstm and rglru mixers.", gt=0)
+ChunkSizeSection = dataclasses.make_dataclass(
+    "ChunkSizeSection",
+    [(family, int, doc(chunk, text, gt=0)) for family, (chunk, text) in FAMILIES.items()],
+)
+ChunkSizeSection.__module__ = __name__  # make_dataclass(module=) needs Python 3.12
+"""One chunk size per scan family, made from `rnnscale.train.mixers.FAMILIES`."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from rnnscale.train.config.architecture import ModelSection
 from rnnscale.train.config.fields import ConfigError, check_tree, field_key, join
 from rnnscale.train.config.schema import RunConfig
 from rnnscale.train.mixers import REGISTRY
@@ -75,30 +76,57 @@ MOVED = _moved()
 
 def migrate(raw: dict, warn: bool = False) -> dict:
     """`raw` (plain dicts) with the keys of `MOVED` at their new places (a copy; with `warn`,
-    a notice names each). Two keys that land on one new key with different values are a
-    ConfigError."""
-    out, landed = _copy(raw), {}
-    for old, new in MOVED.items():
+    a notice names each). Old configs wrote a chunk size for every mixer, used or not: only
+    the mixers of `model.mixer_pattern` count, the first of them wins where two of one family
+    disagree, and a value already under `kernels` wins over an old one (each said)."""
+    out = _copy(raw)
+    model = out.get("model") if isinstance(out.get("model"), dict) else {}
+    pattern = model.get("mixer_pattern", ModelSection().mixer_pattern)
+    used = [m for m in pattern if m in REGISTRY] if isinstance(pattern, list) else list(REGISTRY)
+    said = []
+    for old, new in sorted(MOVED.items(), key=lambda kv: _order(kv[0], used)):
         parent = _find(out, old[:-1])
         if not isinstance(parent, dict) or old[-1] not in parent:
             continue
         value = parent.pop(old[-1])
-        was, now = ".".join(old), ".".join(new)
+        if len(old) == 3 and old[1] not in used:
+            continue  # a mixer the model does not have: its chunk size never applied
         target = out
         for part in new[:-1]:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
-                raise ConfigError(f"{was}: moved to {now}, but {part} is not a section")
-        if new[-1] in target and target[new[-1]] != value:
-            first = landed.get(new, now)
-            raise ConfigError(f"{was} (now {now}) conflicts with {first}: set {now} once")
-        target[new[-1]], landed[new] = value, was
-        if warn:
-            from rnnscale.train.notice import notice
+                raise ConfigError(f"{'.'.join(old)}: moved to {'.'.join(new)}, but {part} is "
+                                  f"not a section")  # fmt: skip
+        was, now = ".".join(old), ".".join(new)
+        if new[-1] not in target:
+            target[new[-1]] = value
+            said.append(f"{was} is now {now} (a speed setting, not the architecture): read "
+                        f"as {now}: {value}")  # fmt: skip
+        elif target[new[-1]] != value:
+            said.append(f"{was} ({value}) is now {now}, which is {target[new[-1]]} here: "
+                        f"{was} is ignored")  # fmt: skip
+    if warn and said:
+        from rnnscale.train.notice import notice
 
-            notice(f"{was} is now {now} (a speed setting, not the architecture): the config "
-                   f"was read that way; write {now} instead", warning=True)  # fmt: skip
+        for line in said:
+            notice(line, warning=True)
     return out
+
+
+def _order(old: tuple[str, ...], used: list[str]) -> int:
+    """Old keys in the order of the mixer pattern (the first mixer of a family wins)."""
+    return used.index(old[1]) if len(old) == 3 and old[1] in used else len(used)
+
+
+def model_architecture(model: dict) -> dict:
+    """A `model` section as plain dicts without the keys that moved to `kernels` (what a
+    checkpoint made before the move recorded as its model)."""
+    model = _copy(model)
+    for old in MOVED:
+        parent = _find({"model": model}, old[:-1])
+        if isinstance(parent, dict):
+            parent.pop(old[-1], None)
+    return model
 
 
 def _copy(raw: Any) -> Any:

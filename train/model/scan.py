@@ -9,7 +9,8 @@ picks the form (DESIGN.md section 3):
 
 A family is one `SCANS` entry: its chunkwise op (rnnscale.kernels.<family>), its one-step
 adapter, and its sequence-parallel form (rnnscale.parallel.state_passing). Every form returns
-`(out, final_state)`; the state is fp32 or wider whatever the inputs' dtype.
+`(out, final_state)`. The matrix states are fp32 or wider whatever the inputs' dtype; the
+elementwise scan's state is in b's dtype (its mixers make a and b in fp32 or wider).
 """
 
 from __future__ import annotations
