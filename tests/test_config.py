@@ -83,6 +83,9 @@ def test_integer_given_for_float_is_a_float():
             r"kernels\.chunk_size\.delta: must be a power of two >= 16 .*kernels\.backend=torch",
         ),
         ("train.eval_interval=-1", r"train\.eval_interval: must be >= 0 \(0: never\)"),
+        ("run.name=a/b", r"run\.name: must not contain any of / \(got 'a/b'\) \(a path goes"),
+        ("log.wandb.project=x:y", r"log\.wandb\.project: must not contain any of / \\ # \?"),
+        ("model.mixer_pattern=[]", r"model\.mixer_pattern: must not be empty \(name a mixer\)"),
         ("schedule.min_lr_ratio=1.5", r"schedule\.min_lr_ratio: must be >= 0, <= 1"),
         ("model.d_model=65", r"model\.d_model: must divide by model\.num_heads=2"),
         (

@@ -120,8 +120,9 @@ class ModelSection:
     num_layers: int = doc(2, "Number of blocks (mixer + MLP).", gt=0)
     num_heads: int = doc(2, "Heads of every token mixer; d_model must divide by it.", gt=0)
     mixer_pattern: list[MixerName] = doc(
-        ["gla", "attn"], "Token mixers, tiled over num_layers: [gla, gla, gla, attn] is 3:1."
-    )
+        ["gla", "attn"], "Token mixers, tiled over num_layers: [gla, gla, gla, attn] is 3:1.",
+        nonblank=True, why="name a mixer",
+    )  # fmt: skip
     mlp_hidden: int = doc(
         0, "Hidden width of the SwiGLU MLP; 0: 8/3 d_model rounded up to 64.", ge=0,
         why="0: automatic",
@@ -150,7 +151,6 @@ class ModelSection:
             f"{path}.d_model",
             f"must divide by model.num_heads={self.num_heads} (got {self.d_model})",
         )
-        require(len(self.mixer_pattern) > 0, f"{path}.mixer_pattern", "must name a mixer")
 
 
 ChunkSizeSection = dataclasses.make_dataclass(

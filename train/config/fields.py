@@ -16,15 +16,18 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the dotted path."""
 
 
-def doc(default: Any, text: str, key: str | None = None, *, why: str = "", **bounds) -> Any:
+def doc(default: Any, text: str, key: str | None = None, *, why: str = "",
+        nonblank: bool = False, forbid: str = "", **bounds) -> Any:  # fmt: skip
     """A dataclass field with a default and its documentation (lists are copied per instance).
-    `key`: its name in YAML when that cannot be a Python name (`checkpoint.async`); `gt`, `ge`,
-    `lt`, `le`: the allowed range of a number (checked at load, shown in the reference), `why`:
-    what a boundary value means ("0: never")."""
+    `key`: its name in YAML when that cannot be a Python name (`checkpoint.async`). What the
+    generic checker enforces at load and the reference shows: `gt`, `ge`, `lt`, `le`, the
+    allowed range of a number; `nonblank`, a string or list that must not be empty; `forbid`, the
+    characters a string must not contain. `why`: what a boundary means ("0: never")."""
     unknown = set(bounds) - set(_BOUNDS)
     if unknown:
         raise TypeError(f"doc() takes bounds {sorted(_BOUNDS)}, not {sorted(unknown)}")
-    metadata = {"doc": text, "bounds": bounds, "why": why}
+    metadata = {"doc": text, "bounds": bounds, "why": why, "nonblank": nonblank,
+                "forbid": forbid}  # fmt: skip
     if key:
         metadata["key"] = key
     if isinstance(default, list):
@@ -43,8 +46,13 @@ def field_key(f: dataclasses.Field) -> str:
 
 
 def range_text(f: dataclasses.Field) -> str:
-    """The allowed range of a field, as `> 0` or `>= 0, < 1`; empty when any value goes."""
-    return ", ".join(f"{_BOUNDS[op]} {bound}" for op, bound in f.metadata.get("bounds", {}).items())
+    """The allowed values of a field, as `> 0`, `>= 0, < 1` or `not empty, none of /`; empty
+    when any value goes."""
+    m = f.metadata
+    parts = [f"{_BOUNDS[op]} {bound}" for op, bound in m.get("bounds", {}).items()]
+    parts += ["not empty"] if m.get("nonblank") else []
+    parts += [f"none of {' '.join(m['forbid'])}"] if m.get("forbid") else []
+    return ", ".join(parts)
 
 
 def require(ok: bool, path: str, what: str) -> None:
@@ -69,10 +77,18 @@ def check_tree(node: Any, path: str) -> None:
 
 
 def _check_range(f: dataclasses.Field, value: Any, path: str) -> None:
-    bounds = f.metadata.get("bounds", {})
+    m = f.metadata
+    why = f" ({m['why']})" if m.get("why") else ""
+    bounds = m.get("bounds", {})
     if bounds and not all(getattr(operator, op)(value, bound) for op, bound in bounds.items()):
-        why = f.metadata.get("why")
-        require(False, path, f"must be {range_text(f)}{f' ({why})' if why else ''}")
+        require(False, path, f"must be {range_text(f)}{why}")
+    if m.get("nonblank"):
+        require(len(value.strip() if isinstance(value, str) else value) > 0, path,
+                f"must not be empty{why}")  # fmt: skip
+    if m.get("forbid"):
+        chars = " ".join(m["forbid"])
+        require(not any(c in value for c in m["forbid"]), path,
+                f"must not contain any of {chars} (got {value!r}){why}")  # fmt: skip
 
 
 def join(path: str, name: str) -> str:

@@ -16,26 +16,21 @@ from rnnscale.train.config.fields import doc, require, section
 
 @dataclass
 class RunSection:
-    name: str = doc("run", "Name of the run; also its directory name under runs/ by default.")
+    name: str = doc("run", "Name of the run; also its directory name under runs/ by default.",
+                    nonblank=True, forbid="/", why="a path goes in run.dir")  # fmt: skip
     dir: str = doc("", "Run directory (config.yaml, metrics.jsonl). Empty: runs/<run.name>.")
     seed: int = doc(0, "Seed of the Python, NumPy and torch generators and of synthetic data.")
-
-    def check(self, path: str) -> None:
-        require(self.name.strip() != "", f"{path}.name", "must not be empty")
-        require("/" not in self.name, f"{path}.name", "must not contain '/' (use run.dir)")
 
 
 @dataclass
 class StreamSection:
     path: str = doc(
-        "", "A directory written by `rnnscale data prepare`: a local path or an s3:// gs:// URL."
-    )
+        "", "A directory written by `rnnscale data prepare`: a local path or an s3:// gs:// URL.",
+        nonblank=True, why="name a prepared directory",
+    )  # fmt: skip
     proportion: float = doc(
         1.0, "Weight of this stream in the mixture (normalised over streams).", gt=0
     )
-
-    def check(self, path: str) -> None:
-        require(self.path.strip() != "", f"{path}.path", "must name a prepared directory")
 
 
 @dataclass
@@ -176,16 +171,9 @@ class WandbSection:
         "stream to the server (needs WANDB_API_KEY or `wandb login`); disabled: no wandb. The "
         "environment variable WANDB_MODE=disabled also turns it off.",
     )
-    project: str = doc("rnnscale", "wandb project the run is filed under.")
+    project: str = doc("rnnscale", "wandb project the run is filed under.", nonblank=True,
+                       forbid="/\\#?%:")  # fmt: skip
     entity: str = doc("", "wandb user or team; empty: the default entity of the API key.")
-
-    def check(self, path: str) -> None:
-        require(self.project.strip() != "", f"{path}.project", "must not be empty")
-        require(
-            not any(c in self.project for c in "/\\#?%:"),
-            f"{path}.project",
-            f"must not contain any of / \\ # ? % : (got {self.project!r})",
-        )
 
 
 @dataclass
@@ -258,11 +246,10 @@ class CheckpointSection:
         "auto",
         "auto: continue from the newest checkpoint that verifies, if any; none: start afresh; "
         "or the path of one checkpoint directory (it must verify).",
+        nonblank=True,
+        why="auto, none or a path",
     )
     dir: str = doc("", "Where checkpoints go; empty: <run dir>/checkpoints.")
-
-    def check(self, path: str) -> None:
-        require(self.resume.strip() != "", f"{path}.resume", "must be auto, none or a path")
 
 
 @dataclass
