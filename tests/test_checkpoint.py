@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher import run_ranks
 
 from rnnscale.train import checkpoint, trainer
 from rnnscale.train.config import ConfigError, load_config
@@ -42,8 +43,7 @@ def command(run_dir: Path, ranks: int, *extra: str) -> list[str]:
 
 
 def run_to_end(repo_root, run_dir, ranks, *extra, env=None):
-    r = subprocess.run(command(run_dir, ranks, *extra), cwd=repo_root, capture_output=True,
-                       text=True, timeout=600, env=env)  # fmt: skip
+    r = run_ranks(command(run_dir, ranks, *extra), cwd=repo_root, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

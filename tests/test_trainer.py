@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher import run_ranks
 
 from rnnscale.parallel.deepspeed_config import batch_split
 from rnnscale.train import trainer
@@ -38,7 +39,7 @@ def torchrun(repo_root, run_dir, *overrides, ranks: int = 2) -> subprocess.Compl
            "-m", "rnnscale.train", "configs/debug_cpu.yaml", f"run.dir={run_dir}",
            "log.progress_bar=false", "log.wandb.mode=disabled", "train.max_steps=6",
            *overrides]  # fmt: skip
-    return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    return run_ranks(cmd, cwd=repo_root, timeout=300)
 
 
 def test_zero_stages_on_two_ranks_match_one_rank(repo_root, tmp_path):
