@@ -166,3 +166,24 @@ def test_flops_per_token(name):
         assert mixer.flops_per_token(8192) == long
     total = model.flops_per_token(64)
     assert total > short + 2 * 32 * 97  # mixer + MLP + head
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_triton_backend_equals_the_torch_backend(name):
+    """`kernels.backend: triton` (Triton's interpreter here, the compiled kernels on a GPU)
+    gives the torch backend's logits and parameter gradients, fp32, across several chunks."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = torch.randint(0, 97, (2, 37), generator=torch.Generator().manual_seed(6))
+    got = {}
+    for backend in ("torch", "triton"):
+        kernels = {"backend": backend, "chunk_size": dict.fromkeys(FAMILIES, 16)}
+        model = {"vocab_size": 97, "d_model": 32, "num_layers": 1, "num_heads": 2,
+                 "mixer_pattern": [name], **TINY}  # fmt: skip
+        cfg = from_dict({"model": model, "kernels": kernels})
+        torch.manual_seed(0)
+        net = build_model(cfg.model, cfg.kernels).to(device)
+        logits, _ = net(ids.to(device))
+        logits.logsumexp(-1).mean().backward()
+        got[backend] = [logits.detach().cpu()] + [p.grad.cpu() for p in net.parameters()]
+    for want, have in zip(got["torch"], got["triton"], strict=True):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-4)

@@ -94,6 +94,38 @@ def state_buffers(x: torch.Tensor, B: int, T: int, cu_seqlens, C: int, state: tu
     return bounds, offsets, ht, hs, ht if h0 is None else h0.contiguous()
 
 
+def chunk_table(bounds: torch.Tensor, offsets: torch.Tensor, C: int) -> torch.Tensor:
+    """`[M, 2]` int32 on the device of `bounds`: the first and the end token of every chunk,
+    for the kernels that run one program per chunk (chunk m of all M in the order of
+    `chunk_offsets`: sequence by sequence)."""
+    b, f = bounds.tolist(), offsets.tolist()
+    rows = [(s + c * C, min(s + (c + 1) * C, e))
+            for s, e, n in zip(b[:-1], b[1:], [y - x for x, y in zip(f[:-1], f[1:])])
+            for c in range(n)]  # fmt: skip
+    return torch.tensor(rows or [(0, 0)], dtype=torch.int32, device=bounds.device).view(-1, 2)
+
+
+def tuned(kernel, key: list[str], configs: list | None = None):
+    """`kernel` autotuned over `configs` (default `TUNE_CONFIGS`) keyed by `key` on a GPU; in
+    the interpreter, which has no GPU to time, the kernel itself (launched with the first
+    config's num_warps)."""
+    if interpreting():
+        return kernel
+    import triton
+
+    return triton.autotune(configs=configs or tune_configs(), key=key)(kernel)
+
+
+def tune_configs() -> list:
+    """The launch configurations the autotuner tries for every chunk-parallel kernel; the sm_90
+    fit report (`python -m rnnscale.kernels.sm90`) compiles each of them. 8 warps: at 4, the
+    64 x 64 tiles with their gates spill registers (up to 1.5 KB in `_la_dqk`); 3 stages spill
+    in gla's state pass."""
+    import triton
+
+    return [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)]
+
+
 def state_grads(x: torch.Tensor, N: int, state: tuple, dht):
     """What every Triton backward allocates: `(dh0, dht)`, the initial states' gradient and the
     final states' incoming one (zeros when the final state was not used), fp32, contiguous."""
@@ -103,9 +135,30 @@ def state_grads(x: torch.Tensor, N: int, state: tuple, dht):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep fp32 products (tests compare them at 1e-5); half inputs, which carry 8
-    to 11 bits already, let `tl.dot` use TF32 tensor cores."""
+    """fp32 inputs keep fp32 products (tests compare them at 1e-5); bf16 and fp16 inputs go to
+    `tl.dot` in their own dtype (tensor cores at the half-precision rate, fp32 accumulation),
+    where this setting does not apply."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def dot_args(dtype: torch.dtype) -> dict:
+    """The chunk-parallel kernels' `PREC` (see `dot_precision`) and `MT`, the dtype `tl.dot`
+    takes: the inputs' own (bf16 or fp16 on tensor cores, fp32 for fp32). Triton's interpreter
+    multiplies bf16 blocks wrongly (Triton 3.8: garbage of size 1e9), so there the operands are
+    rounded to bf16 as on a GPU and multiplied in fp32."""
+    import triton.language as tl
+
+    mt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    exact = dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+    return {"PREC": dot_precision(dtype), "MT": tl.float32 if exact else mt[dtype]}
+
+
+def tile(width: int) -> int:
+    """The block a K or V width is tiled by: its power of two, at least 16 (`tl.dot`'s
+    smallest), at most 64 (a 64 x 64 fp32 state tile per program)."""
+    import triton
+
+    return min(64, max(16, triton.next_power_of_2(width)))
 
 
 def dispatch(backend: str, x: torch.Tensor, torch_fn, triton_fn: str, *args, **kwargs):

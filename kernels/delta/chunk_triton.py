@@ -31,9 +31,29 @@ import torch
 import triton
 import triton.language as tl
 
-from rnnscale.kernels.common.backend import check_triton, state_buffers, state_grads
+from rnnscale.kernels.common.backend import (
+    check_triton,
+    dot_precision,
+    state_buffers,
+    state_grads,
+)
 from rnnscale.kernels.common.checks import check_linear_attention
-from rnnscale.kernels.common.linear_attention_triton import launch_meta, sequence_program
+
+
+@triton.jit
+def sequence_program(bounds_ptr, offs_ptr, H, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """This program's (sequence n, head hh, first token, end token, first chunk, key and value
+    lanes, offsets and mask of its K x V state block within one `[*, H, K, V]` row)."""
+    n = tl.program_id(0)
+    hh = tl.program_id(1)
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    state_off = (hh * K + kk[:, None]) * V + vv[None, :]
+    state_mask = (kk[:, None] < K) & (vv[None, :] < V)
+    bos = tl.load(bounds_ptr + n)
+    eos = tl.load(bounds_ptr + n + 1)
+    first_chunk = tl.load(offs_ptr + n)
+    return n, hh, bos, eos, first_chunk, kk, vv, state_off, state_mask
 
 
 @triton.jit
@@ -216,6 +236,16 @@ class GatedDeltaRuleTriton(torch.autograd.Function):
                            **ctx.meta)  # fmt: skip
         dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)
         return dq, dk, dv, dg.to(g.dtype), dbeta.to(beta.dtype), dh0, None, None, None
+
+
+def launch_meta(chunk_size: int, K: int, V: int, dtype: torch.dtype) -> dict:
+    """The fixed launch configuration (no autotuning: the interpreter has no GPU to time)."""
+    return {
+        "BC": chunk_size,
+        "BK": max(16, triton.next_power_of_2(K)),
+        "BV": max(16, triton.next_power_of_2(V)),
+        "PREC": dot_precision(dtype),
+    }
 
 
 def chunk_gated_delta_rule_triton(

@@ -29,7 +29,7 @@ def chunk_gla(
 
     backend: "torch" (any device and dtype), "triton" (CUDA, or CPU under TRITON_INTERPRET=1;
         fp32/bf16/fp16), or "auto" (Triton on CUDA tensors, PyTorch otherwise).
-    chunk_size: None for the path's default (32 for PyTorch, 16 for Triton).
+    chunk_size: None for the path's default (32 for PyTorch, 64 for Triton).
     """
     return dispatch(
         backend, q, chunk_torch.chunk_gla, "rnnscale.kernels.gla.chunk_triton:chunk_gla_triton",

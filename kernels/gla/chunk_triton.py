@@ -18,10 +18,10 @@ def chunk_gla_triton(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 16,
+    chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`rnnscale.kernels.gla.chunk_gla` on Triton; the same arguments and results (the final
-    state in fp32). One program per (sequence, head) holds the whole K x V state."""
+    state in fp32). Chunk-parallel; in-chunk scores in 16-row sub-chunks (README.md)."""
     return linear_attention_triton(
         q,
         k,
