@@ -94,6 +94,11 @@ def _kernel_cases(groups) -> dict:
         "delta_triton": (chunk_gated_delta_rule, functools.partial(
             sp.chunk_gated_delta_rule_sp, backend="triton", chunk_size=16),
             (q, k, v, g_head, beta), S0),
+        # gla and simple_gla's chunk-parallel kernels carry the SP initial state the same way
+        "gla_triton": (chunk_gla, functools.partial(sp.chunk_gla_sp, backend="triton",
+                       chunk_size=16), (q, k, v, g_key), S0),
+        "simple_gla_triton": (chunk_simple_gla, functools.partial(
+            sp.chunk_simple_gla_sp, backend="triton", chunk_size=16), (q, k, v, g_head), S0),
     }  # fmt: skip
     shard = groups.shard(T)
     errors = {}
@@ -186,7 +191,7 @@ def _run(world: int, tmp_path, job: str) -> list[dict]:
 def test_every_mixer_and_a_hybrid_equal_the_single_rank_run(tmp_path, world):
     results = _run(world, tmp_path, "equal")
     worst = {case: max(r[case] for r in results) for case in results[0]}
-    assert len(worst) == 2 * (len(MIXERS) + 1) + 3 + 6
+    assert len(worst) == 2 * (len(MIXERS) + 1) + 3 + 8
     bad = {case: err for case, err in worst.items() if not err < TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
 
