@@ -110,6 +110,7 @@ def _la_output(q_ptr, k_ptr, v_ptr, b_ptr, A_ptr, hs_ptr, o_ptr, chunks_ptr, sca
 @triton.jit
 def _la_dv(q_ptr, k_ptr, b_ptr, A_ptr, do_ptr, dhs_ptr, dv_ptr, chunks_ptr, scale, H, K, V,
            BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PER_KEY: tl.constexpr,
+           STATE: tl.constexpr,
            PREC: tl.constexpr, MT: tl.constexpr):  # fmt: skip
     m, t, ok, last, rows = chunk_program(chunks_ptr, BC)
     hh = tl.program_id(2)
@@ -120,7 +121,6 @@ def _la_dv(q_ptr, k_ptr, b_ptr, A_ptr, do_ptr, dhs_ptr, dv_ptr, chunks_ptr, scal
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         k = load_rows(k_ptr, t, ok, hh, H, K, kk)
-        dS = load_tile(dhs_ptr, m, hh, H, K, V, kk, vv).to(DT).to(MT)
         b, b_last = load_gates(b_ptr, t, ok, last, hh, H, K, kk, PER_KEY)
         if PER_KEY:
             to_end = tl.exp(b_last[None, :] - b)
@@ -128,7 +128,9 @@ def _la_dv(q_ptr, k_ptr, b_ptr, A_ptr, do_ptr, dhs_ptr, dv_ptr, chunks_ptr, scal
             to_end = tl.exp(b_last - b)[:, None]
             q = load_rows(q_ptr, t, ok, hh, H, K, kk)
             At += tl.dot(k.to(MT), tl.trans(q.to(MT)), input_precision=PREC)
-        dv += tl.dot((k.to(tl.float32) * to_end).to(DT).to(MT), dS, input_precision=PREC)
+        if STATE:  # the delta rule adds this in its state pass
+            dS = load_tile(dhs_ptr, m, hh, H, K, V, kk, vv).to(DT).to(MT)
+            dv += tl.dot((k.to(tl.float32) * to_end).to(DT).to(MT), dS, input_precision=PREC)
     if PER_KEY:
         At = tl.trans(load_rows(A_ptr, t, ok, hh, H, BC, rows))
     else:
@@ -274,7 +276,7 @@ class LinearAttentionTriton(torch.autograd.Function):
         dv = torch.empty_like(v)
         la_dv[(triton.cdiv(V, L["BV"]), M, H)](q, k, b, A, do, dhs, dv, L["chunks"], scale, H, K,
                                                V, BC=C, BK=L["BK"], BV=L["BV"], PER_KEY=per_key,
-                                               **prec)  # fmt: skip
+                                               STATE=True, **prec)  # fmt: skip
         NK = triton.cdiv(K, L["BK"])
         dqi = dki = A
         if per_key:
@@ -285,9 +287,9 @@ class LinearAttentionTriton(torch.autograd.Function):
                                                   BS=16, BK=L["BK"], **prec)  # fmt: skip
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dg = b.new_empty(b.shape if per_key else (NK, *b.shape))
-        la_dqk[(NK, M, H)](q, k, v, b, do, hs, dhs, dqi, dki, dq, dk, dg, L["chunks"], scale,
-                           b.shape[0] * b.shape[1], H, K, V, BC=C, BK=L["BK"], BV=L["BV"],
-                           PER_KEY=per_key, **prec)  # fmt: skip
+        la_dqk[(NK, M, H)](q, k, v, b, do, hs, dhs, dqi, dki, dq, dk, dg, L["chunks"],
+                           scale, b.shape[0] * b.shape[1], H, K, V, BC=C, BK=L["BK"],
+                           BV=L["BV"], PER_KEY=per_key, **prec)  # fmt: skip
         dg = dg if per_key else dg.sum(0)
         dh0 = None if h0 is None else dh0.to(h0.dtype)
         return dq, dk, dv, dg.to(ctx.g_dtype), dh0, None, None, None
@@ -345,7 +347,7 @@ def sm90_launches(shape):
     tiles = {"BC": C, "BK": BK, "BV": BV, "PER_KEY": per_key, **dots}
     plan = [(_state_pass, {**tiles, "REVERSE": r, "HAS_S0": s}, NK * NV * B * H)
             for r in (0, 1) for s in (False, True)]  # fmt: skip
-    plan += [(_la_output, tiles, NV * M * H), (_la_dv, tiles, NV * M * H),
+    plan += [(_la_output, tiles, NV * M * H), (_la_dv, {**tiles, "STATE": True}, NV * M * H),
              (_la_dqk, tiles, NK * M * H)]  # fmt: skip
     if per_key:
         sub = {"BC": C, "BS": 16, "BK": BK, **dots}

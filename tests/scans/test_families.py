@@ -270,3 +270,18 @@ def test_non_contiguous_inputs_give_the_same_result(fam):
         o, _ = fam.chunk(*xs, backend=backend)
         o_strided, _ = fam.chunk(*wide, backend=backend)
         assert torch.equal(o, o_strided), backend
+
+
+def test_delta_rule_on_triton_holds_wide_heads_and_refuses_wider():
+    """The delta rule's Triton state passes hold all of K as up to four tiles of 64 rows:
+    K = 200 uses all four; K > 256 and chunks over 64 are refused with the argument named."""
+    fam = next(f for f in FAMILIES if f.name == "delta")
+    run_case(fam, B=1, T=40, H=1, K=200, V=24, dtype=torch.float32, with_state=True,
+             backend="triton")  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    xs = [x.float() for x in fam.make(1, 8, 1, 264, 8, gen)]
+    with pytest.raises(ValueError, match=r"^q and k have head size 264; the delta rule's"):
+        fam.chunk(*xs, backend="triton")
+    xs = [x.float() for x in fam.make(1, 8, 1, 8, 8, gen)]
+    with pytest.raises(ValueError, match=r"^chunk_size must be 16, 32 or 64 for the delta"):
+        fam.chunk(*xs, backend="triton", chunk_size=128)
