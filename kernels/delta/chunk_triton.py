@@ -125,9 +125,10 @@ class GatedDeltaRuleTriton(torch.autograd.Function):
         dh0, dht = state_grads(q, L["N"], (H, K, V), dht)
         dhs = torch.empty_like(hs)
         _, KT, BVS = _state_tiles(K, V)
+        du_local, du = du, torch.empty_like(du)
         delta_state_grads[(triton.cdiv(V, BVS), 1, L["N"] * H)](
-            q, k, w, b, do, du, dht, dh0, dhs, L["bounds"], L["offsets"], scale, H, K, V, BC=C,
-            BK=BK, BV=BVS, KT=KT, **prec)  # fmt: skip
+            q, k, w, b, do, du_local, du, dht, dh0, dhs, L["bounds"], L["offsets"], scale, H, K,
+            V, BC=C, BK=BK, BV=BVS, KT=KT, **prec)  # fmt: skip
         dq, dk = torch.empty_like(q), torch.empty_like(k, dtype=torch.float32)
         dg, dw = b.new_empty(NK, *b.shape), torch.empty_like(dk)
         la_dqk[(NK, M, H)](q, k, vn, b, do, hs, dhs, dw, dw, dq, dk, dg, chunks, scale,
@@ -135,11 +136,12 @@ class GatedDeltaRuleTriton(torch.autograd.Function):
                            PER_KEY=False, **prec)  # fmt: skip
         delta_dw[(NK, M, H)](du, hs, dw, chunks, H, K, V, BC=C, BK=BK, BV=BV, **prec)
         dk_wy, dv, dKK = torch.empty_like(dk), torch.empty_like(v), torch.empty_like(Ti)
+        dbeta_L, db_L = torch.empty_like(b), torch.empty_like(b)
         dbeta, dg_wy = torch.empty_like(b), torch.empty_like(b)
         wy = dict(BC=C, BK=BK, BV=BV, PREC=prec["PREC"])
-        delta_dL[(1, M, H)](k, v, b, beta, Ti, dw, du, dKK, dbeta, dg_wy, chunks, H, K, V, **wy)
-        delta_wy_bwd[(1, M, H)](k, v, b, beta, Ti, dw, du, dKK, dk_wy, dv, dbeta, dg_wy, chunks,
-                                H, K, V, **wy)  # fmt: skip
+        delta_dL[(1, M, H)](k, v, b, beta, Ti, dw, du, dKK, dbeta_L, db_L, chunks, H, K, V, **wy)
+        delta_wy_bwd[(1, M, H)](k, v, b, beta, Ti, dw, du, dKK, dbeta_L, db_L, dk_wy, dv, dbeta,
+                                dg_wy, chunks, H, K, V, **wy)  # fmt: skip
         dh0 = None if h0 is None else dh0.to(h0.dtype)
         dk, dg = (dk + dk_wy).to(k.dtype), (dg.sum(0) + dg_wy).to(ctx.dtypes[0])
         return dq, dk, dv, dg, dbeta.to(ctx.dtypes[1]), dh0, None, None, None
@@ -194,7 +196,8 @@ def sm90_launches(shape):
     ins = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "w_ptr", "u_ptr", "hs_ptr", "dhs_ptr",
            "vn_ptr", "dq_ptr", "dv_ptr", "g_ptr", "beta_ptr")  # fmt: skip
     f32 = ("b_ptr", "A_ptr", "Ti_ptr", "dw_ptr", "du_ptr", "dk_ptr", "dbeta_ptr", "dg_ptr",
-           "dqi_ptr", "dki_ptr", "s0_ptr", "s_end_ptr", "dKK_ptr", "db_ptr")  # fmt: skip
+           "dqi_ptr", "dki_ptr", "s0_ptr", "s_end_ptr", "dKK_ptr", "db_ptr", "dbl_ptr",
+           "dbL_ptr", "dul_ptr")  # fmt: skip
     sig = {**dict.fromkeys(ins, f"*{x}"), **dict.fromkeys(f32, "*fp32"),
            **dict.fromkeys(("bounds_ptr", "offs_ptr", "chunks_ptr"), "*i32"),
            **dict.fromkeys(("H", "K", "V", "TT"), "i32"), "scale": "fp32"}  # fmt: skip

@@ -7,7 +7,8 @@ U from `wy_triton.py`.
                       S <- exp(b_C) S + (k exp(b_C - b))^T U'
   _delta_state_grads  backward, chunks in reverse, with dU_local = scale A^T do (the scores'
                       share of dU', from `_la_dv`): dhs[c] = dS';
-                      dU' = dU_local + (k exp(b_C - b)) dS' (stored);
+                      dU' = dU_local + (k exp(b_C - b)) dS' (stored apart: a kernel never
+                      rewrites what it reads, so the autotuner may run it again);
                       dS <- exp(b_C) dS' + scale (q exp b)^T do - W^T dU'
 The states between passes are in the inputs' dtype, the first and last in fp32.
 """
@@ -140,7 +141,8 @@ def back_tile(dS, q_ptr, w_ptr, t0, eos, hh, H, K, kt, decay, do_b, du, BK: tl.c
 
 
 @triton.jit
-def _delta_state_grads(q_ptr, k_ptr, w_ptr, b_ptr, do_ptr, du_ptr, s0_ptr, s_end_ptr, dhs_ptr,
+def _delta_state_grads(q_ptr, k_ptr, w_ptr, b_ptr, do_ptr, dul_ptr, du_ptr, s0_ptr, s_end_ptr,
+                       dhs_ptr,
                        bounds_ptr, offs_ptr, scale, H, K, V,
                        BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KT: tl.constexpr,
                        PREC: tl.constexpr, MT: tl.constexpr):  # fmt: skip
@@ -168,7 +170,7 @@ def _delta_state_grads(q_ptr, k_ptr, w_ptr, b_ptr, do_ptr, du_ptr, s0_ptr, s_end
         t0 = bos + c * BC
         off = (t[:, None] * H + hh).to(tl.int64) * V + vv[None, :]
         v_mask = ok[:, None] & (vv[None, :] < V)
-        du = tl.load(du_ptr + off, mask=v_mask, other=0.0)  # the scores' share, from _la_dv
+        du = tl.load(dul_ptr + off, mask=v_mask, other=0.0)  # the scores' share, from _la_dv
         du_state = tl.zeros([BC, BV], dtype=tl.float32)  # (k exp(b_C - b)) dS', by rows
         put(dhs_ptr, m, hh, H, K, V, 0, v0, dS0, BK, BV)
         k = rows_of(k_ptr, t0, eos, hh, H, K, 0, BK, BC, MT)

@@ -224,19 +224,21 @@ def _delta_dL(k_ptr, v_ptr, b_ptr, beta_ptr, Ti_ptr, dw_ptr, du_ptr, dKK_ptr, db
 
 
 @triton.jit
-def _delta_wy_bwd(k_ptr, v_ptr, b_ptr, beta_ptr, Ti_ptr, dw_ptr, du_ptr, dKK_ptr, dk_ptr,
-                  dv_ptr, dbeta_ptr, dg_ptr, chunks_ptr, H, K, V,
+def _delta_wy_bwd(k_ptr, v_ptr, b_ptr, beta_ptr, Ti_ptr, dw_ptr, du_ptr, dKK_ptr, dbl_ptr, dbL_ptr,
+                  dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, chunks_ptr, H, K, V,
                   BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   PREC: tl.constexpr):  # fmt: skip
     """dBk = Tinv^T dW, dBv = Tinv^T dU: dk (with K K^T's share from dKK), dv, all of dbeta,
-    and dg's share: the reverse cumulative sum of db (with _delta_dL's share, read from dg)."""
+    and dg's share: the reverse cumulative sum of db (with _delta_dL's shares of dbeta and db,
+    read from dbl and dbL: a kernel never rewrites what it reads, so the autotuner may run it
+    again)."""
     t, ok, rows, hh = chunk_of(chunks_ptr, BC)
     b = tl.load(b_ptr + t * H + hh, mask=ok, other=0.0)
     beta = tl.load(beta_ptr + t * H + hh, mask=ok, other=0.0).to(tl.float32)
     wk = beta * tl.exp(b)
     Ti = load_rows(Ti_ptr, t, ok, hh, H, BC, rows)
-    dbeta = tl.load(dbeta_ptr + t * H + hh, mask=ok, other=0.0)
-    db = tl.load(dg_ptr + t * H + hh, mask=ok, other=0.0)
+    dbeta = tl.load(dbl_ptr + t * H + hh, mask=ok, other=0.0)
+    db = tl.load(dbL_ptr + t * H + hh, mask=ok, other=0.0)
     for v0 in range(0, V, BV):
         vv = v0 + tl.arange(0, BV)
         v = load_rows(v_ptr, t, ok, hh, H, V, vv).to(tl.float32)
