@@ -11,28 +11,36 @@ ROOT = Path(__file__).resolve().parents[1]
 # machine do not rebuild it in turn (the default ~/.cache is shared and keyed by source path).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
-# Without a GPU the Triton kernels are tested in Triton's interpreter (NumPy on CPU). Triton
-# reads this when it decorates a kernel, so it is set before any test imports one.
-try:
-    import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:
-    pass
-
-
-def pytest_collection_modifyitems(config, items):
-    """GPU tests run only where CUDA is; everything else runs everywhere."""
+def _cuda() -> bool:
     try:
         import torch
 
-        has_cuda = torch.cuda.is_available()
+        return torch.cuda.is_available()
     except ImportError:
-        has_cuda = False
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+        return False
+
+
+def pytest_configure(config):
+    """Triton's interpreter (NumPy on CPU) runs the Triton kernels of every test, except in a
+    `pytest -m gpu` run on a CUDA machine, which compiles them. Triton reads TRITON_INTERPRET
+    when it decorates a kernel, so one process is one or the other; this runs before any test
+    module (and so any kernel) is imported."""
+    if not (_cuda() and config.getoption("markexpr", "").strip() == "gpu"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA is, with the kernels compiled (`pytest -m gpu`)."""
+    if not _cuda():
+        why = "needs a CUDA device"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        why = "compiled kernels: run `pytest -m gpu` (this run uses Triton's interpreter)"
+    else:
+        return
+    skip = pytest.mark.skip(reason=why)
     for item in items:
-        if "gpu" in item.keywords and not has_cuda:
+        if "gpu" in item.keywords:
             item.add_marker(skip)
 
 
