@@ -3,7 +3,10 @@
 #   make test         create .venv if missing, install .[dev], run the whole test suite
 #   make lint         ruff + the import-direction contract
 #   make bench        every benchmark beside its peer (~28 min on 2 cores): docs/performance.md
-#   make gpu-check    on a CUDA machine: compiled Triton kernels tested and timed (docs/performance.md)
+#   make gpu-wheels   here, before a GPU machine's call: the wheels it lacks, into wheels/ (network)
+#   make gpu-check    on a CUDA machine (carry wheels/): CUDA tests, ours vs fla, 1.3B training
+#                     steps vs Llama, every Triton kernel timed, in < 8 min (docs/performance.md)
+#   make sm90         no GPU needed: every Triton kernel compiled for H100/H200, its fit (docs/kernels.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +20,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.rnnscale-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv quickstart test lint bench clean gpu-check
+.PHONY: venv quickstart test lint bench clean gpu-check sm90
 
 venv: $(STAMP)
 
@@ -63,10 +66,28 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py
 
-# on a GPU machine (the device's own python3 with torch and triton; installs nothing): the
-# compiled kernels' tests, and each recipe shape's fit and speed beside the PyTorch path
+# on a GPU machine (the device's own python3 with torch, triton and transformers; no network,
+# installs nothing: rnnscale from this checkout, what wheels/ holds and the device lacks unpacked
+# into a temporary folder): the CUDA tests, ours beside fla's kernels, the 1.3B recipes' training
+# steps beside Llama, and each recipe shape's kernels beside the PyTorch path
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out runs/gpu-check
+
+# the pure-Python wheels gpu-check needs and a bare GPU machine (Python 3.12, torch, triton,
+# transformers, numpy) lacks, into wheels/ (ignored): fla-core (the peer's kernels) and einops,
+# pytest and its dependencies; the device call carries wheels/ (docs/performance.md)
+GPU_WHEELS ?= fla-core==0.6.0 einops==0.8.2 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 \
+	pygments==2.21.0 packaging==26.4
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation py --abi none --platform any -d wheels $(GPU_WHEELS)
+	@ls wheels
+
+# every Triton kernel compiled for sm_90 at the recipes' head shapes, here (CPU, no GPU):
+# registers, spills, shared memory, fits or not; cached, so a second run takes seconds
+sm90: $(STAMP)
+	$(PY) -m rnnscale.kernels.sm90
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

@@ -353,7 +353,9 @@ def sm90_launches(shape):
         sub = {"BC": C, "BS": 16, "BK": BK, **dots}
         plan += [(_gla_scores, sub, C // 16 * M * H), (_gla_dqk_intra, sub, NK * C // 16 * M * H),
                  (_gla_dA, {"BC": C, "BV": BV, **dots}, M * H)]  # fmt: skip
-    out = [Launch(fn, sig, meta, num_warps=c.num_warps, num_stages=c.num_stages, programs=n)
-           for fn, meta, n in plan for c in tune_configs()]  # fmt: skip
+    ints = {"H": H, "K": K, "V": V, "TT": B * T}
+    out = [Launch(fn, sig, meta, num_warps=c.num_warps, num_stages=c.num_stages, programs=n,
+                  ints=ints) for fn, meta, n in plan for c in tune_configs()]  # fmt: skip
     cumsum = {"BC": C, "BK": BK, "PER_KEY": per_key}
-    return out + [Launch(_chunk_cumsum, sig, cumsum, programs=M * H * (NK if per_key else 1))]
+    n = M * H * (NK if per_key else 1)
+    return out + [Launch(_chunk_cumsum, sig, cumsum, programs=n, ints=ints)]

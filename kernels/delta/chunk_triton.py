@@ -213,5 +213,6 @@ def sm90_launches(shape):
             (_la_output, {**tiles, "PER_KEY": False}, NV * M * H),
             (_la_dv, {**tiles, "PER_KEY": False, "STATE": False}, NV * M * H),
             (_la_dqk, {**tiles, "PER_KEY": False}, NK * M * H)]  # fmt: skip
-    return [Launch(fn, sig, meta, num_warps=c.num_warps, num_stages=c.num_stages, programs=n)
-            for fn, meta, n in plan for c in tune_configs()]  # fmt: skip
+    ints = {"H": H, "K": K, "V": V, "TT": B * T}
+    return [Launch(fn, sig, meta, num_warps=c.num_warps, num_stages=c.num_stages, programs=n,
+                   ints=ints) for fn, meta, n in plan for c in tune_configs()]  # fmt: skip

@@ -158,3 +158,28 @@ def linear_scan_triton(
     check_triton(chunk_size, {"a": a, "b": b})
     h, final = LinearScanTriton.apply(a, b, initial_state, cu_seqlens, chunk_size)
     return h, (final if output_final_state else None)
+
+
+def sm90_launches(shape):
+    """The launches of `linear_scan_triton` at `shape` (a `rnnscale.kernels.sm90.HeadShape`,
+    B x T tokens as rows): the forward with and without an initial state, and the backward.
+    a, b, y, da, db and a given h0 are in the shape's dtype; the states are fp32."""
+    from rnnscale.kernels.sm90 import B, Launch
+
+    if shape.family != "scan":
+        return []
+    D, x = shape.D, f"*{shape.dtype}"
+    BD = min(64, max(16, triton.next_power_of_2(D)))  # as LinearScanTriton.forward
+    meta = {"BC": shape.C, "BD": BD}
+    programs = B * triton.cdiv(D, BD)
+    rest = {"ht_ptr": "*fp32", "hs_ptr": "*fp32", "bounds_ptr": "*i32", "offs_ptr": "*i32",
+            "D": "i32"}  # fmt: skip
+    fwd = [Launch(_scan_fwd, {"a_ptr": x, "b_ptr": x, "y_ptr": x, "h0_ptr": h0, **rest},
+                  {**meta, "HAS_H0": has_h0}, programs=programs)
+           for has_h0, h0 in ((False, "*fp32"), (True, x))]  # fmt: skip
+    for launch in fwd:
+        launch.ints = {"D": D}
+    bwd = {"a_ptr": x, "b_ptr": x, "dy_ptr": x, "dht_ptr": "*fp32", "da_ptr": x, "db_ptr": x,
+           "dh0_ptr": "*fp32", **rest}  # fmt: skip
+    backward = Launch(_scan_bwd, bwd, meta, programs=programs, ints={"D": D})
+    return [*fwd, backward]
