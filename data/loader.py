@@ -8,6 +8,11 @@ documents a rank sees depends only on (seed, canonical nodes, world size, D). It
 documents at a time by `PackedRows` in the training process, which lays them end to end into rows
 of T + 1 tokens; `collate` marks every document start inside a row in `cu_seqlens`.
 
+Shards are checked before use (`integrity.check_stream`): every shard file of a local stream
+at the size its index records, and at least one document; a damaged one is named, with what
+to run, instead of failing inside streaming mid-run. A remote stream's cached shards are
+checked the same way, and streaming checks each download against its recorded hash.
+
 Worker processes (`num_workers`, a PyTorch DataLoader over the dataset, one streaming batch of
 D documents per DataLoader batch) read and decode ahead of the step. Streaming partitions the
 samples over canonical nodes, ranks and workers so that the batches, taken round-robin from the
@@ -41,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rnnscale.data.integrity import HASH, check_cache, check_stream
 from rnnscale.data.packing import PackedRows, collate
 
 
@@ -98,14 +104,21 @@ class PackedLoader:
         self.docs_per_batch, self.num_workers = docs_per_batch, num_workers
         self.replication = replication
         weighted = len(streams) > 1
+        for path, _ in streams:
+            if "://" not in path:
+                check_stream(path)  # every shard file at its indexed size (data/integrity.py)
+        stream_list = [_stream(Stream, path, p if weighted else None) for path, p in streams]
         self.dataset = StreamingDataset(
-            streams=[_stream(Stream, path, p if weighted else None) for path, p in streams],
+            streams=stream_list,
             shuffle=shuffle,
             shuffle_seed=seed,
             num_canonical_nodes=num_canonical_nodes,
             batch_size=docs_per_batch,
             replication=replication if replication > 1 else None,
         )
+        for (path, _), stream in zip(streams, stream_list, strict=True):
+            if "://" in path and check_cache(stream.local, path):
+                stream.validate_hash = HASH  # streaming checks each shard it downloads
         self._restart(None)
 
     def _restart(self, buffer_state: dict | None) -> None:

@@ -13,10 +13,14 @@ the shards are the same for any number of workers, and the workers share no bott
 
 Done-marker: `prepare.json`, written last, holds a fingerprint of the job (input files with
 sizes and modification times, the tokenizer's fingerprint, the options). Re-running the same
-command finds it and does nothing; a different job into the same directory is refused. A run
+command finds it, checks every shard (size and recorded hash, `integrity`) and does nothing,
+or writes the damaged parts again; a different job into the same directory is refused. A run
 that was interrupted left no marker: a re-run of the same job (`.prepare-job` names it) keeps
-the parts that were finished (each shard file at its indexed size), redoes the others and
-gives the same shards as an uninterrupted run; another job's leftovers are removed first.
+the parts that were finished (each shard file at its indexed size and hash), redoes the others
+and gives the same shards as an uninterrupted run; another job's leftovers are removed first.
+A run that read no usable document fails (`shardset.nothing_read`) and leaves no shards.
+
+Long documents are encoded in pieces (`encoding`), with the same ids as one encode.
 
 Report: `stats.json` (files, documents, tokens, repaired documents and every skipped item with
 file, line and reason), also printed.
@@ -39,12 +43,13 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
-
+from rnnscale.data.encoding import DocumentEncoder, utf8_length
+from rnnscale.data.integrity import HASH
 from rnnscale.data.readers import (
     BAD_BYTES,
     Document,
@@ -56,13 +61,28 @@ from rnnscale.data.readers import (
     localize,
     parse,
     raw_records,
+    skip_lines,
     spans,
 )
-from rnnscale.data.tokenizer import BOS, EOS, fingerprint, load_tokenizer
+from rnnscale.data.shardset import (
+    INPUTS,
+    MARKER,
+    PART_STATS,
+    STATS,
+    check_part,
+    clear_partial,
+    commit,
+    finished,
+    nothing_read,
+    part_name,
+    recheck,
+)
+from rnnscale.data.tokenizer import fingerprint, load_tokenizer
 
-MARKER, STATS, JOB, PART_STATS = "prepare.json", "stats.json", ".prepare-job", "part-stats.json"
-INPUTS = ".inputs"  # downloaded remote inputs, removed when the shards are written
-FORMAT = 2  # bump when the shard contents or layout change for the same inputs
+# bump when the samples or the layout change for the same inputs. Not bumped for the xxh3
+# hashes recorded since 2026-12: they change the index and each shard's header only, so sets
+# written before still match (and are checked by size).
+FORMAT = 2
 BATCH = 256  # records tokenized at a time
 
 
@@ -107,107 +127,60 @@ def prepare(
         "options": [text_key, split_blank_lines, bad_bytes, compression, dtype, remote, part_bytes],
     }
     job_id = hashlib.sha256(json.dumps(job).encode()).hexdigest()
-    done = _finished(out, job_id)
+    done, checked = finished(out, job_id), None
     if done is not None:
-        print(f"rnnscale: {out} already holds these shards ({MARKER} matches): nothing to do")
-        return done
-    _clear_partial(out, job_id)
+        checked = recheck(out, done["parts"])
+        if (out / MARKER).exists():
+            print(f"rnnscale: {out} already holds these shards ({MARKER} matches, every shard "
+                  f"checked): nothing to do")  # fmt: skip
+            return done
+    created = not out.exists()
+    clear_partial(out, job_id)
     files, origin = localize(files, out / INPUTS)  # URLs downloaded; local paths stay
     if part_bytes is None:
         part_bytes = default_part_bytes(sum(os.path.getsize(f) for f in files))
     stats = _write(files, str(tokenizer), out, dtype, text_key, workers, compression,
-                   split_blank_lines, bad_bytes, progress, remote, part_bytes)  # fmt: skip
+                   split_blank_lines, bad_bytes, progress, remote, part_bytes, checked)  # fmt: skip
+    if stats["documents"] == 0:
+        nothing_read(inputs, files, origin, stats, out, created, text_key, split_blank_lines)
     for item in stats["skipped"] + stats["repaired"]:
         item["file"] = origin.get(item["file"], item["file"])  # report URLs, not the cache
     shutil.rmtree(out / INPUTS, ignore_errors=True)
     stats["tokenizer"] = job["tokenizer"]
-    _commit(out, remote, stats, {"job": job_id, **job})
+    commit(out, remote, stats, {"job": job_id, **job})
     return stats
 
 
-def _commit(out: Path, remote: str | None, stats: dict, marker: dict) -> None:
-    """The stats, then the done-marker written last and atomically, each uploaded to `remote`
-    too (a failed upload of the marker leaves no local marker either)."""
-    (out / STATS).write_text(json.dumps(stats, indent=2) + "\n")
-    upload = _uploader(out, remote)
-    upload(STATS)
-    tmp = out / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps(marker, indent=2) + "\n")
-    os.replace(tmp, out / MARKER)  # the commit
-    try:
-        upload(MARKER)
-    except Exception:
-        (out / MARKER).unlink()
-        raise
-
-
-def _uploader(out: Path, remote: str | None):
-    """`upload(name)`: copy out/name to the remote (a no-op without one)."""
-    if remote is None:
-        return lambda name: None
-    from streaming.base.storage.upload import CloudUploader
-
-    uploader = CloudUploader.get(out=(str(out), remote), keep_local=True, exist_ok=True)
-    return uploader.upload_file
-
-
-def _finished(out: Path, job_id: str) -> dict | None:
-    marker = out / MARKER
-    if not marker.exists():
-        return None
-    if json.loads(marker.read_text()).get("job") != job_id:
-        raise ValueError(
-            f"{out} holds shards from a different prepare (other inputs, tokenizer or options; "
-            f"see {marker}): choose another --out, or delete that directory"
-        )
-    return json.loads((out / STATS).read_text())
-
-
-def _clear_partial(out: Path, job_id: str) -> None:
-    """Keep the whole parts an interrupted run of the same job left (`_write` checks each one);
-    remove everything else prepare writes, and everything of another job's unfinished run."""
-    out.mkdir(parents=True, exist_ok=True)
-    job = out / JOB
-    same_job = job.exists() and job.read_text().strip() == job_id
-    for path in out.iterdir():
-        name = path.name
-        if name.startswith("part-") and path.is_dir():
-            if not same_job:
-                shutil.rmtree(path)
-        elif (name.startswith(".part-") or name == INPUTS) and path.is_dir():
-            shutil.rmtree(path)
-        elif name in ("index.json", STATS) or name.startswith(("shard.", f".{MARKER}")):
-            path.unlink()
-    job.write_text(job_id + "\n")
-
-
-_SP = None  # the tokenizer of a worker process, loaded once
+_ENCODERS: dict = {}  # a worker process's encoder per dtype, on its tokenizer loaded once
+_TOKENIZER = None
 
 
 def _init_worker(tokenizer: str) -> None:
-    global _SP
-    _SP = load_tokenizer(tokenizer)
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(tokenizer)
+    _ENCODERS.clear()
 
 
 def _tokenize(records: list[Record], text_key: str, bad_bytes: str, dtype: str) -> list:
-    """Records -> [(token array, Document) or Skip], in order."""
-    results = []
+    """Records -> [(token array, Document without its text, UTF-8 bytes) or Skip], in order.
+    Empties `records` once parsed (a long document's raw bytes are not kept while encoding)."""
     items = [parse(r, text_key=text_key, bad_bytes=bad_bytes) for r in records]
+    records.clear()
+    if dtype not in _ENCODERS:
+        _ENCODERS[dtype] = DocumentEncoder(_TOKENIZER, dtype)
+    # one thread per worker (in the encoder): the processes are the parallelism
     docs = [item for item in items if isinstance(item, Document)]
-    # one thread per worker: the processes are the parallelism (sentencepiece's batch encode
-    # would otherwise start a thread per core in every worker)
-    encoded = iter(_SP.encode([d.text for d in docs], num_threads=1))
-    for item in items:
+    encoded = iter(_ENCODERS[dtype].encode([d.text for d in docs]))
+    del docs
+    results = []
+    for i, item in enumerate(items):
         if isinstance(item, Skip):
             results.append(item)
         else:
-            ids = np.array([BOS, *next(encoded), EOS], dtype=dtype)
-            results.append((ids, item))
+            nbytes = utf8_length(item.text)
+            items[i] = None  # the text goes as soon as it is encoded and counted
+            results.append((next(encoded), replace(item, text=""), nbytes))
     return results
-
-
-def _part_name(index: int) -> str:
-    return f"part-{index:05d}"
 
 
 def _write_part(task: tuple) -> dict:
@@ -217,7 +190,7 @@ def _write_part(task: tuple) -> dict:
 
     index, part, out, remote, options = task
     text_key, split_blank_lines, bad_bytes, dtype, compression = options
-    name = _part_name(index)
+    name = part_name(index)
     tmp = Path(out) / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -226,17 +199,17 @@ def _write_part(task: tuple) -> dict:
     records = raw_records(part, text_key=text_key, split_blank_lines=split_blank_lines)
     target = str(tmp) if remote is None else (str(tmp), f"{remote.rstrip('/')}/{name}")
     with MDSWriter(out=target, columns={"tokens": f"ndarray:{dtype}"}, compression=compression,
-                   exist_ok=True, keep_local=True) as w:  # fmt: skip
+                   hashes=[HASH], exist_ok=True, keep_local=True) as w:  # fmt: skip
         while batch := list(islice(records, BATCH)):
             for item in _tokenize(batch, text_key, bad_bytes, dtype):
                 if isinstance(item, Skip):
                     stats["skipped"].append(item.as_dict())
                     continue
-                ids, doc = item
+                ids, doc, nbytes = item
                 w.write({"tokens": ids})
                 stats["documents"] += 1
                 stats["tokens"] += len(ids)
-                stats["bytes"] += len(doc.text.encode("utf-8", errors="replace"))
+                stats["bytes"] += nbytes
                 if doc.repaired:
                     stats["repaired"].append({"file": doc.file, "line": doc.line})
     (tmp / PART_STATS).write_text(json.dumps(stats) + "\n")
@@ -244,33 +217,20 @@ def _write_part(task: tuple) -> dict:
     return stats
 
 
-def _complete_part(path: Path) -> dict | None:
-    """A part left by an earlier run of the same job, if every shard file has its indexed size."""
-    try:
-        index = json.loads((path / "index.json").read_text())
-        stats = json.loads((path / PART_STATS).read_text())
-    except (OSError, ValueError):
-        return None
-    for shard in index["shards"]:
-        for key in ("raw_data", "zip_data"):
-            info = shard.get(key)
-            if info and (path / info["basename"]).stat().st_size != info["bytes"]:
-                return None
-    return stats
-
-
 def _write(files, tokenizer, out, dtype, text_key, workers, compression, split_blank_lines,
-           bad_bytes, progress, remote, part_bytes) -> dict:  # fmt: skip
+           bad_bytes, progress, remote, part_bytes, checked=None) -> dict:  # fmt: skip
     import streaming  # noqa: F401  (imported once here: forked workers inherit it; ~5 s each)
     from tqdm import tqdm
 
     pieces = spans(files, part_bytes, split_blank_lines)
     parts = _group(pieces, part_bytes)
     options = (text_key, split_blank_lines, bad_bytes, dtype, compression)
-    done = {i: _complete_part(out / _part_name(i)) for i in range(len(parts))}
+    if checked is None or len(checked) != len(parts):  # (already checked by `recheck`)
+        checked = {i: check_part(out / part_name(i))[0] for i in range(len(parts))}
+    done = dict(checked)
     for i in range(len(parts)):
-        if not done[i] and (out / _part_name(i)).exists():
-            shutil.rmtree(out / _part_name(i))  # damaged: written again
+        if not done[i] and (out / part_name(i)).exists():
+            shutil.rmtree(out / part_name(i))  # damaged: written again
     todo = [(i, part, str(out), remote, options) for i, part in enumerate(parts) if not done[i]]
     start = time.perf_counter()
     total = sum(map(_span_bytes, pieces))
@@ -319,7 +279,7 @@ def _merge(out: Path, remote: str | None, count: int) -> None:
     """One index.json over the parts, in part order (streaming's merge_index)."""
     from streaming.base.util import merge_index
 
-    names = [_part_name(i) for i in range(count)]
+    names = [part_name(i) for i in range(count)]
     if remote is None:
         urls, target = [str(out / n / "index.json") for n in names], str(out)
     else:
@@ -353,8 +313,4 @@ def report(stats: dict, out: str | Path) -> str:
         f"{stats['tokens']:,} tokens; {len(stats['repaired'])} documents with undecodable "
         f"bytes replaced; {len(stats['skipped'])} items skipped (all in {Path(out) / STATS})"
     ]
-    for skip in stats["skipped"][:20]:
-        lines.append(f"  skipped {skip['file']}:{skip['line']}: {skip['reason']}")
-    if len(stats["skipped"]) > 20:
-        lines.append(f"  ... and {len(stats['skipped']) - 20} more")
-    return "\n".join(lines)
+    return "\n".join(lines + skip_lines(stats["skipped"]))

@@ -32,6 +32,9 @@ from pathlib import Path
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 BAD_BYTES = ("replace", "skip")
+JSON_TYPES = {int: "number", float: "number", bool: "boolean", list: "array", dict: "object",
+              type(None): "null"}  # fmt: skip
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -243,21 +246,28 @@ def _text_records(span: Span, split_blank_lines: bool) -> Iterator[Record]:
 def _parquet_records(path: str, text_key: str) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)
-    if text_key not in table.schema_arrow.names:
-        names = ", ".join(table.schema_arrow.names)
-        yield Record("skip", f"no column {text_key!r} (columns: {names})", path, 0)
-        return
     row = 0
-    for batch in table.iter_batches(columns=[text_key], batch_size=8192):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if value is None:
-                yield Record("skip", f"{text_key!r} is null", path, row)
-            elif not isinstance(value, str):
-                yield Record("skip", f"{text_key!r} is not a string", path, row)
-            else:
-                yield Record("str", value, path, row)
+    try:
+        table = pq.ParquetFile(path)
+        names = table.schema_arrow.names
+        if text_key not in names:
+            listed = ", ".join(names)
+            yield Record("skip", f"no column {text_key!r} (columns: {listed}; set --text-key)",
+                         path, 0)  # fmt: skip
+            return
+        for batch in table.iter_batches(columns=[text_key], batch_size=8192):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if value is None:
+                    yield Record("skip", f"{text_key!r} is null", path, row)
+                elif not isinstance(value, str):
+                    kind = type(value).__name__
+                    yield Record("skip", f"{text_key!r} is not a string ({kind})", path, row)
+                else:
+                    yield Record("str", value, path, row)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError: not Parquet
+        where = f"after row {row}: " if row else ""
+        yield Record("skip", f"unreadable Parquet file ({where}{e})", path, row)
 
 
 def parse(record: Record, *, text_key: str = "text", bad_bytes: str = "replace") -> Document | Skip:
@@ -278,28 +288,78 @@ def parse(record: Record, *, text_key: str = "text", bad_bytes: str = "replace")
         text = record.payload
     if record.json:
         try:
-            obj = json.loads(text)
+            obj = json.loads(text.rstrip("\r\n"))  # not "control character" for a cut line
         except json.JSONDecodeError as e:
-            return Skip(record.file, record.line, f"malformed JSON ({e.msg})")
+            return Skip(record.file, record.line, f"malformed JSON ({e.msg}, char {e.pos})")
         if not isinstance(obj, dict) or text_key not in obj:
-            return Skip(record.file, record.line, f"missing field {text_key!r}")
+            return Skip(record.file, record.line, _missing(obj, text_key))
         text = obj[text_key]
         if not isinstance(text, str):
-            return Skip(record.file, record.line, f"field {text_key!r} is not a string")
+            kind = JSON_TYPES.get(type(text), type(text).__name__)
+            return Skip(record.file, record.line, f"field {text_key!r} is not a string ({kind})")
+        if lone := _SURROGATE.search(text):  # a \ud800 escape alone: no UTF-8 encodes it
+            if bad_bytes == "skip":
+                at = lone.start()
+                return Skip(record.file, record.line, f"unpaired surrogate escape at char {at}")
+            text, repaired = _SURROGATE.sub("\ufffd", text), True
     if not text.strip():
         return Skip(record.file, record.line, "empty document")
     return Document(text, record.file, record.line, repaired)
 
 
+def _missing(obj: object, text_key: str) -> str:
+    if not isinstance(obj, dict):
+        kind = JSON_TYPES.get(type(obj), type(obj).__name__)
+        return f"missing field {text_key!r} (the line is a JSON {kind}, not an object)"
+    keys = ", ".join(list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+    return f"missing field {text_key!r} (keys: {keys}; set --text-key)"
+
+
+def file_format(path: str) -> str:
+    """ "json", "parquet" or "text", by the file's extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    return "parquet" if suffix in PARQUET_SUFFIXES else "text"
+
+
+def looked_for(files: list[str], text_key: str, split_blank_lines: bool) -> str:
+    """What reading `files` looks for, by format: "JSONL field 'text' in a.jsonl; plain text
+    in 3 files" (for a message about a corpus that gave nothing)."""
+    kinds = {
+        "json": f"JSONL field {text_key!r}",
+        "parquet": f"Parquet column {text_key!r}",
+        "text": "plain text" + (" split at blank lines" if split_blank_lines else ""),
+    }
+    found: dict[str, list[str]] = {}
+    for f in files:
+        found.setdefault(file_format(f), []).append(f)
+    return "; ".join(
+        f"{kinds[k]} in {fs[0] if len(fs) == 1 else f'{len(fs)} files'}" for k, fs in found.items()
+    )
+
+
+def skip_lines(skipped: list[dict], limit: int = 20) -> list[str]:
+    """The report's lines for skipped items (`Skip.as_dict()`s): file, line and reason of the
+    first `limit`, then how many more."""
+    lines = [f"  skipped {s['file']}:{s['line']}: {s['reason']}" for s in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return lines
+
+
 @dataclass
 class Corpus:
-    """Documents of some inputs, read in one process (for the tokenizer's sample)."""
+    """Documents of some inputs, read in one process (for the tokenizer's sample). Besides
+    what `parse` skips, a document holding a NUL character is skipped as binary (`data
+    prepare` tokenizes it); documents whose undecodable bytes were replaced are listed."""
 
     files: list[str]
     text_key: str = "text"
     split_blank_lines: bool = False
     bad_bytes: str = "replace"
     skips: list[Skip] = field(default_factory=list)
+    repaired: list[dict] = field(default_factory=list)  # {"file", "line"} of each
 
     def documents(self) -> Iterator[Document]:
         records = raw_records(
@@ -307,7 +367,11 @@ class Corpus:
         )
         for record in records:
             item = parse(record, text_key=self.text_key, bad_bytes=self.bad_bytes)
+            if isinstance(item, Document) and (nul := item.text.find("\x00")) >= 0:
+                item = Skip(item.file, item.line, f"binary data, not text (NUL at char {nul})")
             if isinstance(item, Skip):
                 self.skips.append(item)
-            else:
-                yield item
+                continue
+            if item.repaired:
+                self.repaired.append({"file": item.file, "line": item.line})
+            yield item

@@ -307,3 +307,38 @@ def test_resume_on_more_ranks(shards, tmp_path):
     assert set(read) == everything and len(read) - len(everything) <= 1
     del dataset
     gc.collect()
+
+
+def test_a_truncated_shard_is_named_before_training_starts(shards, tmp_path, repo_root):
+    """Issue 20, item 2: a shard truncated on disk is found by the loader, by the launch's
+    pre-flight and by `rnnscale train` before a step (not inside streaming mid-run): one line
+    naming the file and what to run; nothing in the stream is changed or removed."""
+    import shutil
+
+    from test_cli import rnnscale
+
+    from rnnscale.data.integrity import DamagedShards
+    from rnnscale.train.config import ConfigError, load_config
+    from rnnscale.train.preflight import check_inputs
+
+    copy = tmp_path / "a-shards"
+    shutil.copytree(shards / "a-shards", copy)
+    (shard,) = copy.glob("part-*/shard.*")
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    files = sorted((str(p), p.stat().st_size) for p in copy.rglob("*"))
+    want = f"{shard} is {size // 2:,} bytes, its index says {size:,}"
+    with pytest.raises(DamagedShards, match="run the same `rnnscale data prepare`") as e:
+        loader(shards, streams=[(str(copy), None)])
+    assert want in str(e.value)
+    tok = shards / "tok" / "tokenizer.model"
+    overrides = ["data.source=mds", f"data.streams=[{{path: {copy}}}]", f"data.tokenizer={tok}",
+                 "model.vocab_size=300", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
+    with pytest.raises(ConfigError, match="data.streams: .* damaged shards") as e:
+        check_inputs(load_config(repo_root / "configs/debug_cpu.yaml", overrides), 2)
+    assert want in str(e.value)
+    r = rnnscale("train", "configs/debug_cpu.yaml", *overrides, cwd=repo_root)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    said = [line for line in r.stderr.splitlines() if line.startswith("rnnscale:")]
+    assert said == [f"rnnscale: {e.value}"], r.stderr  # (torch may warn on stderr too)
+    assert sorted((str(p), p.stat().st_size) for p in copy.rglob("*")) == files

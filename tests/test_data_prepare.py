@@ -284,3 +284,130 @@ def test_remote_output_gets_every_file_marker_last(corpus, tokenizer, tmp_path):
     assert len(on_remote) == stats["documents"]
     marker_time = (remote / MARKER).stat().st_mtime_ns
     assert all(p.stat().st_mtime_ns <= marker_time for p in remote.rglob("*"))
+
+
+def test_damaged_shards_are_found_and_only_their_parts_written_again(
+    corpus, tokenizer, tmp_path, capsys
+):
+    """Issue 20, item 2: a finished set with a truncated shard (and one with a byte flipped,
+    same size: the recorded hash finds it) is not 'nothing to do': the re-run names the file,
+    writes only those parts again, keeps the others untouched, and ends with the clean shards."""
+    inputs = [str(corpus[0] / "*")]
+    out = tmp_path / "s"
+    first = prepare(inputs, tokenizer[0], out, part_bytes=64, progress=False)
+    clean = digest(out)
+    index = json.loads((out / "index.json").read_text())
+    assert all("xxh3_64" in s["raw_data"]["hashes"] for s in index["shards"])
+    shards = sorted(out.glob("part-*/shard.*"))
+    truncated, flipped = shards[1], shards[3]
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    data = bytearray(flipped.read_bytes())
+    data[-1] ^= 1
+    flipped.write_bytes(bytes(data))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
+    capsys.readouterr()
+    again = prepare(inputs, tokenizer[0], out, part_bytes=64, progress=False)
+    said = capsys.readouterr().out
+    assert f"damaged shards: {truncated.parent.name}: {truncated} is 100 bytes" in said, said
+    assert "(and 1 more)" in said and f"writing 2 of {first['parts']} parts again" in said
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
+    redone = sorted(n for n in after if after[n] != before[n])
+    assert redone == sorted({truncated.parent.name, flipped.parent.name})
+    assert digest(out) == clean
+    assert {**again, "seconds": 0} == {**first, "seconds": 0}
+    capsys.readouterr()
+    prepare(inputs, tokenizer[0], out, part_bytes=64, progress=False)
+    assert "every shard checked): nothing to do" in capsys.readouterr().out
+    assert (corpus[0] / "a.jsonl").exists()  # the inputs are untouched
+
+
+def test_a_corpus_with_no_usable_document_is_refused(tokenizer, tmp_path, repo_root):
+    """Issue 20, item 5: an empty file and a Parquet file without the text column: exit 2, one
+    line naming the inputs, the field looked for and every skip; no shards, no marker."""
+    from test_cli import rnnscale
+
+    (tmp_path / "empty.txt").write_text("")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "other.parquet")
+    out = tmp_path / "shards"
+    r = rnnscale("data", "prepare", "--input", str(tmp_path / "empty.txt"), "--input",
+                 str(tmp_path / "other.parquet"), "--tokenizer", str(tokenizer[0]), "--out",
+                 str(out), "--workers", "1", "--no-progress", cwd=repo_root)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    line = r.stderr.strip()
+    assert line.startswith(f"rnnscale: --input '{tmp_path / 'empty.txt'}'") and "(2 files)" in line
+    assert "no usable document" in line and "Parquet column 'text'" in line
+    assert f"2 items skipped: {tmp_path / 'empty.txt'}:1: empty document; " in line
+    assert f"{tmp_path / 'other.parquet'}:0: no column 'text'" in line
+    assert not out.exists()  # nothing left, done-marked or not
+    assert (tmp_path / "empty.txt").exists() and (tmp_path / "other.parquet").exists()
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")  # a directory that was there keeps what it held
+    with pytest.raises(ValueError, match="no usable document"):
+        prepare([str(tmp_path / "other.parquet")], tokenizer[0], out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+class Recording:
+    """A tokenizer that records the longest text it was asked to encode."""
+
+    def __init__(self, sp):
+        self.sp, self.longest = sp, 0
+
+    def encode(self, text, **kw):
+        texts = text if isinstance(text, list) else [text]
+        self.longest = max([self.longest, *map(len, texts)])
+        return self.sp.encode(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.sp, name)
+
+
+LONG = "".join(
+    f"def f{i}(x):\n\treturn x  *  {i}\u2581{'#' * (i % 7)}   \n" + "    " * (i % 5)
+    for i in range(300)
+)
+LONG += "y" * 700 + " " * 600 + "z end"  # a word and a space run longer than a piece
+
+
+def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_one_encode(
+    tokenizer, tmp_path, monkeypatch
+):
+    """Issue 20, item 8: a document longer than PIECE_CHARS goes to sentencepiece in pieces of
+    at most that many characters, cut just before a space run (a longer piece only where no such
+    point exists: here a 700-character word and a 600-space run), and gets exactly the ids of
+    one encode of the whole text; a tokenizer for which the rule does not hold is encoded whole."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from rnnscale.data import encoding
+    from rnnscale.data import prepare as prepare_module
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer[0]))
+    got = list(encoding.pieces(LONG, 64))
+    assert "".join(got) == LONG and len(got) > 100
+    for piece in got[1:]:
+        assert piece[0] in " \u2581"
+    for piece in got[:-1]:
+        assert piece[-1] not in " \u2581"  # a cut never splits a space run
+        assert len(piece) <= 64 or not encoding._SEAM.search(piece[: 64 + 1])  # none earlier
+    assert max(map(len, got)) > 600  # the word and the space run stay whole
+    recording = Recording(sp)
+    monkeypatch.setattr(encoding, "PIECE_CHARS", 64)
+    monkeypatch.setattr(prepare_module, "load_tokenizer", lambda path: recording)
+    (tmp_path / "long.txt").write_text(LONG)
+    (tmp_path / "short.txt").write_text("x = 1\n")
+    inputs = [str(tmp_path / "long.txt"), str(tmp_path / "short.txt")]
+    stats = prepare(inputs, tokenizer[0], tmp_path / "s", progress=False)
+    whole = [BOS, *sp.encode(LONG), EOS]
+    assert shard_lists(tmp_path / "s") == [whole, [BOS, *sp.encode("x = 1\n"), EOS]]
+    assert recording.longest == max(map(len, got)) < len(LONG)
+    assert stats["bytes"] == len(LONG.encode()) + 6
+    model = pb.ModelProto()
+    model.ParseFromString(sp.serialized_model_proto())
+    model.normalizer_spec.add_dummy_prefix = True  # each piece would get a leading space
+    other = sentencepiece.SentencePieceProcessor(model_proto=model.SerializeToString())
+    assert "add_dummy_prefix" in encoding.seam_problem(other)
+    assert encoding.seam_problem(sp) is None
+    recording = Recording(other)
+    (ids,) = encoding.DocumentEncoder(recording, "uint16", limit=64).encode([LONG])
+    assert ids.tolist() == [BOS, *other.encode(LONG), EOS] and recording.longest == len(LONG)
