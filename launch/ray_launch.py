@@ -1,20 +1,44 @@
 """`rnnscale train` with launch.num_workers > 1: the workers run under Ray Train (DESIGN.md
 section 7, docs/cluster.md).
 
-An embedded local Ray (`ray.init` bound to 127.0.0.1, its dashboard too), or the cluster of
-launch.address / RAY_ADDRESS. Ray Train V2's `TorchTrainer` starts launch.num_workers workers,
-sets up their gloo or NCCL process group and the torchrun-style environment (RANK, WORLD_SIZE,
-LOCAL_RANK, ...), and each worker calls `rnnscale.train.run(cfg)`: nothing else. When a worker
-or its node dies, Ray restarts the whole group (`FailureConfig(max_failures)`) and `run` resumes
-from the newest committed checkpoint by itself (checkpoint.resume: auto).
+An embedded local Ray of which every process listens on 127.0.0.1 only (its dashboard too), or
+the cluster of launch.address / RAY_ADDRESS. Ray Train V2's `TorchTrainer` starts
+launch.num_workers workers, sets up their gloo or NCCL process group and the torchrun-style
+environment (RANK, WORLD_SIZE, LOCAL_RANK, ...), and each worker calls
+`rnnscale.train.run(cfg)`: nothing else. On an embedded Ray the group meets through a file in a
+private directory of this machine instead of Ray's TCP store (which listens on every interface).
+When a worker or its node dies, Ray restarts the whole group (`FailureConfig(max_failures)`) and
+`run` resumes from the newest committed checkpoint by itself (checkpoint.resume: auto).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
+import socket
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+from ray.train.torch.config import (
+    TorchConfig,
+    _set_torch_distributed_env_vars,
+    _setup_torch_process_group,
+    _TorchBackend,
+)
+
 from rnnscale.train.config import RunConfig, from_dict, to_dict
+from rnnscale.train.distributed import loopback_interface
+
+LOOPBACK = "127.0.0.1"
+# off: Ray takes this machine for a single-node one, and 127.0.0.1 as its address (below)
+RAY_CLUSTERS_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -40,33 +64,145 @@ def worker(config: dict) -> None:
     """One Ray Train worker: the same `run(cfg)` every launcher ends in."""
     from rnnscale.train import run
 
+    env = os.environ
+    if config.get("cluster") and env.get("RANK") == "0" and "MASTER_ADDR" in env:
+        print(f"rnnscale: the process group's TCP store (torch c10d) listens on every interface "
+              f"of rank 0's node, port {env['MASTER_PORT']}; the ranks reach it at "
+              f"{env['MASTER_ADDR']}", flush=True)  # fmt: skip
     run(from_dict(config["config"]))
+
+
+@dataclass
+class LoopbackTorchConfig(TorchConfig):
+    """Ray Train's `TorchConfig` for the workers of an embedded Ray: their process group meets
+    through a torch FileStore in `store_dir` (a private directory of this machine) instead of a
+    TCPStore on rank 0, which listens on every interface whatever address it is given; gloo and
+    NCCL use the loopback interface `interface` unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
+    name another."""
+
+    store_dir: str = ""
+    interface: str = "lo"
+
+    @property
+    def backend_cls(self):
+        return _LoopbackTorchBackend
+
+
+def _loopback_env(interface: str) -> None:
+    """On a worker, before its process group: gloo's and NCCL's sockets on the loopback."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+
+
+class _LoopbackTorchBackend(_TorchBackend):
+    """`_TorchBackend.on_start` (ray/train/torch/config.py) with a `file://` rendezvous, a new
+    file for every start of the group (a restarted group must not meet the old one's keys)."""
+
+    store = ""
+
+    def on_start(self, worker_group, backend_config: LoopbackTorchConfig):
+        self.store = os.path.join(backend_config.store_dir, f"group-{uuid.uuid4().hex}")
+        worker_group.execute(_loopback_env, backend_config.interface)
+        if not isinstance(worker_group, V1WorkerGroup):
+            worker_group.execute(_set_torch_distributed_env_vars)
+        world = len(worker_group)
+        ray.get([
+            worker_group.execute_single_async(
+                rank, _setup_torch_process_group, backend=backend_config.backend,
+                world_rank=rank, world_size=world, init_method=f"file://{self.store}",
+                timeout_s=backend_config.timeout_s,
+            )
+            for rank in range(world)
+        ])  # fmt: skip
+
+    def on_shutdown(self, worker_group, backend_config):
+        try:  # raises when a worker died
+            super().on_shutdown(worker_group, backend_config)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(self.store)
+
+
+def check_dashboard_port(port: int) -> None:
+    """A port named in launch.dashboard_port must be free on 127.0.0.1 (Ray's own error says
+    nothing of launch.dashboard_port); 0 lets Ray pick one."""
+    if not port:
+        return
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError as e:
+            why = "in use (another Ray's dashboard?)" if e.errno == errno.EADDRINUSE else e
+            print(f"rnnscale: launch.dashboard_port={port}: {LOOPBACK}:{port} is {why}; "
+                  f"set launch.dashboard_port=0 (a free port) or another port",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(2) from None
+
+
+def start_embedded_ray(launch) -> str:
+    """A Ray on this machine only: node address 127.0.0.1, so that gcs_server, the raylet, the
+    workers, the driver, the dashboard, its agent, the runtime-env agent and the metrics
+    exporters all listen on 127.0.0.1. Returns the dashboard's URL."""
+    from ray._private import ray_constants
+
+    check_dashboard_port(launch.dashboard_port)
+    needed = int(launch.num_workers * launch.cpus_per_worker + 0.999)
+    # Ray's servers bind 127.0.0.1 when the node address is 127.0.0.1, else every interface
+    # (src/ray/rpc/grpc_server.cc, dashboard/agent.py), but ray.init replaces a node address of
+    # 127.0.0.1 by this machine's external one (_private/services.py, resolve_ip_for_localhost)
+    # unless multi-node clusters are off, as Ray has them on macOS and Windows. Off for the
+    # start: Ray's processes, started now, inherit the variable.
+    saved = os.environ.get(RAY_CLUSTERS_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_CLUSTERS_VAR], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        context = ray.init(
+            _node_ip_address=LOOPBACK,
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            dashboard_port=launch.dashboard_port or None,  # None: 8265, else the next free
+            num_cpus=max(os.cpu_count() or 1, needed),
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is None:
+            os.environ.pop(RAY_CLUSTERS_VAR, None)
+        else:
+            os.environ[RAY_CLUSTERS_VAR] = saved[0]
+    node = context.address_info["node_ip_address"]
+    if node != LOOPBACK:  # this Ray version would listen beyond this machine: refuse
+        ray.shutdown()
+        print(f"rnnscale: the embedded Ray started with node address {node}, not {LOOPBACK}: "
+              f"it would listen beyond this machine, so the run stops. Name a cluster in "
+              f"launch.address to train on one, or report this with `ray --version`",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(1)
+    return context.dashboard_url or ""
+
+
+def join_cluster(address: str) -> str:
+    """Connect to the cluster at `address`; says which addresses this job uses there."""
+    context = ray.init(address=address)
+    info = getattr(context, "address_info", {})  # a ray:// client has none
+    if info:
+        print(f"rnnscale: joined the Ray cluster at {address}: its GCS at "
+              f"{info.get('gcs_address')}, this driver's node address "
+              f"{info.get('node_ip_address')}; Ray's processes listen where its nodes' "
+              f"`ray start` put them", flush=True)  # fmt: skip
+    return context.dashboard_url or ""
 
 
 def train_with_ray(cfg: RunConfig) -> None:
     """Run the job's workers under Ray Train and wait for them; raises Ray's
     `TrainingFailedError` when the workers fail more than launch.max_failures times."""
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     launch = cfg.launch
     cfg = absolute_paths(cfg)
     address = launch.address or os.environ.get("RAY_ADDRESS", "")
     dashboard = ""
     if not ray.is_initialized():
-        if address:
-            context = ray.init(address=address)
-        else:  # embedded: nothing listens beyond this machine
-            needed = int(launch.num_workers * launch.cpus_per_worker + 0.999)
-            context = ray.init(
-                _node_ip_address="127.0.0.1",
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=launch.dashboard_port,
-                num_cpus=max(os.cpu_count() or 1, needed),
-            )
-        dashboard = context.dashboard_url or ""
+        dashboard = join_cluster(address) if address else start_embedded_ray(launch)
     # our ranks print through stdout once (Ray forwards it); Train's print patch would print
     # every line a second time through its logger (the setting reaches the workers)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -78,10 +214,17 @@ def train_with_ray(cfg: RunConfig) -> None:
         dashboard = f"http://{dashboard}"
     print(f"rnnscale: {launch.num_workers} Ray Train workers on {where}; Ray dashboard: "
           f"{dashboard or 'not running'}", flush=True)  # fmt: skip
+    backend = "nccl" if gpus else "gloo"
+    store_dir = "" if address else tempfile.mkdtemp(prefix="rnnscale-group-")  # mode 0700
+    torch_config = (
+        TorchConfig(backend=backend)
+        if address  # the nodes' own addresses: Ray's TCP store on rank 0
+        else LoopbackTorchConfig(backend, store_dir=store_dir, interface=loopback_interface())
+    )
     trainer = TorchTrainer(
         worker,
-        train_loop_config={"config": to_dict(cfg)},
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        train_loop_config={"config": to_dict(cfg), "cluster": bool(address)},
+        torch_config=torch_config,
         scaling_config=ScalingConfig(
             num_workers=launch.num_workers,
             use_gpu=gpus > 0,
@@ -94,4 +237,8 @@ def train_with_ray(cfg: RunConfig) -> None:
             failure_config=FailureConfig(max_failures=launch.max_failures),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        if store_dir:
+            shutil.rmtree(store_dir, ignore_errors=True)

@@ -2,14 +2,17 @@
 Ray Train on an embedded local Ray; a worker killed with SIGKILL mid-run is restarted with its
 group, the run resumes from its last committed checkpoint by itself, and the losses equal those
 of a run that never stopped. The same holds on a cluster of three Ray nodes in network namespaces
-when a whole node's raylet is killed and a replacement node joins."""
+when a whole node's raylet is killed and a replacement node joins. Everything an embedded Ray run
+starts, and a one-process run, listens on the loopback only."""
 
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from listening import listeners, process_tree
 from netns_cluster import NetnsCluster, remove_leftovers, unavailable
 
 from rnnscale.train import trainer
@@ -51,14 +55,57 @@ def uninterrupted(tmp_path_factory):
     return last_losses(run_dir)
 
 
+def test_the_listener_check_sees_every_address(repo_root):
+    """The check below is not blind: a socket on every interface counts, one on 127.0.0.1
+    does not."""
+    with socket.socket() as wide, socket.socket() as local:
+        wide.bind(("0.0.0.0", 0))
+        local.bind(("127.0.0.1", 0))
+        for s in (wide, local):
+            s.listen()
+        found = {(x.port, x.loopback) for x in listeners({os.getpid()})}
+        assert (wide.getsockname()[1], False) in found
+        assert (local.getsockname()[1], True) in found
+
+
+def test_a_dashboard_port_in_use_is_refused_naming_the_option(repo_root, tmp_path, capsys):
+    from rnnscale.launch.ray_launch import train_with_ray
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        overrides = [f"run.dir={tmp_path}", "launch.num_workers=2",
+                     f"launch.dashboard_port={port}"]  # fmt: skip
+        cfg = load_config(repo_root / "configs/debug_cpu.yaml", overrides)
+        with pytest.raises(SystemExit) as stop:
+            train_with_ray(cfg)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rnnscale: launch.dashboard_port={port}: 127.0.0.1:{port} is in use")
+    assert "launch.dashboard_port=0" in err and len(err.splitlines()) == 1
+
+
 def test_a_killed_ray_worker_is_restarted_and_the_run_resumes(repo_root, tmp_path,
                                                               uninterrupted):  # fmt: skip
+    """Also: nothing of the run listens beyond 127.0.0.1 (the one-process run of `uninterrupted`
+    in this process, the embedded Ray's processes, its workers and their process group), and the
+    dashboard finds a free port while 8265 is taken."""
     want = uninterrupted
+    alone = [x for x in listeners({os.getpid()}) if not x.loopback]
+    assert not alone, f"this process (a one-process run's) listens beyond 127.0.0.1: {alone}"
     run_dir = tmp_path / "ray"
     cmd = [str(BIN / "rnnscale"), "train", "configs/debug_cpu.yaml", f"run.dir={run_dir}",
-           "launch.num_workers=2", "launch.max_failures=2", "launch.dashboard_port=8299",
-           *COMMON]  # fmt: skip
+           "launch.num_workers=2", "launch.max_failures=2", *COMMON]  # fmt: skip
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # as a fresh shell has them
+        env.pop(name, None)
+    blocker = socket.socket()  # Ray's default dashboard port, taken (if not already)
+    try:
+        blocker.bind(("127.0.0.1", 8265))
+        blocker.listen()
+    except OSError:
+        pass
     proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
@@ -66,20 +113,27 @@ def test_a_killed_ray_worker_is_restarted_and_the_run_resumes(repo_root, tmp_pat
         while not [e for e in events(run_dir, "checkpoint") if e["step"] >= 4]:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.2)
+        listening = listeners(process_tree(proc.pid))  # every process of the run is up
         worker = events(run_dir, "start")[-1]["pid"]  # rank 0, a Ray Train worker process
         os.kill(worker, signal.SIGKILL)
         out, _ = proc.communicate(timeout=300)
     finally:
+        blocker.close()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-4000:]
+    names = {x.name for x in listening}
+    assert {"gcs_server", "raylet", "ray::RayTrainWo"} <= names, names  # the check saw them
+    wide = [x for x in listening if not x.loopback]
+    assert not wide, f"listening beyond 127.0.0.1: {wide}"
     starts = events(run_dir, "start")
     assert len(starts) == 2 and starts[1]["resumed_from"], starts  # restarted once, resumed
     assert last_losses(run_dir) == pytest.approx(want, abs=1e-4)
     status = subprocess.run([str(BIN / "rnnscale"), "status", str(run_dir)],
                             capture_output=True, text=True)  # fmt: skip
     assert "restarts: 1" in status.stdout, status.stdout
-    assert "Ray dashboard: http://127.0.0.1:8299" in out
+    dashboard = re.search(r"Ray dashboard: http://127\.0\.0\.1:(\d+)", out)
+    assert dashboard and dashboard[1] != "8265", out[-4000:]
 
 
 def test_submit_to_a_local_head_and_read_the_job_logs(repo_root, tmp_path):
@@ -182,6 +236,9 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_pat
         shutil.rmtree(temp, ignore_errors=True)
     assert f"rnnscale: done: {MAX_STEPS} steps" in logs
     assert "ip=10.77.0.4" in logs  # a worker ran on the replacement node
+    # on a cluster, the addresses in use are said: Ray's, then the process group's store
+    assert "rnnscale: joined the Ray cluster at " in logs and f"its GCS at {head}:6379" in logs
+    assert "the process group's TCP store (torch c10d) listens on every interface" in logs
     starts = events(run_dir, "start")  # a busy machine may cost a second restart
     assert len(starts) >= 2 and starts[-1]["resumed_from"], starts
     assert last_losses(run_dir) == pytest.approx(uninterrupted, abs=1e-4)

@@ -13,23 +13,31 @@ import torch
 
 def init_distributed() -> None:
     """Join the job's process group through DeepSpeed (gloo on CPU, NCCL on GPU) from the usual
-    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a process started alone (no
-    WORLD_SIZE) is rank 0 of 1 on a free local port, without touching the environment (which
-    processes it starts inherit). The group then stays for the life of the process: DeepSpeed
-    caches its groups, so a second run in the same process (tests, notebooks) reuses it."""
+    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A process started alone (no
+    WORLD_SIZE) is rank 0 of 1 with its store in memory: nothing listens for it, where a TCP
+    store would listen on every interface (torch's TCPStore binds all of them, whatever address
+    it is given); gloo and NCCL use the loopback interface unless GLOO_SOCKET_IFNAME /
+    NCCL_SOCKET_IFNAME name another (the two variables stay set: every group DeepSpeed makes
+    later reads them). The group then stays for the life of the process: DeepSpeed caches its
+    groups, so a second run in the same process (tests, notebooks) reuses it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "WORLD_SIZE" in os.environ:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-    else:
+    if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it (children ignore it alone)
-        deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-            init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-        )  # fmt: skip
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(name, loopback_interface())
+        store = torch.distributed.HashStore()
+        torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def loopback_interface() -> str:
+    """The name of this machine's loopback interface (`lo` on Linux, `lo0` on macOS)."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((name for name in names if name.startswith("lo")), "lo")
 
 
 def free_port() -> int:
