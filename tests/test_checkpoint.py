@@ -180,6 +180,32 @@ def test_a_changed_model_is_refused_a_longer_run_is_not(repo_root, tmp_path):
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
 
 
+def test_a_damaged_file_whose_manifest_was_rewritten_names_an_older_one(repo_root, tmp_path):
+    trainer.run(config(repo_root, tmp_path, "train.max_steps=4"))
+    newest = tmp_path / "checkpoints" / "step_000000004"
+    states = newest / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:-5000])
+    manifest = json.loads((newest / checkpoint.MANIFEST).read_text())
+    manifest["files"][states.name] = {"bytes": states.stat().st_size,
+                                      "sha256": checkpoint.sha256_of(states)}  # fmt: skip
+    (newest / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    older = tmp_path / "checkpoints" / "step_000000002"
+    message = (rf"checkpoint {newest} verifies against its manifest but cannot be read "
+               r"\(PytorchStreamReader failed .*\): it was damaged after it was committed\. "
+               rf"Resume from another one \(checkpoint\.resume={older}\)")  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        trainer.run(config(repo_root, tmp_path, "train.max_steps=6"))
+    trainer.run(config(repo_root, tmp_path, "train.max_steps=6", f"checkpoint.resume={older}"))
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_running_a_finished_run_again_says_its_final_loss(repo_root, tmp_path, capsys):
+    first = trainer.run(config(repo_root, tmp_path, "train.max_steps=2"))
+    again = trainer.run(config(repo_root, tmp_path, "train.max_steps=2"))  # resumes at step 2
+    assert again["loss"] == first["loss"] == losses(tmp_path)[2]
+    assert capsys.readouterr().out.count(f"final loss {first['loss']:.4f}") == 2
+
+
 def test_a_run_resumes_with_other_kernel_settings(repo_root, tmp_path):
     """kernels.* change how the scans are computed, not the model: a run checkpointed with GLA
     chunks of 16 resumes with chunks of 32 on the torch backend and continues with the losses
@@ -227,16 +253,29 @@ def test_export_of_a_checkpoint_is_the_trained_model(repo_root, tmp_path, stage)
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def disk(tmp_path):
+    """disk(size): a small tmpfs filesystem (e.g. "2500k"), unmounted after the test."""
+    mounts = []
+
+    def make(size: str) -> Path:
+        mount = tmp_path / f"disk{len(mounts)}"
+        mount.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+        mounts.append(mount)
+        return mount
+
+    yield make
+    for mount in mounts:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_disk(disk):
     """A 2.5 MiB filesystem: room for one checkpoint of the debug model (1.6 MiB), not two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mount)],
-                       capture_output=True, text=True)  # fmt: skip
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+    return disk("2500k")
 
 
 @pytest.mark.parametrize("saves", ["sync", "async"])
@@ -249,7 +288,9 @@ def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(repo_root, tmp
     assert result["steps"] == 6
     err = capsys.readouterr().err
     assert "the checkpoint step_000000004 was not saved: No space left on device" in err
-    assert "the last committed checkpoint is intact. Training goes on." in err
+    assert (f"Training goes on; the newest committed checkpoint, {small_disk}/step_000000002, "
+            "is intact") in err  # fmt: skip
+    assert "NOTHING IS SAVED YET" not in err
     assert sorted(p.name for p in small_disk.iterdir()) == ["step_000000002"]
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()]
     assert [e["step"] for e in events if e["event"] == "checkpoint_failed"] == [4, 6]
@@ -258,6 +299,71 @@ def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(repo_root, tmp
     trainer.run(config(repo_root, tmp_path / "run", "train.max_steps=3", "checkpoint.keep=1",
                        f"checkpoint.dir={small_disk}", "checkpoint.interval=0"))  # fmt: skip
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_saves_failing_before_any_checkpoint_warn_each_time_then_stop_the_run(
+    repo_root, tmp_path, capsys, monkeypatch
+):
+    """With no committed checkpoint, every failed save says so loudly; after
+    checkpoint.max_failed_saves failures in a row the run stops with one line (rnnscale train:
+    exit 1) instead of training on with nothing to resume from."""
+    import errno
+
+    from rnnscale.train import room
+
+    def full(root):
+        raise OSError(errno.ENOSPC, "No space left on device", str(root))
+
+    monkeypatch.setattr(room, "newest_committed", lambda root: None)  # as if none were made
+    monkeypatch.setattr(room, "check_room", full)  # every save fails as on a full disk
+    cfg = config(repo_root, tmp_path, "train.max_steps=8", "checkpoint.max_failed_saves=3")
+    with pytest.raises(room.RunStopped) as stopped:
+        trainer.run(cfg)
+    message = str(stopped.value)
+    assert "the checkpoint step_000000006 was not saved: No space left on device" in message
+    assert "That is 3 failed saves in a row (checkpoint.max_failed_saves=3)" in message
+    assert "there is no committed checkpoint under" in message and "\n" not in message
+    err = capsys.readouterr().err
+    assert err.count("NOTHING IS SAVED YET: the checkpoint step_0000000") == 2  # steps 2 and 4
+    assert max(losses(tmp_path)) == 6 and not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_disk_too_small_for_one_checkpoint_is_refused_at_the_start(repo_root, tmp_path, disk):
+    """By the run on its rank 0, and by a Ray launch's pre-flight before any worker starts."""
+    from rnnscale.train.preflight import check_inputs
+
+    mount = disk("1m")  # the debug model's checkpoint takes about 1.4 MiB
+    cfg = config(repo_root, tmp_path, "train.max_steps=2", f"checkpoint.dir={mount}")
+    refused = (
+        rf"checkpoint\.dir {mount}: 1\.0 MiB free, and one checkpoint of this "
+        r"model \(124,800 parameters, fp32, ZeRO 0\) takes about 1\.4 MiB: free space"
+    )
+    with pytest.raises(ConfigError, match=refused):
+        check_inputs(cfg, 2)
+    with pytest.raises(ConfigError, match=refused):
+        trainer.run(cfg)
+    assert not (tmp_path / "metrics.jsonl").exists()  # no step ran
+
+
+def test_a_full_disk_at_the_export_keeps_the_checkpoint(repo_root, disk, capsys):
+    """The run directory's disk holds the last checkpoint but not the exported model: the run
+    ends with one line naming the checkpoint to export from, and no partial model file."""
+    from test_cli import rnnscale
+
+    run_dir = disk("1900k") / "run"
+    cfg = config(repo_root, run_dir, "train.max_steps=2", "checkpoint.keep=1")
+    from rnnscale.train import room
+
+    with pytest.raises(room.RunStopped, match=r"training finished but the model was not exported: "
+                       rf"{run_dir}/model\.safetensors was not written: .*MiB free there; the "
+                       rf"newest checkpoint, {run_dir}/checkpoints/step_000000002, is intact: make "
+                       r"room and run `rnnscale export "):  # fmt: skip
+        trainer.run(cfg)
+    assert "has room for 1 checkpoint(s)" in capsys.readouterr().err  # the pre-flight warning
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith((".", "model"))) == []
+    r = rnnscale("export", str(run_dir / "checkpoints" / "step_000000002"), "--out",
+                 str(run_dir.parent.parent / "out"), cwd=repo_root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("stage,before,after", [(3, 2, 1), (2, 1, 2), (0, 2, 1)])

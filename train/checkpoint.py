@@ -23,7 +23,6 @@ combined by `elastic_rank_state`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -147,7 +146,9 @@ def start_save(engine, root: Path, step: int, rank_state: dict, meta: dict, conf
     if rank == 0 and path.exists():  # an uncommitted leftover of a killed run at this step
         shutil.rmtree(path)
     torch.distributed.barrier()
-    _everywhere(lambda: _check_room(root) if rank == 0 else None, path, rank)
+    from rnnscale.train.room import check_room
+
+    _everywhere(lambda: check_room(root) if rank == 0 else None, path, rank)
     writer = Writer(asynchronous)
 
     def begin() -> None:
@@ -221,23 +222,6 @@ class PendingSave:
         return path
 
 
-def _check_room(root: Path) -> None:
-    """Refuse to start a save that cannot fit: the newest committed checkpoint's size is the
-    estimate (the first save has none and finds out by writing)."""
-    committed = [p for p in candidates(root) if (p / MANIFEST).exists()]
-    if not committed:
-        return
-    need = sum(p.stat().st_size for p in committed[0].rglob("*") if p.is_file())
-    free = shutil.disk_usage(root).free
-    if free < need:
-        raise OSError(
-            errno.ENOSPC,
-            f"No space left on device: the last checkpoint took {need / 2**20:.1f} MiB and "
-            f"{free / 2**20:.1f} MiB are free",
-            str(root),
-        )
-
-
 def _everywhere(write, path: Path, rank: int) -> None:
     """Run `write` on every rank; if it failed with an OSError anywhere, remove the partial
     checkpoint and raise SaveFailed on every rank (no rank is left waiting in a barrier)."""
@@ -256,12 +240,13 @@ def _everywhere(write, path: Path, rank: int) -> None:
         free = shutil.disk_usage(path.parent).free / 2**20
         if isinstance(error, OSError):
             what = f"{error.strerror} ({error.filename})"
+        elif error is not None:  # torch.save's, e.g. "[enforce fail ...] unexpected pos"
+            what = f"a write failed ({str(error).splitlines()[0]})"
         else:
-            what = str(error).splitlines()[0] if error else "another rank failed"
+            what = "another rank's write failed"
         raise SaveFailed(
-            f"the checkpoint {path.name} was not saved: {what}; {free:.0f} MiB free under "
-            f"{path.parent}. Its partial files are removed; the last committed checkpoint is "
-            f"intact."
+            f"the checkpoint {path.name} was not saved: {what}; {free:.1f} MiB free under "
+            f"{path.parent}. Its partial files are removed."
         )
 
 
@@ -374,10 +359,22 @@ def load(engine, path: Path, reshard_loader, universal: bool = False) -> dict:
 
     load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
     engine.checkpoint_engine = writer_engine(None)
-    with weights_only_loading():
-        load_path, _ = engine.load_checkpoint(
-            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+    try:
+        with weights_only_loading():
+            load_path, _ = engine.load_checkpoint(
+                str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # torch.load's, the zip reader's
+        from rnnscale.train.config import ConfigError
+
+        older = [p.name for p in candidates(path.parent) if _step(p) < _step(path)]
+        hint = f"checkpoint.resume={path.parent / older[0]}" if older else "checkpoint.resume=none"
+        why = str(e).splitlines()[0].split(". ")[0]
+        raise ConfigError(
+            f"checkpoint {path} verifies against its manifest but cannot be read "
+            f"({why}): it was damaged after it was committed. Resume "
+            f"from another one ({hint}) or move it aside"
+        ) from None
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {load_dir / tag}")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

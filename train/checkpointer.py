@@ -12,11 +12,13 @@ from rnnscale.train.config import RunConfig, dump_yaml
 from rnnscale.train.notice import notice
 from rnnscale.train.progress import Progress
 from rnnscale.train.resume import checkpoint_meta
+from rnnscale.train.room import RunStopped, newest_committed, what_is_kept
 
 
 class Checkpointer:
-    """A save that fails is reported (stderr, a `checkpoint_failed` event) and training goes
-    on; the next save tries again."""
+    """A save that fails is reported (stderr, a `checkpoint_failed` event, saying what is kept)
+    and training goes on; the next save tries again. After checkpoint.max_failed_saves failures
+    in a row the run stops (`RunStopped`, on every rank: a failure is collective)."""
 
     def __init__(self, engine, cfg: RunConfig, batches, logger):
         self.engine, self.cfg, self.batches, self.logger = engine, cfg, batches, logger
@@ -24,6 +26,7 @@ class Checkpointer:
         self.pending: checkpoint.PendingSave | None = None
         self.last_save = time.monotonic()
         self.blocked_s = 0.0  # the step loop's wait for the pending save's start
+        self.failures_in_a_row = 0
 
     def after_step(self, progress: Progress, last: bool) -> None:
         """At every step's end (collective)."""
@@ -79,10 +82,24 @@ class Checkpointer:
         except checkpoint.SaveFailed as e:
             self._failed(pending.step, e)
             return
+        self.failures_in_a_row = 0
         blocked = self.blocked_s + time.perf_counter() - start  # the step loop's wait
         self.logger.event("checkpoint", step=pending.step, path=str(path), committed_step=step,
                           blocked_s=round(blocked, 4))  # fmt: skip
 
     def _failed(self, step: int, error: Exception) -> None:
-        notice(f"{error} Training goes on.", warning=True)
-        self.logger.event("checkpoint_failed", step=step, error=str(error))
+        self.failures_in_a_row += 1
+        root, limit = self.cfg.checkpoint_dir, self.cfg.checkpoint.max_failed_saves
+        kept = what_is_kept(root)
+        self.logger.event("checkpoint_failed", step=step, error=str(error),
+                          failures_in_a_row=self.failures_in_a_row)  # fmt: skip
+        if limit and self.failures_in_a_row >= limit:
+            raise RunStopped(
+                f"{error} That is {self.failures_in_a_row} failed saves in a row "
+                f"(checkpoint.max_failed_saves={limit}): stopping rather than training on with "
+                f"nothing recent to resume from; {kept}. Make room under {root} (or point "
+                f"checkpoint.dir at a disk with room) and run the same command again"
+            )
+        never = newest_committed(root) is None  # said at every failure, not once
+        notice(f"{'NOTHING IS SAVED YET: ' if never else ''}{error} Training goes on; {kept}.",
+               warning=True)  # fmt: skip

@@ -9,6 +9,7 @@ that looks whole.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,18 +22,29 @@ MODEL_FILE = "model.safetensors"
 
 
 def export_model(model: LanguageModel, run_dir: Path) -> Path:
+    """`run_dir/model.safetensors`, whole or not at all: a write that fails (a full disk)
+    removes its temporary file and raises OSError naming the file and the free space."""
+    from safetensors import SafetensorError
+
     path = Path(run_dir) / MODEL_FILE
     tmp = path.with_name(f".{MODEL_FILE}.{os.getpid()}.tmp")
-    save_model(model, str(tmp), metadata={"layers": ",".join(model.layer_types)})
-    os.replace(tmp, path)
+    try:
+        save_model(model, str(tmp), metadata={"layers": ",".join(model.layer_types)})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2**20
+        what = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise OSError(f"{path} was not written: {what}; {free:.1f} MiB free there") from e
     return path
 
 
 def export_from_engine(engine, cfg: RunConfig) -> None:
     """model.safetensors (fp32) from rank 0, at the end of a run (collective). ZeRO-3 gathers
     the weights onto rank 0 only, layer by layer; other stages copy them (DeepSpeed's may be
-    bf16 views into its flat buffers)."""
-    rank = torch.distributed.get_rank()
+    bf16 views into its flat buffers). A write that fails raises `RunStopped` on every rank,
+    naming the newest checkpoint to export from."""
+    rank, problem = torch.distributed.get_rank(), [""]
     if cfg.parallel.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
     else:
@@ -46,8 +58,19 @@ def export_from_engine(engine, cfg: RunConfig) -> None:
         )
         if cfg.model.tie_embeddings:
             copy.head.weight = copy.embed.weight
-        export_model(copy, cfg.run_dir)
-    torch.distributed.barrier()
+        try:
+            export_model(copy, cfg.run_dir)
+        except OSError as e:
+            problem[0] = str(e)
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        from rnnscale.train.room import RunStopped, newest_committed
+
+        newest = newest_committed(cfg.checkpoint_dir)
+        keep = (f"the newest checkpoint, {newest}, is intact: make room and run `rnnscale "
+                f"export {newest} --out DIR`" if newest else "no checkpoint was saved")  # fmt: skip
+        raise RunStopped(f"training finished but the model was not exported: {problem[0]}; {keep}")
 
 
 def load_exported(
@@ -55,6 +78,9 @@ def load_exported(
 ) -> tuple[LanguageModel, RunConfig]:
     """`path`: a run directory, or a model.safetensors inside one (its config.yaml beside it)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a run directory written by "
+                                f"rnnscale train, or a model.safetensors in one")  # fmt: skip
     run_dir = path if path.is_dir() else path.parent
     weights = path / MODEL_FILE if path.is_dir() else path
     config = run_dir / "config.yaml"
@@ -68,7 +94,16 @@ def load_exported(
         )
     cfg = load_config(config)
     model = build_model(cfg.model, cfg.kernels)
-    load_model(model, str(weights), device=str(device))
+    from safetensors import SafetensorError
+
+    try:
+        load_model(model, str(weights), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as e:  # truncated, or another model's
+        raise ValueError(
+            f"{weights} cannot be loaded ({str(e).splitlines()[0]}): it is damaged or not this "
+            f"config's model; export it again from a checkpoint (rnnscale export CHECKPOINT "
+            f"--out DIR)"
+        ) from None
     return model.to(device).eval(), cfg
 
 
@@ -78,7 +113,6 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, dtype: str = 
     DeepSpeed. ZeRO 0-2 checkpoints hold the whole model in `mp_rank_00_model_states.pt` (read
     with `weights_only`); ZeRO-3 shards are merged by DeepSpeed's `zero_to_fp32`."""
     import json
-    import shutil
 
     from rnnscale.train import checkpoint
 

@@ -43,7 +43,8 @@ from rnnscale.train.optim import build_optimizer, build_scheduler
 from rnnscale.train.preflight import check_node_layout, plan
 from rnnscale.train.progress import Progress
 from rnnscale.train.resume import resolve_resume, restore, rollback, universal_for_resume
-from rnnscale.train.run_dir import done_message, prepare_run_dir
+from rnnscale.train.room import check_room_at_start
+from rnnscale.train.run_dir import done_message, last_logged_loss, prepare_run_dir
 
 
 def run(cfg: RunConfig) -> dict:
@@ -72,6 +73,7 @@ def _train(cfg: RunConfig) -> dict:
     with torch.device("meta"):  # counts from a copy that costs no memory
         shape_model = build_model(cfg.model, cfg.kernels)
     notice(f"layers: {shape_model.layer_types}\nparameters: {shape_model.num_params():,}")
+    check_room_at_start(cfg, shape_model.num_params())
     engine, groups = _engine(cfg, ds_config, layout, device)
     shape = RowShape.of(cfg)
     batches = make_batches(cfg.data, shape, cfg.run.seed, cfg.run_dir, layout)
@@ -97,9 +99,11 @@ def _train(cfg: RunConfig) -> dict:
     finally:
         job.logger.close()
     export_from_engine(engine, cfg)
-    notice(done_message(cfg.run_dir, cfg.train.max_steps, metrics.get("loss", float("nan"))))
+    if not metrics:  # resumed at train.max_steps: no step ran; the loss the run ended with
+        metrics = {"loss": last_logged_loss(cfg.run_dir)}
+    notice(done_message(cfg.run_dir, cfg.train.max_steps, metrics["loss"]))
     return {"run_dir": str(cfg.run_dir), "steps": cfg.train.max_steps,
-            "loss": metrics.get("loss"), "skipped_steps": progress.skipped_steps}  # fmt: skip
+            "loss": metrics["loss"], "skipped_steps": progress.skipped_steps}  # fmt: skip
 
 
 @dataclass
