@@ -143,8 +143,9 @@ def _data_parser(commands) -> None:
     prep = actions.add_parser("prepare", help="tokenize a corpus into MDS shards")
     for p in (tok, prep):
         source = p.add_mutually_exclusive_group(required=True)
-        source.add_argument("--input", action="append", metavar="GLOB",
-                            help="text, .jsonl or .parquet files (repeatable)")  # fmt: skip
+        source.add_argument("--input", action="extend", nargs="+", metavar="GLOB",
+                            help="text, .jsonl or .parquet files or globs (several, or "
+                            "repeated; an unquoted glob the shell expanded works too)")  # fmt: skip
         source.add_argument("--builtin", choices=["python-stdlib"],
                             help="a corpus already on this machine")  # fmt: skip
         p.add_argument("--out", required=True, metavar="DIR")
@@ -177,6 +178,7 @@ def _data(args: argparse.Namespace) -> int:
     inputs = builtin_inputs(args.builtin) if args.builtin else args.input
     try:
         if args.data_command == "tokenizer":
+            from rnnscale.data.tokenizer import report as tokenizer_report
             from rnnscale.data.tokenizer import train_tokenizer
 
             info = train_tokenizer(
@@ -187,10 +189,7 @@ def _data(args: argparse.Namespace) -> int:
                 text_key=args.text_key,
                 split_blank_lines=args.split_blank_lines,
             )
-            print(
-                f"rnnscale: {args.out}/tokenizer.model: {info['vocab_size']} pieces, trained on "
-                f"{info['trained_on_lines']:,} lines; fingerprint {info['fingerprint'][:16]}"
-            )
+            print(tokenizer_report(info, args.out))
             return 0
         from rnnscale.data.prepare import prepare, report
 
@@ -202,6 +201,10 @@ def _data(args: argparse.Namespace) -> int:
         return 0
     except (FileNotFoundError, ValueError) as e:
         print(f"rnnscale: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a read-only --out
+        print(f"rnnscale: {e.filename or args.out}: {e.strerror or e}: check the path and "
+              f"its permissions (--out must be writable)", file=sys.stderr)  # fmt: skip
         return 2
 
 
@@ -251,12 +254,16 @@ def _train(cfg: RunConfig) -> int:
             return 1
         return 0
     from rnnscale.train import run
+    from rnnscale.train.room import RunStopped
 
     try:
         run(cfg)
     except ConfigError as e:  # found once the run looks at its inputs (e.g. the tokenizer)
         print(f"rnnscale: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # saves fail again and again, the model cannot be written
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -329,7 +336,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     try:
         model, cfg = load_exported(args.run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ConfigError: a damaged config.yaml
         print(f"rnnscale: {e}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
@@ -341,9 +348,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         prompt = [tokenizer.bos_id(), *tokenizer.encode(args.prompt)]
     else:
-        prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
-        bad = [t for t in prompt if not 0 <= t < cfg.model.vocab_size]
-        if bad or not prompt:
+        words = args.prompt_ids.replace(",", " ").split()
+        prompt = [int(t) for t in words if t.isdigit()]
+        if len(prompt) < len(words) or not prompt or max(prompt) >= cfg.model.vocab_size:
             print(f"rnnscale: --prompt-ids must be ids in [0, {cfg.model.vocab_size}), got "
                   f"{args.prompt_ids!r}", file=sys.stderr)  # fmt: skip
             return 2

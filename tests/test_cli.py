@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BIN = Path(sys.executable).parent
@@ -50,7 +51,12 @@ def test_ray_train_refuses_bad_inputs_before_starting_workers(repo_root, tmp_pat
                                                               overrides, needle):  # fmt: skip
     """With launch.num_workers > 1 what the ranks would refuse is checked before Ray starts:
     an error once, not once per restart."""
-    overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]  # an existing folder
+    if any("TMP" in o for o in overrides):  # a whole shard set of one document
+        from streaming import MDSWriter
+
+        with MDSWriter(out=str(tmp_path / "shards"), columns={"tokens": "ndarray:int32"}) as w:
+            w.write({"tokens": np.arange(8, dtype=np.int32)})
+    overrides = [o.replace("TMP", str(tmp_path / "shards")) for o in overrides]
     r = rnnscale("train", f"configs/{config}.yaml", "launch.num_workers=2", *overrides,
                  f"run.dir={tmp_path}/run", cwd=repo_root)  # fmt: skip
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
@@ -82,6 +88,37 @@ def test_config_show_prints_the_resolved_config(repo_root):
 def test_no_subcommand_is_usage_error(repo_root):
     r = rnnscale(cwd=repo_root)
     assert r.returncode == 2 and "usage: rnnscale" in r.stderr
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only filesystem (even root cannot write it), unmounted after the test."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {r.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def test_read_only_places_and_shell_expanded_globs_get_one_line(repo_root, tmp_path,
+                                                                 read_only_dir):  # fmt: skip
+    r = rnnscale("train", "configs/debug_cpu.yaml", f"run.dir={read_only_dir}/run", cwd=repo_root)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"run.dir {read_only_dir}/run: cannot write there (Read-only file system)" in r.stderr
+    files = []
+    for i in range(2):  # as `--input docs/*.md` reaches us once the shell expanded it
+        files.append(tmp_path / f"part{i}.txt")
+        files[-1].write_text("\n".join(f"line {j} of part {i}: the quick brown fox" for j in
+                                       range(200)))  # fmt: skip
+    r = rnnscale("data", "tokenizer", "--input", *map(str, files), "--vocab-size", "300",
+                 "--out", f"{read_only_dir}/tok", cwd=repo_root)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "unrecognized arguments" not in r.stderr
+    assert f"{read_only_dir}/tok" in r.stderr and "Read-only file system" in r.stderr
+    assert [f.read_text().count("\n") for f in files] == [199, 199]  # the inputs are untouched
 
 
 def test_module_entry_trains(repo_root, tmp_path):

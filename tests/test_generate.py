@@ -111,3 +111,19 @@ def test_cli_generate_errors(tmp_path, repo_root):
     r = subprocess.run([sys.executable, "-m", "rnnscale.launch.cli", "generate", str(tmp_path)],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "--prompt" in r.stderr
+    r = rnnscale("generate", str(tmp_path / "nothing"), "--prompt-ids", "1", cwd=repo_root)
+    assert r.returncode == 2 and f"{tmp_path / 'nothing'} does not exist: pass a run" in r.stderr
+
+
+def test_cli_generate_refuses_bad_ids_and_a_damaged_model(trained_run, repo_root, tmp_path):
+    import shutil
+
+    r = rnnscale("generate", str(trained_run), "--prompt-ids", "1 abc", cwd=repo_root)
+    assert r.returncode == 2 and "--prompt-ids must be ids in [0, 256), got '1 abc'" in r.stderr
+    damaged = tmp_path / "run"
+    shutil.copytree(trained_run, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    r = rnnscale("generate", str(damaged), "--prompt-ids", "1", cwd=repo_root)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{weights} cannot be loaded (" in r.stderr and "rnnscale export CHECKPOINT" in r.stderr

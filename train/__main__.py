@@ -10,6 +10,7 @@ import sys
 
 from rnnscale.train import run
 from rnnscale.train.config import ConfigError, load_config
+from rnnscale.train.room import RunStopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # also what the run finds at its start (world size, tokenizer)
         print(f"rnnscale: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # saves fail again and again, the model cannot be written
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,8 @@
 """What a job refuses before it trains: the parallel layout and batch split, the node
-placement, the data streams and tokenizer, a named checkpoint. `launch/` calls `check_inputs`
-before any worker starts (a bad config then fails once instead of once per restart); every
-rank calls `plan` at its start. Every check raises ConfigError with one line to act on."""
+placement, the data streams and tokenizer, a named checkpoint, room for a checkpoint.
+`launch/` calls `check_inputs` before any worker starts (a bad config then fails once instead
+of once per restart); every rank calls `plan` at its start. Every check raises ConfigError
+with one line to act on."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def plan(cfg: RunConfig, world: int, rank: int = 0) -> tuple[ParallelLayout, dic
 def check_inputs(cfg: RunConfig, world: int, files: bool = True) -> None:
     """What a job of `world` ranks would refuse at its start: the parallel sizes, the batch
     arithmetic and, with `files` (where this process sees the workers' files), the tokenizer
-    against the model, the data streams, and an explicitly named checkpoint to resume."""
+    against the model, the data streams, an explicitly named checkpoint to resume, and room
+    under checkpoint.dir for one checkpoint."""
     plan(cfg, world)
     if not files:
         return
@@ -37,6 +39,22 @@ def check_inputs(cfg: RunConfig, world: int, files: bool = True) -> None:
         check_tokenizer(cfg.data, cfg.model.vocab_size)
     if cfg.checkpoint.resume not in ("auto", "none"):
         named_checkpoint(cfg.checkpoint.resume)
+    check_checkpoint_room(cfg)
+
+
+def check_checkpoint_room(cfg: RunConfig) -> None:
+    """checkpoint.dir holds at least one checkpoint of this model (its parameters counted on
+    the meta device, at no memory cost); the rank-0 check at the run's start is the same."""
+    import torch
+
+    from rnnscale.train.model import build_model
+    from rnnscale.train.room import room_problem
+
+    with torch.device("meta"):
+        num_params = build_model(cfg.model, cfg.kernels).num_params()
+    problem, _ = room_problem(cfg, num_params)
+    if problem:
+        raise ConfigError(problem)
 
 
 def named_checkpoint(how: str) -> Path:
@@ -73,9 +91,11 @@ def check_node_layout(nodes: list[str], uses_streaming: bool) -> None:
 
 
 def check_streams(data: DataSection) -> None:
-    """Every local stream of data.streams and data.val_streams exists and, where its
-    prepare.json says which tokenizer made it, was made with data.tokenizer (shards of another
-    tokenizer would feed ids the model was not trained on, or past its vocabulary)."""
+    """Every local stream of data.streams and data.val_streams exists, has every shard file at
+    the size its index records (data/integrity.py: a stat per file, cheap on any corpus) and,
+    where its prepare.json says which tokenizer made it, was made with data.tokenizer (shards of
+    another tokenizer would feed ids the model was not trained on, or past its vocabulary)."""
+    from rnnscale.data.integrity import DamagedShards, check_stream
     from rnnscale.data.tokenizer import fingerprint
 
     ours = None
@@ -84,6 +104,10 @@ def check_streams(data: DataSection) -> None:
             if "://" in stream.path:
                 continue
             made_with = _made_with(key, Path(stream.path))
+            try:
+                check_stream(stream.path)
+            except DamagedShards as e:
+                raise ConfigError(f"data.{key}: {e}") from None
             if made_with is None or not Path(data.tokenizer).is_file():
                 continue
             ours = ours or fingerprint(data.tokenizer)

@@ -5,6 +5,7 @@ section's own rules across fields)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from dataclasses import field
 from typing import Any
@@ -61,8 +62,8 @@ def require(ok: bool, path: str, what: str) -> None:
 
 
 def check_tree(node: Any, path: str) -> None:
-    """Check every field's declared range, then every section's own `check(path)`, innermost
-    sections first."""
+    """Check that every number is finite, every field's declared range, then every section's
+    own `check(path)`, innermost sections first."""
     for f in dataclasses.fields(node):
         child, where = getattr(node, f.name), join(path, field_key(f))
         if dataclasses.is_dataclass(child):
@@ -77,6 +78,10 @@ def check_tree(node: Any, path: str) -> None:
 
 
 def _check_range(f: dataclasses.Field, value: Any, path: str) -> None:
+    numbers = value if isinstance(value, (list, tuple)) else [value]
+    for item in numbers:  # every number, ranged or not: inf or nan would train a NaN model
+        if isinstance(item, float) and not math.isfinite(item):
+            require(False, path, f"must be a finite number (got {value!r})")
     m = f.metadata
     why = f" ({m['why']})" if m.get("why") else ""
     bounds = m.get("bounds", {})

@@ -20,7 +20,8 @@ def reference_markdown() -> str:
         ".venv/bin/python -m pytest tests/test_config.py`). Set any field from the command line",
         "as a dotted override:",
         "`rnnscale train CONFIG optim.lr=3e-4 model.mixer_pattern=[gla,attn]`. A value outside",
-        "its range is refused at load, naming the field.",
+        "its range is refused at load, naming the field; so is any number that is not finite",
+        "(`.inf`, `.nan`), ranged or not.",
     ]
     _reference(RunConfig, "", lines)
     return "\n".join(lines) + "\n"

@@ -242,6 +242,14 @@ class CheckpointSection:
         key="async",
     )
     keep: int = doc(3, "Committed checkpoints kept (the newest is never deleted).", ge=1)
+    max_failed_saves: int = doc(
+        3,
+        "Stop the run with an error after this many saves in a row failed (a full disk, an I/O "
+        "error), rather than train on with nothing recent to resume from; every failure is "
+        "reported, loudly while the run has no committed checkpoint at all. 0: never stop.",
+        ge=0,
+        why="0: never stop",
+    )
     resume: str = doc(
         "auto",
         "auto: continue from the newest checkpoint that verifies, if any; none: start afresh; "
@@ -263,7 +271,8 @@ class LaunchSection:
     address: str = doc(
         "",
         "Ray cluster to run the workers on ('auto', 'ray://HEAD:10001', 'HEAD:6379'); empty: "
-        "the RAY_ADDRESS environment variable, else an embedded local Ray bound to localhost.",
+        "the RAY_ADDRESS environment variable, else an embedded local Ray of which every "
+        "process listens on 127.0.0.1 only (docs/cluster.md).",
     )
     cpus_per_worker: float = doc(1.0, "CPUs Ray reserves for each worker.", gt=0)
     gpus_per_worker: float = doc(0.0, "GPUs Ray reserves for each worker (0: train on CPU).", ge=0)
@@ -285,7 +294,12 @@ class LaunchSection:
         "cluster); empty: <run dir>/ray.",
     )
     dashboard_port: int = doc(
-        8265, "Port of the embedded Ray's dashboard (bound to 127.0.0.1 only).", gt=0
+        0,
+        "Port of the embedded Ray's dashboard, on 127.0.0.1 only (the URL is printed at the "
+        "start); 0: 8265 when free, else the next free port. A port named here must be free.",
+        ge=0,
+        le=65535,
+        why="0: 8265 or the next free port",
     )
 
 
