@@ -26,6 +26,15 @@ pull up to the same count (the largest, in whole streaming batches), keeping the
 in its buffer, and saves the buffer per rank; `load_state_dict()` resumes the stream there and
 restores the buffer. The next rows are exactly those of the loader that never stopped.
 
+Lock step. Streaming starts every epoch (and the stream after a resume) behind a barrier of all
+ranks on a node (`StreamingDataset.__iter__`). Ranks use up documents at different rates, so a
+rank that read the stream inside a step could wait at that barrier for a rank that waits for it
+in the step's all-reduce: a deadlock (a resume from 1 rank to 2 hung so at its first step). So
+the stream is read only in `line_up`, which the trainer calls before every step: each rank
+reads until it holds the documents of the step's rows, and every rank reads as many stream
+batches as the rank that needs the most (one all-reduce of one number per round, usually one
+round). All ranks then cross into an epoch at the same call.
+
 Another world size (`PackedLoader.reshard`). Streaming resumes at a global sample count for any
 number of ranks (with the same canonical node count), so the stream continues where all old
 ranks together stopped. What the old ranks had pulled but not yet packed (the rest of the
@@ -38,6 +47,7 @@ documents).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -126,6 +136,7 @@ class PackedLoader:
             self.docs.batches.close()  # stops the old epoch's worker processes
         self.docs = _Documents(self._batches())
         self.rows = PackedRows(self.docs, self.seq_len)
+        self.stream_batches, self.stream_tokens = 0, 0  # read by _pull: tokens per batch
         self.epoch_start = 0  # running number of the first document of the current epoch
         self.sample_offset = 0  # samples of this epoch read before epoch_start (by all ranks)
         if buffer_state is not None:
@@ -168,17 +179,35 @@ class PackedLoader:
         picked = [self.rows.next_row() for _ in range(self.micro_batch_size)]
         return collate(picked, self.pack_documents)
 
+    def line_up(self, rows: int) -> None:
+        """Collective, before every step: this rank holds the documents of its next `rows` rows,
+        read here, every rank the same number of stream batches (see the module docstring,
+        "Lock step"), so that no rank reads the stream inside a step."""
+        need = rows * (self.seq_len + 1)
+        while True:
+            unpacked = self.docs.buffer[self.rows.doc_index - self.docs.first :]
+            short = need - (sum(len(d) for d in unpacked) - self.rows.offset)
+            wanted = 0
+            if short > 0:  # the batches this takes at the tokens per batch seen so far
+                seen = self.stream_tokens / self.stream_batches if self.stream_batches else 0
+                wanted = math.ceil(short / seen) if seen else 1
+            batches = _max_over_ranks(wanted)
+            if batches == 0:
+                return
+            for _ in range(batches):
+                self._pull()
+
+    def _pull(self) -> None:
+        before = self.docs.pulled
+        self.docs.pull()
+        self.stream_batches += 1
+        self.stream_tokens += sum(len(d) for d in self.docs.buffer[before - self.docs.first :])
+
     def state_dict(self) -> dict:
         """This rank's position. Collective under torch.distributed: every rank calls it."""
-        pulled = self.docs.pulled
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            counts = torch.tensor([pulled], dtype=torch.long)
-            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-            target = int(counts)
-        else:
-            target = pulled
-        while self.docs.pulled < target:  # line the ranks up on one stream position
-            self.docs.pull()
+        target = _max_over_ranks(self.docs.pulled - self.epoch_start)
+        while self.docs.pulled - self.epoch_start < target:  # one stream position for all
+            self._pull()
         readers = _world_size() // self.replication  # ranks that read different samples
         in_epoch = self.sample_offset + (self.docs.pulled - self.epoch_start) * readers
         return {
@@ -236,6 +265,14 @@ def _stream(Stream, path: str, proportion: float | None):
         / hashlib.sha1(path.encode()).hexdigest()[:16]
     )
     return Stream(remote=path, local=str(cache), proportion=proportion)
+
+
+def _max_over_ranks(value: int) -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([value], dtype=torch.long)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t)
+    return value
 
 
 def _world_size() -> int:

@@ -231,6 +231,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 def _train(cfg: RunConfig) -> int:
     """Train in this process, or with launch.num_workers > 1 in Ray Train workers."""
+    from rnnscale.train.preemption import EXIT_PREEMPTED, Preempted
+
     if cfg.launch.num_workers > 1:
         from ray.train import TrainingFailedError
 
@@ -252,6 +254,9 @@ def _train(cfg: RunConfig) -> int:
             print(f"rnnscale: training failed after launch.max_failures="
                   f"{cfg.launch.max_failures} restarts: {e}", file=sys.stderr)  # fmt: skip
             return 1
+        except Preempted as e:  # the workers committed a checkpoint and stopped
+            print(f"rnnscale: {e}", file=sys.stderr)
+            return EXIT_PREEMPTED
         return 0
     from rnnscale.train import run
     from rnnscale.train.room import RunStopped
@@ -264,6 +269,9 @@ def _train(cfg: RunConfig) -> int:
     except RunStopped as e:  # saves fail again and again, the model cannot be written
         print(f"rnnscale: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:  # a checkpoint of the last step is committed: run it again
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -50,6 +50,7 @@ def status_report(run_dir: str | Path) -> str:
         f"ETA: {_eta(last['step'], max_steps, recent)}",
         f"last checkpoint: {last_checkpoint(run_dir) or 'none'}",
         f"restarts: {restarts(run_dir)}",
+        *failure_lines(run_dir),
     ]
     if bad:
         lines.append(f"({bad} unreadable line(s) of metrics.jsonl skipped)")
@@ -110,18 +111,42 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(done)[1] if done else None
 
 
-def restarts(run_dir: Path) -> int:
-    """Starts recorded in events.jsonl after the first one."""
-    path = run_dir / "events.jsonl"
+def _events(run_dir: Path) -> list[dict]:
+    """The readable records of events.jsonl (none without one)."""
+    path, out = run_dir / "events.jsonl", []
     if not path.is_file():
-        return 0
-    starts = 0
+        return out
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            starts += json.loads(line).get("event") == "start"
-        except (json.JSONDecodeError, AttributeError):
+            record = json.loads(line)
+        except json.JSONDecodeError:
             continue
-    return max(starts - 1, 0)
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def restarts(run_dir: Path) -> int:
+    """Starts recorded in events.jsonl after the first one."""
+    return max(sum(e.get("event") == "start" for e in _events(run_dir)) - 1, 0)
+
+
+def failure_lines(run_dir: Path) -> list[str]:
+    """A line for each kind of stop events.jsonl records, when there was one: preemptions
+    (with the last one's step and notice) and hangs the watchdog detected (with the ranks it
+    named)."""
+    events, lines = _events(run_dir), []
+    stops = [e for e in events if e.get("event") == "preempted"]
+    if stops:
+        last = stops[-1]
+        lines.append(f"preempted: {len(stops)} time(s), last after step {last.get('step')} "
+                     f"({last.get('notice')})")  # fmt: skip
+    hangs = [e for e in events if e.get("event") == "hang"]
+    if hangs:
+        last = hangs[-1]
+        lines.append(f"hangs detected: {len(hangs)}, last after step {last.get('step')}: "
+                     f"{last.get('behind') or 'no rank named'}")  # fmt: skip
+    return lines
 
 
 def run_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 6006) -> None:

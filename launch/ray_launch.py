@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -35,6 +37,7 @@ from ray.train.torch.config import (
 
 from rnnscale.train.config import RunConfig, from_dict, to_dict
 from rnnscale.train.distributed import loopback_interface
+from rnnscale.train.preemption import NOTICE_FILE, Preempted, notice_signals
 
 LOOPBACK = "127.0.0.1"
 # off: Ray takes this machine for a single-node one, and 127.0.0.1 as its address (below)
@@ -69,7 +72,10 @@ def worker(config: dict) -> None:
         print(f"rnnscale: the process group's TCP store (torch c10d) listens on every interface "
               f"of rank 0's node, port {env['MASTER_PORT']}; the ranks reach it at "
               f"{env['MASTER_ADDR']}", flush=True)  # fmt: skip
-    run(from_dict(config["config"]))
+    try:
+        run(from_dict(config["config"]))
+    except Preempted:  # every rank stops alike, after the checkpoint: the driver says so
+        return
 
 
 @dataclass
@@ -191,6 +197,18 @@ def join_cluster(address: str) -> str:
     return context.dashboard_url or ""
 
 
+def require_train_v2() -> None:
+    """Ray Train V2 (the default since Ray 2.51; V1's TorchTrainer restarts and reports
+    differently): stop with one line where the environment turned it off."""
+    from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
+
+    if not is_v2_enabled():
+        print(f"rnnscale: Ray Train V2 is off ({V2_ENABLED_ENV_VAR}="
+              f"{os.environ.get(V2_ENABLED_ENV_VAR)!r} in the environment); rnnscale's Ray launch "
+              f"needs it: unset {V2_ENABLED_ENV_VAR} or set it to 1", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+
+
 def train_with_ray(cfg: RunConfig) -> None:
     """Run the job's workers under Ray Train and wait for them; raises Ray's
     `TrainingFailedError` when the workers fail more than launch.max_failures times."""
@@ -198,6 +216,7 @@ def train_with_ray(cfg: RunConfig) -> None:
     from ray.train.torch import TorchTrainer
 
     launch = cfg.launch
+    require_train_v2()
     cfg = absolute_paths(cfg)
     address = launch.address or os.environ.get("RAY_ADDRESS", "")
     dashboard = ""
@@ -216,10 +235,15 @@ def train_with_ray(cfg: RunConfig) -> None:
           f"{dashboard or 'not running'}", flush=True)  # fmt: skip
     backend = "nccl" if gpus else "gloo"
     store_dir = "" if address else tempfile.mkdtemp(prefix="rnnscale-group-")  # mode 0700
+    # a collective gives up after twice train.hang_timeout_s (train/watchdog.py), else Ray's 30 min
+    hang = cfg.train.hang_timeout_s
+    timeout = {"timeout_s": max(int(2 * hang), 1)} if hang else {}
     torch_config = (
-        TorchConfig(backend=backend)
+        TorchConfig(backend=backend, **timeout)
         if address  # the nodes' own addresses: Ray's TCP store on rank 0
-        else LoopbackTorchConfig(backend, store_dir=store_dir, interface=loopback_interface())
+        else LoopbackTorchConfig(
+            backend, store_dir=store_dir, interface=loopback_interface(), **timeout
+        )  # fmt: skip
     )
     trainer = TorchTrainer(
         worker,
@@ -238,7 +262,40 @@ def train_with_ray(cfg: RunConfig) -> None:
         ),
     )
     try:
-        trainer.fit()
+        with _notices_to_file(cfg):
+            trainer.fit()
     finally:
         if store_dir:
             shutil.rmtree(store_dir, ignore_errors=True)
+    _raise_if_preempted(cfg)
+
+
+@contextlib.contextmanager
+def _notices_to_file(cfg: RunConfig):
+    """While the workers train: this driver's SIGTERM and checkpoint.preempt_signal become the
+    notice file that rank 0 looks for at each step's end (train/preemption.py)."""
+    signals = notice_signals(cfg.checkpoint.preempt_signal)
+
+    def handler(signum, frame):
+        (cfg.run_dir / NOTICE_FILE).write_text(signal.Signals(signum).name + "\n")
+        print(f"rnnscale: {signal.Signals(signum).name}: the workers stop after this step, with "
+              f"a checkpoint", file=sys.stderr, flush=True)  # fmt: skip
+
+    old = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _raise_if_preempted(cfg: RunConfig) -> None:
+    """Preempted when the workers' run ended on a notice (its last event says so)."""
+    try:
+        last = json.loads((cfg.run_dir / "events.jsonl").read_text().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return
+    if last.get("event") == "preempted":
+        kept = last.get("checkpoint") or "no checkpoint of that step (the save failed)"
+        raise Preempted(f"preempted ({last.get('notice')}) after step {last['step']}: {kept}; "
+                        f"run the same command again to resume")  # fmt: skip

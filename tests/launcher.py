@@ -1,4 +1,6 @@
-"""Running torchrun from tests, with one narrow allowance for a crash outside our code.
+"""Running training commands from tests: to the end (`run_ranks`, with one narrow allowance
+for a crash outside our code), or killed with SIGKILL once a condition holds (`kill_when`,
+`past`); `losses` reads what a run logged.
 
 Once in CI (1 of about 40 two-rank torchrun starts in a suite run; 0 of 20 tried alone on
 this machine), a rank aborted about two seconds after starting, while the process group was
@@ -10,8 +12,12 @@ for bit, so the allowance cannot hide a wrong result."""
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 ABORT = "terminate called without an active exception"
 
@@ -29,3 +35,76 @@ def run_ranks(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
               file=sys.stderr)  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     return r
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss, the last record of each step (a resumed run logs its steps again)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record["loss"]
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun's workers run in their own process
+    groups, so killing torchrun's group would leave them training)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def kill_when(cmd: list[str], cwd, ready, env=None) -> bool:
+    """Start `cmd`, SIGKILL it with every process under it once `ready()` holds; False if the
+    run finished first."""
+    proc = subprocess.Popen(cmd, cwd=cwd,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ready():
+                kill_tree(proc.pid)
+                proc.wait()
+                return True
+            time.sleep(0.02)
+        return False
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+
+
+def starts(run_dir: Path) -> int:
+    """Start events so far (one per run that got as far as its first log line), with those of
+    the logs a fresh start moved aside (events.<time>.<pid>.jsonl)."""
+    count = 0
+    for path in Path(run_dir).glob("events*.jsonl"):
+        try:
+            count += path.read_text().count('"event": "start"')
+        except OSError:  # moved aside between the listing and the read
+            pass
+    return count
+
+
+def past(run_dir: Path, step: int):
+    """Once the run now starting has begun and the log has reached `step` (the earlier runs'
+    lines count too, so a run that starts past `step` is killed at once, after its start)."""
+    before = starts(run_dir)
+
+    def ready() -> bool:
+        try:
+            return starts(run_dir) > before and max(losses(run_dir), default=0) >= step
+        except (OSError, ValueError):  # not written yet, or a line half written
+            return False
+
+    return ready

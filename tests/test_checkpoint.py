@@ -7,7 +7,6 @@ only `checkpoint.keep` checkpoints stay."""
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from launcher import run_ranks
+from launcher import kill_when, losses, past, run_ranks, starts
+from privileged import cannot
 
 from rnnscale.train import checkpoint, trainer
 from rnnscale.train.config import ConfigError, load_config
@@ -24,15 +24,6 @@ BIN = Path(sys.executable).parent
 ARGS = ["configs/debug_cpu.yaml", "log.progress_bar=false", "log.wandb.mode=disabled",
         "log.tensorboard=false", "train.seq_len=512", "train.max_steps=24",
         "checkpoint.interval=2", "checkpoint.keep=2"]  # fmt: skip
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Step -> loss, the last record of each step (a resumed run logs its steps again)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        out[record["step"]] = record["loss"]
-    return out
 
 
 def command(run_dir: Path, ranks: int, *extra: str) -> list[str]:
@@ -46,66 +37,6 @@ def run_to_end(repo_root, run_dir, ranks, *extra, env=None):
     r = run_ranks(command(run_dir, ranks, *extra), cwd=repo_root, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun's workers run in their own process
-    groups, so killing torchrun's group would leave them training)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-
-
-def kill_when(repo_root, run_dir, ranks, ready, *extra, env=None) -> bool:
-    """Start the command, SIGKILL it with every process under it once `ready()` holds; False
-    if the run finished first."""
-    proc = subprocess.Popen(command(run_dir, ranks, *extra), cwd=repo_root,
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if ready():
-                kill_tree(proc.pid)
-                proc.wait()
-                return True
-            time.sleep(0.02)
-        return False
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.wait()
-
-
-def starts(run_dir: Path) -> int:
-    """Start events so far (one per run that got as far as its first log line)."""
-    try:
-        return (run_dir / "events.jsonl").read_text().count('"event": "start"')
-    except OSError:
-        return 0
-
-
-def past(run_dir: Path, step: int):
-    """Once the run now starting has begun and the log has reached `step` (the earlier runs'
-    lines count too, so a run that starts past `step` is killed at once, after its start)."""
-    before = starts(run_dir)
-
-    def ready() -> bool:
-        try:
-            return starts(run_dir) > before and max(losses(run_dir), default=0) >= step
-        except (OSError, ValueError):  # not written yet, or a line half written
-            return False
-
-    return ready
 
 
 def mid_save(run_dir: Path):
@@ -132,16 +63,18 @@ def test_killed_run_resumes_bit_for_bit(repo_root, tmp_path, ranks, kills, saves
     rng = random.Random(ranks)
     points = sorted(rng.sample(range(2, 23), kills - 1))
     pause = {**os.environ, "RNNSCALE_FAULT_PAUSE_BEFORE_COMMIT_S": "60"}
-    assert kill_when(repo_root, run_dir, ranks, mid_save(run_dir), mode, env=pause)  # mid-save
+    mid = kill_when(command(run_dir, ranks, mode), repo_root, mid_save(run_dir), env=pause)
+    assert mid
     killed = 1
     for step in points:
-        killed += kill_when(repo_root, run_dir, ranks, past(run_dir, step), mode)
+        killed += kill_when(command(run_dir, ranks, mode), repo_root, past(run_dir, step))
     run_to_end(repo_root, run_dir, ranks, mode)
     assert losses(run_dir) == want  # exact: every float the same
+    # every start, those of runs that began afresh (the mid-save kill left nothing committed)
+    # moved aside with their logs included
+    assert starts(run_dir) == killed + 1 and killed >= kills - 1
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    started = [e for e in events if e["event"] == "start"]
-    assert len(started) == killed + 1 and killed >= kills - 1
-    assert any(e["resumed_from"] for e in started)
+    assert any(e["event"] == "start" and e["resumed_from"] for e in events)
     committed = [p for p in (run_dir / "checkpoints").iterdir() if (p / "manifest.json").exists()]
     assert len(committed) == 2  # checkpoint.keep
 
@@ -263,7 +196,7 @@ def disk(tmp_path):
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                            capture_output=True, text=True)  # fmt: skip
         if r.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+            cannot(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
         mounts.append(mount)
         return mount
 

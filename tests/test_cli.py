@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from privileged import cannot
 
 BIN = Path(sys.executable).parent
 
@@ -98,7 +99,7 @@ def read_only_dir(tmp_path):
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
                        capture_output=True, text=True)  # fmt: skip
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {r.stderr.strip()}")
+        cannot(f"cannot mount a read-only tmpfs here (needs root): {r.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "--lazy", str(mount)], check=True)
 

@@ -411,3 +411,44 @@ def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_one_encode(
     recording = Recording(other)
     (ids,) = encoding.DocumentEncoder(recording, "uint16", limit=64).encode([LONG])
     assert ids.tolist() == [BOS, *other.encode(LONG), EOS] and recording.longest == len(LONG)
+
+
+def test_a_killed_prepare_keeps_its_finished_parts_untouched(tokenizer, tmp_path):
+    """`data prepare` with 2 workers, killed with SIGKILL (the process and its workers) once
+    some parts are finished, then run again: the finished parts keep their bytes and mtimes,
+    the rest is written, and the shards equal those of a run that never stopped."""
+    import subprocess
+    import sys
+    import time
+
+    from launcher import kill_tree
+
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for f in range(40):
+        lines = [json.dumps({"text": "".join(rng.choice(GOOD, 3))}) for _ in range(300)]
+        (corpus / f"{f:02d}.jsonl").write_text("\n".join(lines) + "\n")
+    args = f"[{str(corpus / '*')!r}], {str(tokenizer[0])!r}, OUT, part_bytes=8192, workers=2"
+    code = f"from rnnscale.data.prepare import prepare; prepare({args}, progress=False)"
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    subprocess.run([sys.executable, "-c", code.replace("OUT", repr(str(clean)))], check=True)
+    proc = subprocess.Popen([sys.executable, "-c", code.replace("OUT", repr(str(out)))])
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("part-*"))) < 10 and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    kill_tree(proc.pid)
+    proc.wait()
+    finished = {p.name: (p.stat().st_mtime_ns, digest_part(p)) for p in out.glob("part-*")}
+    assert 10 <= len(finished) < len(list(clean.glob("part-*"))), "killed too late"
+    assert not (out / MARKER).exists()
+    subprocess.run([sys.executable, "-c", code.replace("OUT", repr(str(out)))], check=True)
+    for name, (mtime, hashes) in finished.items():
+        assert (out / name).stat().st_mtime_ns == mtime and digest_part(out / name) == hashes
+    assert digest(out) == digest(clean)
+    assert (out / "index.json").read_bytes() == (clean / "index.json").read_bytes()
+
+
+def digest_part(part) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(part.iterdir())}

@@ -1,9 +1,11 @@
 """Ray launch on this machine: `rnnscale train` with launch.num_workers=2 runs the workers under
 Ray Train on an embedded local Ray; a worker killed with SIGKILL mid-run is restarted with its
 group, the run resumes from its last committed checkpoint by itself, and the losses equal those
-of a run that never stopped. The same holds on a cluster of three Ray nodes in network namespaces
-when a whole node's raylet is killed and a replacement node joins. Everything an embedded Ray run
-starts, and a one-process run, listens on the loopback only."""
+of the 2-rank run that never stopped, exactly. The same holds on a cluster of three Ray nodes in
+network namespaces when a whole node's raylet is killed and a replacement node joins, when one
+worker is stopped (SIGSTOP: the watchdog names it and the group restarts), and after SIGTERM to
+the driver (a checkpoint, exit 75, the same command goes on). Ray Train V1 is refused. Everything
+an embedded Ray run starts, and a one-process run, listens on the loopback only."""
 
 import json
 import os
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 from listening import listeners, process_tree
 from netns_cluster import NetnsCluster, remove_leftovers, unavailable
+from privileged import cannot
 
 from rnnscale.train import trainer
 from rnnscale.train.config import load_config
@@ -52,6 +55,20 @@ def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("whole")
     config = Path(__file__).resolve().parents[1] / "configs/debug_cpu.yaml"
     trainer.run(load_config(config, [f"run.dir={run_dir}", *COMMON]))
+    return last_losses(run_dir)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Step -> loss of the COMMON run on two torchrun ranks that never stopped: what a 2-worker
+    Ray run must equal exactly (the same gloo group, the same ranks)."""
+    from launcher import run_ranks
+
+    run_dir = tmp_path_factory.mktemp("two")
+    r = run_ranks([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+                   "rnnscale.train", "configs/debug_cpu.yaml", f"run.dir={run_dir}", *COMMON],
+                  cwd=Path(__file__).resolve().parents[1], timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
     return last_losses(run_dir)
 
 
@@ -86,8 +103,8 @@ def test_a_dashboard_port_in_use_is_refused_naming_the_option(repo_root, tmp_pat
     assert "launch.dashboard_port=0" in err and len(err.splitlines()) == 1
 
 
-def test_a_killed_ray_worker_is_restarted_and_the_run_resumes(repo_root, tmp_path,
-                                                              uninterrupted):  # fmt: skip
+def test_a_killed_ray_worker_is_restarted_and_the_run_resumes(repo_root, tmp_path, uninterrupted,
+                                                              two_ranks):  # fmt: skip
     """Also: nothing of the run listens beyond 127.0.0.1 (the one-process run of `uninterrupted`
     in this process, the embedded Ray's processes, its workers and their process group), and the
     dashboard finds a free port while 8265 is taken."""
@@ -128,7 +145,8 @@ def test_a_killed_ray_worker_is_restarted_and_the_run_resumes(repo_root, tmp_pat
     assert not wide, f"listening beyond 127.0.0.1: {wide}"
     starts = events(run_dir, "start")
     assert len(starts) == 2 and starts[1]["resumed_from"], starts  # restarted once, resumed
-    assert last_losses(run_dir) == pytest.approx(want, abs=1e-4)
+    assert last_losses(run_dir) == two_ranks  # exact: the uninterrupted run of 2 ranks
+    assert last_losses(run_dir) == pytest.approx(want, abs=1e-4)  # and close to 1 rank's
     status = subprocess.run([str(BIN / "rnnscale"), "status", str(run_dir)],
                             capture_output=True, text=True)  # fmt: skip
     assert "restarts: 1" in status.stdout, status.stdout
@@ -178,7 +196,7 @@ def test_submit_to_a_local_head_and_read_the_job_logs(repo_root, tmp_path):
 
 
 def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_path,
-                                                               uninterrupted):  # fmt: skip
+                                                               two_ranks):  # fmt: skip
     """A head and two worker nodes, each in its own network namespace with its own address;
     `rnnscale submit` a 2-worker run (one worker per node); SIGKILL one worker node's raylet
     mid-run and start a replacement node: Ray declares the node dead, restarts the worker group
@@ -186,7 +204,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_pat
     the job finishes with the losses of a run that never stopped."""
     reason = unavailable()
     if reason:
-        pytest.skip(f"multi-node Ray test needs network namespaces: {reason}")
+        cannot(f"multi-node Ray test needs network namespaces: {reason}")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_DEDUP_LOGS": "0",
@@ -241,7 +259,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_pat
     assert "the process group's TCP store (torch c10d) listens on every interface" in logs
     starts = events(run_dir, "start")  # a busy machine may cost a second restart
     assert len(starts) >= 2 and starts[-1]["resumed_from"], starts
-    assert last_losses(run_dir) == pytest.approx(uninterrupted, abs=1e-4)
+    assert last_losses(run_dir) == two_ranks  # exact: the uninterrupted run of 2 ranks
 
 
 def test_cluster_files_parse(repo_root):
@@ -255,3 +273,83 @@ def test_cluster_files_parse(repo_root):
     r = subprocess.run(["bash", "-n", str(repo_root / "docs/cluster/slurm.sbatch")],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
+
+
+def ray_run(repo_root, run_dir: Path, *extra: str) -> subprocess.Popen:
+    """`rnnscale train` of the COMMON run on 2 Ray workers, started; once it has committed the
+    checkpoint of step 4."""
+    cmd = [str(BIN / "rnnscale"), "train", "configs/debug_cpu.yaml", f"run.dir={run_dir}",
+           "launch.num_workers=2", "launch.max_failures=2", *COMMON, *extra]  # fmt: skip
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not [e for e in events(run_dir, "checkpoint") if e["step"] >= 4]:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(proc.stdout.read()[-4000:])
+        time.sleep(0.1)
+    return proc
+
+
+def test_a_stopped_ray_worker_is_found_hung_and_the_run_resumes(repo_root, tmp_path, two_ranks):
+    """SIGSTOP to rank 1 mid-run: rank 0's watchdog names it within train.hang_timeout_s and
+    ends rank 0, Ray restarts the group, the run resumes and ends with the losses of the run
+    that never stopped, exactly; `rnnscale status` reports the hang."""
+    run_dir = tmp_path / "ray"
+    proc = ray_run(repo_root, run_dir, "train.hang_timeout_s=5")
+    try:
+        rank0 = events(run_dir, "start")[-1]["pid"]
+        import psutil
+
+        workers = [p for p in process_tree(proc.pid) if p != rank0
+                   and psutil.Process(p).name().startswith("ray::RayTrainWo")]  # fmt: skip
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGSTOP)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    (hang,) = events(run_dir, "hang")
+    assert hang["rank"] == 0 and hang["behind"].startswith("ranks behind: rank 1 (step "), hang
+    assert "no progress for" in out and "train.hang_timeout_s=5" in out, out[-4000:]
+    starts = events(run_dir, "start")
+    assert len(starts) == 2 and starts[1]["resumed_from"], starts
+    assert last_losses(run_dir) == two_ranks  # exact
+    status = subprocess.run([str(BIN / "rnnscale"), "status", str(run_dir)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert "hangs detected: 1, last after step" in status.stdout, status.stdout
+
+
+def test_sigterm_to_the_ray_driver_stops_with_a_checkpoint(repo_root, tmp_path, two_ranks):
+    """The driver writes the notice file, the workers stop after their step with a checkpoint,
+    the driver exits with 75; the same command ends with the uninterrupted losses, exactly."""
+    run_dir = tmp_path / "ray"
+    proc = ray_run(repo_root, run_dir)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-4000:]
+    (stop,) = events(run_dir, "preempted")
+    assert stop["notice"] == str(run_dir / "PREEMPT") and stop["checkpoint"], stop
+    assert f"rnnscale: preempted ({run_dir / 'PREEMPT'}) after step {stop['step']}" in out
+    assert max(last_losses(run_dir)) == stop["step"] < MAX_STEPS
+    proc = ray_run(repo_root, run_dir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert last_losses(run_dir) == two_ranks  # exact
+    assert events(run_dir, "start")[-1]["resumed_from"] == stop["checkpoint"]
+
+
+def test_ray_train_v1_is_refused_naming_the_setting(repo_root, tmp_path, monkeypatch, capsys):
+    from rnnscale.launch.ray_launch import train_with_ray
+
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
+    cfg = load_config(repo_root / "configs/debug_cpu.yaml",
+                      [f"run.dir={tmp_path}", "launch.num_workers=2"])  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        train_with_ray(cfg)
+    assert stop.value.code == 2 and not list(tmp_path.iterdir())  # nothing started
+    err = capsys.readouterr().err
+    assert err.startswith("rnnscale: Ray Train V2 is off (RAY_TRAIN_V2_ENABLED='0'")
+    assert "unset RAY_TRAIN_V2_ENABLED or set it to 1" in err and len(err.splitlines()) == 1

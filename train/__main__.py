@@ -10,6 +10,7 @@ import sys
 
 from rnnscale.train import run
 from rnnscale.train.config import ConfigError, load_config
+from rnnscale.train.preemption import EXIT_PREEMPTED, Preempted
 from rnnscale.train.room import RunStopped
 
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:  # saves fail again and again, the model cannot be written
         print(f"rnnscale: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:  # a checkpoint of the last step is committed: run it again
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

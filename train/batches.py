@@ -110,6 +110,9 @@ class SyntheticBatches:
             if (self.index - 1) % self.world == self.rank:
                 return collate(picked, self.pack)
 
+    def line_up(self, rows: int) -> None:
+        """Nothing to read ahead: the rows are drawn, not read (PackedLoader.line_up)."""
+
     def state_dict(self) -> dict:
         return {"rows": self.rows.state_dict(), "index": self.index}
 

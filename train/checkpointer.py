@@ -27,6 +27,7 @@ class Checkpointer:
         self.last_save = time.monotonic()
         self.blocked_s = 0.0  # the step loop's wait for the pending save's start
         self.failures_in_a_row = 0
+        self.committed: tuple[int, object] | None = None  # (step, path) of this run's newest
 
     def after_step(self, progress: Progress, last: bool) -> None:
         """At every step's end (collective)."""
@@ -82,10 +83,21 @@ class Checkpointer:
         except checkpoint.SaveFailed as e:
             self._failed(pending.step, e)
             return
-        self.failures_in_a_row = 0
+        self.failures_in_a_row, self.committed = 0, (pending.step, path)
         blocked = self.blocked_s + time.perf_counter() - start  # the step loop's wait
         self.logger.event("checkpoint", step=pending.step, path=str(path), committed_step=step,
                           blocked_s=round(blocked, 4))  # fmt: skip
+
+    def save_now(self, progress: Progress):
+        """Commit a checkpoint of this step now (a preemption notice; collective): the save in
+        flight first, then this step's own unless it is the one just committed. Returns its
+        path, or None when the save failed (reported as any failed save)."""
+        self.finish(progress.step)
+        if self.committed is None or self.committed[0] != progress.step:
+            self._start(progress)
+            self.finish(progress.step)
+        done = self.committed is not None and self.committed[0] == progress.step
+        return self.committed[1] if done else None
 
     def _failed(self, step: int, error: Exception) -> None:
         self.failures_in_a_row += 1

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import random
 import socket
+from datetime import timedelta
 
 import numpy as np
 import torch
 
 
-def init_distributed() -> None:
+def init_distributed(hang_timeout_s: float = 0.0) -> None:
     """Join the job's process group through DeepSpeed (gloo on CPU, NCCL on GPU) from the usual
     RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A process started alone (no
     WORLD_SIZE) is rank 0 of 1 with its store in memory: nothing listens for it, where a TCP
@@ -19,7 +20,9 @@ def init_distributed() -> None:
     it is given); gloo and NCCL use the loopback interface unless GLOO_SOCKET_IFNAME /
     NCCL_SOCKET_IFNAME name another (the two variables stay set: every group DeepSpeed makes
     later reads them). The group then stays for the life of the process: DeepSpeed caches its
-    groups, so a second run in the same process (tests, notebooks) reuses it."""
+    groups, so a second run in the same process (tests, notebooks) reuses it. With
+    `hang_timeout_s` (train.hang_timeout_s) a collective gives up after twice it instead of the
+    backend's default (30 minutes for gloo, 10 for NCCL)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
     import deepspeed
@@ -31,7 +34,9 @@ def init_distributed() -> None:
             os.environ.setdefault(name, loopback_interface())
         store = torch.distributed.HashStore()
         torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    timeout = {"timeout": timedelta(seconds=2 * hang_timeout_s)} if hang_timeout_s else {}
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               **timeout)  # fmt: skip
 
 
 def loopback_interface() -> str:

@@ -40,18 +40,20 @@ from rnnscale.train.measure import measure_peak_flops, peak_memory_gb
 from rnnscale.train.model import LanguageModel, build_model
 from rnnscale.train.notice import notice
 from rnnscale.train.optim import build_optimizer, build_scheduler
+from rnnscale.train.preemption import Preempted, Preemption
 from rnnscale.train.preflight import check_node_layout, plan
 from rnnscale.train.progress import Progress
 from rnnscale.train.resume import resolve_resume, restore, rollback, universal_for_resume
-from rnnscale.train.room import check_room_at_start
+from rnnscale.train.room import check_room_at_start, what_is_kept
 from rnnscale.train.run_dir import done_message, last_logged_loss, prepare_run_dir
+from rnnscale.train.watchdog import Watchdog
 
 
 def run(cfg: RunConfig) -> dict:
     """Train the run described by `cfg` on this process's rank; returns a summary (run_dir,
     steps, final loss). Every rank of the job calls it (torchrun, DeepSpeed's launcher, Ray
     workers, or one process alone)."""
-    init_distributed()
+    init_distributed(cfg.train.hang_timeout_s)
     return _train(cfg)
 
 
@@ -94,9 +96,13 @@ def _train(cfg: RunConfig) -> dict:
                      resumed_from=str(resume_from) if resume_from else None,
                      load_s=round(load_s, 4), pid=os.getpid(),
                      host=socket.gethostname())  # fmt: skip
+    job.preemption = Preemption.for_run(cfg)
+    job.watchdog = Watchdog(cfg.train.hang_timeout_s, job.logger).start()
     try:
         progress, metrics = _loop(job, cfg, progress)
     finally:
+        job.watchdog.stop()
+        job.preemption.uninstall()
         job.logger.close()
     export_from_engine(engine, cfg)
     if not metrics:  # resumed at train.max_steps: no step ran; the loss the run ended with
@@ -118,6 +124,8 @@ class _Job:
     flops_per_token: float
     peak_flops: float  # of one device, for MFU
     logger: Logger | None = None
+    preemption: Preemption | None = None
+    watchdog: Watchdog | None = None
 
 
 def _engine(cfg: RunConfig, ds_config: dict, layout, device):
@@ -150,11 +158,15 @@ def _loop(job: _Job, cfg: RunConfig, progress: Progress) -> tuple[Progress, dict
     many non-finite steps in a row. Returns where the run stands and the last step's metrics."""
     world, peak = torch.distributed.get_world_size(), job.peak_flops
     saves, metrics = Checkpointer(job.engine, cfg, job.batches, job.logger), {}
+    preemption, beat = job.preemption, job.watchdog.beat
+    rows = cfg.train.micro_batch_size * job.engine.gradient_accumulation_steps()
     while progress.step < cfg.train.max_steps:
+        job.batches.line_up(rows)  # collective: the stream is read here only
         metrics, skipped = train_step(job.engine, job.batches, job.device,
                                       cfg.parallel.zero_stage, job.groups)  # fmt: skip
         progress.after_step(metrics["tokens"], skipped)
         step, last = progress.step, progress.step == cfg.train.max_steps
+        beat(step, "the evaluation, logging and checkpoint after it")
         if skipped:
             notice(f"step {step} skipped: non-finite loss or gradient "
                    f"({progress.skips_in_a_row} in a row)")  # fmt: skip
@@ -172,8 +184,26 @@ def _loop(job: _Job, cfg: RunConfig, progress: Progress) -> tuple[Progress, dict
             progress = rollback(job.engine, cfg, progress, job.batches, job.logger)
             continue
         saves.after_step(progress, last)
+        if not last and preemption.agreed():  # collective: every rank stops after this step
+            _stop_preempted(saves, progress, preemption, job.logger)
+        beat(step, f"step {step + 1}")
     saves.finish(progress.step)
     return progress, metrics
+
+
+def _stop_preempted(saves: Checkpointer, progress: Progress, preemption: Preemption, logger):
+    """Commit this step's checkpoint, log the `preempted` event, raise Preempted."""
+    path, step = saves.save_now(progress), progress.step
+    preemption.stopped()
+    logger.event("preempted", step=step, notice=preemption.received,
+                 checkpoint=str(path) if path else None)  # fmt: skip
+    kept = f"checkpoint {path} committed"
+    if path is None:
+        kept = (
+            f"the checkpoint of step {step} was not saved; {what_is_kept(saves.cfg.checkpoint_dir)}"
+        )
+    raise Preempted(f"preempted ({preemption.received}) after step {step}: {kept}; run the same "
+                    f"command again to resume")  # fmt: skip
 
 
 def train_step(

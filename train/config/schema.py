@@ -155,6 +155,15 @@ class TrainSection:
         ge=0,
         why="0: measure",
     )
+    hang_timeout_s: float = doc(
+        300.0,
+        "A rank that makes no progress for this long (after the first step: one step, one "
+        "evaluation or one checkpoint save must take less) is ended with exit code 124, naming "
+        "the ranks behind, so that the launcher restarts the job; the process group's "
+        "collective timeout is twice it. 0: no watchdog (the backend's default timeout).",
+        ge=0,
+        why="0: off",
+    )
     eval_batches: int = doc(
         4,
         "Micro batches per rank in one evaluation: the first ones of the validation data, the "
@@ -249,6 +258,18 @@ class CheckpointSection:
         "reported, loudly while the run has no committed checkpoint at all. 0: never stop.",
         ge=0,
         why="0: never stop",
+    )
+    preempt_signal: Literal["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "none"] = doc(
+        "SIGUSR1",
+        "A preemption notice besides SIGTERM (Slurm's --signal): at either, every rank ends "
+        "the step it is in, a checkpoint of that step is committed and the process exits with "
+        "75, to be run again (docs/checkpointing.md); none: SIGTERM only.",
+    )
+    preempt_grace_s: float = doc(
+        60.0,
+        "Seconds from a preemption notice to the committed checkpoint; past them the process "
+        "exits with 75 at once and a resume starts from the newest committed checkpoint.",
+        gt=0,
     )
     resume: str = doc(
         "auto",

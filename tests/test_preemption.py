@@ -1,0 +1,99 @@
+"""Preemption notices: SIGTERM to a lone run, SIGUSR1 to one rank of two, the notice file, and
+SIGTERM to the Ray driver each stop the run after the step it is in, with a committed
+checkpoint of that step and exit code 75; the same command then ends with the losses of the
+run that never stopped, bit for bit. A notice whose checkpoint cannot be committed within the
+grace period exits with 75 at once, saying what a resume starts from."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from launcher import losses, past, run_ranks
+from test_checkpoint import command
+
+from rnnscale.train.preemption import EXIT_PREEMPTED, NOTICE_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """ranks -> the losses of the run that never stopped."""
+    out = {}
+    for ranks in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"whole{ranks}")
+        r = run_ranks(command(run_dir, ranks), cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[ranks] = losses(run_dir)
+    return out
+
+
+def notify(how: str, proc: subprocess.Popen, run_dir: Path) -> None:
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    elif how == "file":
+        (run_dir / NOTICE_FILE).write_text("test\n")
+    else:  # SIGUSR1 to rank 1 only, a child of torchrun
+        ranks = [p for p in psutil.Process(proc.pid).children() if "rnnscale.train" in p.cmdline()]
+        rank1 = [p for p in ranks if p.environ().get("RANK") == "1"]
+        rank1[0].send_signal(signal.SIGUSR1)
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("ranks,how", [(1, "SIGTERM"), (2, "SIGUSR1"), (1, "file")])
+def test_a_notice_commits_its_step_and_the_run_goes_on(repo_root, tmp_path, uninterrupted,
+                                                        ranks, how):  # fmt: skip
+    run_dir, step = tmp_path / "run", random.Random(how).randrange(3, 20)
+    cmd = command(run_dir, ranks)
+    proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    ready, deadline = past(run_dir, step), time.monotonic() + 300
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    notify(how, proc, run_dir)
+    stderr = proc.communicate(timeout=300)[1]
+    if ranks == 1:
+        assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
+        assert "Traceback" not in stderr and "run the same command again" in stderr, stderr
+    stopped = events(run_dir)[-1]
+    assert stopped["event"] == "preempted" and stopped["step"] >= step, stopped
+    assert stopped["checkpoint"].endswith(f"step_{stopped['step']:09d}")
+    assert (Path(stopped["checkpoint"]) / "manifest.json").exists()  # committed
+    assert max(losses(run_dir)) == stopped["step"] < 24 and not (run_dir / NOTICE_FILE).exists()
+    status = subprocess.run([str(Path(sys.executable).parent / "rnnscale"), "status",
+                             str(run_dir)], capture_output=True, text=True)  # fmt: skip
+    assert f"preempted: 1 time(s), last after step {stopped['step']}" in status.stdout
+    r = run_ranks(cmd, cwd=repo_root, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(run_dir) == uninterrupted[ranks]  # exact
+    assert any(e.get("resumed_from") == stopped["checkpoint"] for e in events(run_dir))
+
+
+def test_a_notice_past_its_grace_period_exits_at_once(tmp_path):
+    """A step that never ends (here: nothing runs): the grace timer exits with 75."""
+    script = (
+        "import time\n"
+        "from rnnscale.train.preemption import Preemption\n"
+        "p = Preemption('none', 0.5, lambda: 'the newest committed checkpoint, X, is intact')\n"
+        "p.notice('SIGTERM')\n"
+        "time.sleep(60)\n"
+    )
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120, env={**os.environ})  # fmt: skip
+    assert r.returncode == EXIT_PREEMPTED and time.monotonic() - start < 30
+    assert r.stderr.strip() == (
+        "rnnscale: preempted (SIGTERM), and no checkpoint was committed within "
+        "checkpoint.preempt_grace_s=0.5 s: exiting now; the newest committed checkpoint, X, "
+        "is intact"
+    )
