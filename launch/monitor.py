@@ -133,14 +133,20 @@ def restarts(run_dir: Path) -> int:
 
 def failure_lines(run_dir: Path) -> list[str]:
     """A line for each kind of stop events.jsonl records, when there was one: preemptions
-    (with the last one's step and notice) and hangs the watchdog detected (with the ranks it
-    named)."""
+    (with the last one's step and notice), changes of the worker count (launch.min_workers),
+    and hangs the watchdog detected (with the ranks it named)."""
     events, lines = _events(run_dir), []
-    stops = [e for e in events if e.get("event") == "preempted"]
+    stops = [e for e in events if e.get("event") == "preempted"
+             and "(resize:" not in str(e.get("notice"))]  # fmt: skip
     if stops:
         last = stops[-1]
         lines.append(f"preempted: {len(stops)} time(s), last after step {last.get('step')} "
                      f"({last.get('notice')})")  # fmt: skip
+    resizes = [e for e in events if e.get("event") == "resize"]
+    if resizes:
+        sizes = " -> ".join([str(resizes[0].get("workers_before"))]
+                            + [str(e.get("workers")) for e in resizes])  # fmt: skip
+        lines.append(f"workers resized: {sizes} ({resizes[-1].get('why')})")
     hangs = [e for e in events if e.get("event") == "hang"]
     if hangs:
         last = hangs[-1]

@@ -35,8 +35,9 @@ from ray.train.torch.config import (
     _TorchBackend,
 )
 
+from rnnscale.launch.elastic import run_resizing
 from rnnscale.train.config import RunConfig, from_dict, to_dict
-from rnnscale.train.distributed import loopback_interface
+from rnnscale.train.distributed import loopback_interface, process_group_backend
 from rnnscale.train.preemption import NOTICE_FILE, Preempted, notice_signals
 
 LOOPBACK = "127.0.0.1"
@@ -214,6 +215,7 @@ def train_with_ray(cfg: RunConfig) -> None:
     `TrainingFailedError` when the workers fail more than launch.max_failures times."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
     launch = cfg.launch
     require_train_v2()
@@ -233,41 +235,53 @@ def train_with_ray(cfg: RunConfig) -> None:
         dashboard = f"http://{dashboard}"
     print(f"rnnscale: {launch.num_workers} Ray Train workers on {where}; Ray dashboard: "
           f"{dashboard or 'not running'}", flush=True)  # fmt: skip
-    backend = "nccl" if gpus else "gloo"
     store_dir = "" if address else tempfile.mkdtemp(prefix="rnnscale-group-")  # mode 0700
-    # a collective gives up after twice train.hang_timeout_s (train/watchdog.py), else Ray's 30 min
-    hang = cfg.train.hang_timeout_s
-    timeout = {"timeout_s": max(int(2 * hang), 1)} if hang else {}
-    torch_config = (
-        TorchConfig(backend=backend, **timeout)
-        if address  # the nodes' own addresses: Ray's TCP store on rank 0
-        else LoopbackTorchConfig(
-            backend, store_dir=store_dir, interface=loopback_interface(), **timeout
-        )  # fmt: skip
-    )
-    trainer = TorchTrainer(
-        worker,
-        train_loop_config={"config": to_dict(cfg), "cluster": bool(address)},
-        torch_config=torch_config,
-        scaling_config=ScalingConfig(
-            num_workers=launch.num_workers,
-            use_gpu=gpus > 0,
-            resources_per_worker=resources,
-            placement_strategy=launch.placement,
-        ),
-        run_config=RunConfig(
-            name=cfg.run.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=launch.max_failures),
-        ),
-    )
+    torch_config = _torch_config(cfg, store_dir)
+    # how long a (re)started group waits to be placed before Ray counts a failure (elastic.py)
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = f"{launch.worker_wait_s:g}"
+
+    def fit(workers: int) -> None:
+        TorchTrainer(
+            worker,
+            train_loop_config={"config": to_dict(cfg), "cluster": bool(address)},
+            torch_config=torch_config,
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                use_gpu=gpus > 0,
+                resources_per_worker=resources,
+                placement_strategy=launch.placement,
+            ),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=storage,
+                # a group that cannot be placed is Ray's controller failing, retried forever
+                # unless limited: limited when the run may go on with fewer (elastic.py)
+                failure_config=FailureConfig(
+                    max_failures=launch.max_failures,
+                    controller_failure_limit=launch.max_failures if launch.min_workers else -1,
+                ),
+            ),
+        ).fit()
+
     try:
         with _notices_to_file(cfg):
-            trainer.fit()
+            run_resizing(cfg, fit)
     finally:
         if store_dir:
             shutil.rmtree(store_dir, ignore_errors=True)
     _raise_if_preempted(cfg)
+
+
+def _torch_config(cfg: RunConfig, store_dir: str) -> TorchConfig:
+    """gloo or NCCL; on an embedded Ray (`store_dir`) the loopback group; a collective gives up
+    after twice train.hang_timeout_s (train/watchdog.py) instead of Ray's 30 minutes."""
+    backend = process_group_backend(cfg.launch.gpus_per_worker > 0)
+    hang = cfg.train.hang_timeout_s
+    timeout = {"timeout_s": max(int(2 * hang), 1)} if hang else {}
+    if not store_dir:  # a cluster: the nodes' own addresses, Ray's TCP store on rank 0
+        return TorchConfig(backend=backend, **timeout)
+    return LoopbackTorchConfig(backend, store_dir=store_dir, interface=loopback_interface(),
+                               **timeout)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ worker is stopped (SIGSTOP: the watchdog names it and the group restarts), and a
 the driver (a checkpoint, exit 75, the same command goes on). Ray Train V1 is refused. Everything
 an embedded Ray run starts, and a one-process run, listens on the loopback only."""
 
+import contextlib
 import json
 import os
 import re
@@ -195,13 +196,11 @@ def test_submit_to_a_local_head_and_read_the_job_logs(repo_root, tmp_path):
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
 
 
-def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_path,
-                                                               two_ranks):  # fmt: skip
-    """A head and two worker nodes, each in its own network namespace with its own address;
-    `rnnscale submit` a 2-worker run (one worker per node); SIGKILL one worker node's raylet
-    mid-run and start a replacement node: Ray declares the node dead, restarts the worker group
-    on the survivor and the new node, the run resumes from its last committed checkpoint, and
-    the job finishes with the losses of a run that never stopped."""
+@contextlib.contextmanager
+def three_nodes(repo_root):
+    """A Ray head (no CPUs: it runs the job's driver) and two worker nodes of 1 CPU, each in
+    its own network namespace with its own address; yields (cluster, rnnscale) where
+    `rnnscale(*args)` runs the CLI on the head against the cluster's dashboard address."""
     reason = unavailable()
     if reason:
         cannot(f"multi-node Ray test needs network namespaces: {reason}")
@@ -212,20 +211,35 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_pat
            # given 3 s (Ray's default takes about 30 s); slack for 2 busy cores
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000",
            "RAY_health_check_failure_threshold": "5"}  # fmt: skip
-    run_dir = tmp_path / "run"
     temp = Path(tempfile.mkdtemp(prefix="rsray", dir="/tmp"))  # Ray's sockets: a short path
     remove_leftovers()
     cluster = NetnsCluster(BIN, temp, env)  # makes nothing until the first node
     try:
-        head = cluster.start_head("head", "--num-cpus=0")  # runs the job's driver, no worker
+        head = cluster.start_head("head", "--num-cpus=0")
         cluster.start_worker("w1", "--num-cpus=1")
         cluster.start_worker("w2", "--num-cpus=1")
         address = f"http://{head}:8265"
 
-        def rnnscale(*args, extra_env=None):
+        def rnnscale(*args, extra_env=None, check=True):
             return cluster.run("head", str(BIN / "rnnscale"), *args, "--address", address,
-                               cwd=repo_root, extra_env=extra_env).stdout  # fmt: skip
+                               cwd=repo_root, extra_env=extra_env, check=check).stdout  # fmt: skip
 
+        cluster.head, cluster.address = head, address
+        yield cluster, rnnscale
+    finally:
+        cluster.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_path,
+                                                               two_ranks):  # fmt: skip
+    """A head and two worker nodes, each in its own network namespace with its own address;
+    `rnnscale submit` a 2-worker run (one worker per node); SIGKILL one worker node's raylet
+    mid-run and start a replacement node: Ray declares the node dead, restarts the worker group
+    on the survivor and the new node, the run resumes from its last committed checkpoint, and
+    the job finishes with the losses of a run that never stopped."""
+    run_dir = tmp_path / "run"
+    with three_nodes(repo_root) as (cluster, rnnscale):
         # gloo would take the host name's address (127.0.0.1 here): the job names the interface
         out = rnnscale("submit", "configs/debug_cpu.yaml", "--job-id", "multinode",
                        "--env", "GLOO_SOCKET_IFNAME", f"run.dir={run_dir}",
@@ -236,8 +250,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_pat
         deadline = time.monotonic() + 300
         while not [e for e in events(run_dir, "checkpoint") if e["step"] >= 4]:
             if time.monotonic() > deadline:
-                logs = cluster.run("head", str(BIN / "rnnscale"), "jobs", "logs", "multinode",
-                                   "--address", address, check=False).stdout  # fmt: skip
+                logs = rnnscale("jobs", "logs", "multinode", check=False)
                 raise AssertionError(f"no checkpoint of step 4 in 300 s:\n{logs[-4000:]}")
             time.sleep(0.1)
         cluster.kill("w1", "raylet")  # the node and its worker are gone
@@ -249,13 +262,12 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_pat
             status = rnnscale("jobs", "status", "multinode")
         logs = rnnscale("jobs", "logs", "multinode")
         assert "SUCCEEDED" in status, logs[-6000:]
-    finally:
-        cluster.close()
-        shutil.rmtree(temp, ignore_errors=True)
     assert f"rnnscale: done: {MAX_STEPS} steps" in logs
     assert "ip=10.77.0.4" in logs  # a worker ran on the replacement node
     # on a cluster, the addresses in use are said: Ray's, then the process group's store
-    assert "rnnscale: joined the Ray cluster at " in logs and f"its GCS at {head}:6379" in logs
+    assert (
+        "rnnscale: joined the Ray cluster at " in logs and f"its GCS at {cluster.head}:6379" in logs
+    )
     assert "the process group's TCP store (torch c10d) listens on every interface" in logs
     starts = events(run_dir, "start")  # a busy machine may cost a second restart
     assert len(starts) >= 2 and starts[-1]["resumed_from"], starts
@@ -331,8 +343,8 @@ def test_sigterm_to_the_ray_driver_stops_with_a_checkpoint(repo_root, tmp_path, 
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-4000:]
     (stop,) = events(run_dir, "preempted")
-    assert stop["notice"] == str(run_dir / "PREEMPT") and stop["checkpoint"], stop
-    assert f"rnnscale: preempted ({run_dir / 'PREEMPT'}) after step {stop['step']}" in out
+    assert stop["notice"] == f"{run_dir / 'PREEMPT'} (SIGTERM)" and stop["checkpoint"], stop
+    assert f"rnnscale: preempted ({run_dir / 'PREEMPT'} (SIGTERM)) after step {stop['step']}" in out
     assert max(last_losses(run_dir)) == stop["step"] < MAX_STEPS
     proc = ray_run(repo_root, run_dir)
     out, _ = proc.communicate(timeout=300)
@@ -353,3 +365,64 @@ def test_ray_train_v1_is_refused_naming_the_setting(repo_root, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("rnnscale: Ray Train V2 is off (RAY_TRAIN_V2_ENABLED='0'")
     assert "unset RAY_TRAIN_V2_ENABLED or set it to 1" in err and len(err.splitlines()) == 1
+
+
+def test_a_node_lost_for_good_the_run_goes_on_with_fewer_and_grows_back(repo_root, tmp_path):
+    """launch.min_workers=1: a head and two worker nodes in network namespaces, a 2-worker
+    run; one node's raylet killed and no replacement: after Ray's restart waits in vain, the
+    run resumes on 1 worker; a new node joins: the driver stops the run with a checkpoint and
+    resumes it on 2. `rnnscale status` tells the sizes. (That every document is read exactly
+    once across another worker count is shown by tests/test_resume_streaming.py.)"""
+    run_dir = tmp_path / "run"
+    with three_nodes(repo_root) as (cluster, rnnscale):
+
+        def wait_for(what, seconds=300):
+            deadline = time.monotonic() + seconds
+            while not what():
+                if time.monotonic() > deadline:
+                    logs = rnnscale("jobs", "logs", "elastic", check=False)
+                    raise AssertionError(f"waited {seconds} s in vain:\n{logs[-6000:]}")
+                time.sleep(0.2)
+
+        out = rnnscale("submit", "configs/debug_cpu.yaml", "--job-id", "elastic",
+                       "--env", "GLOO_SOCKET_IFNAME", f"run.dir={run_dir}",
+                       "launch.num_workers=2", "launch.min_workers=1", "launch.max_failures=1",
+                       "launch.worker_wait_s=5", "launch.resize_check_s=2",
+                       "launch.placement=SPREAD", *COMMON, "train.max_steps=300",
+                       extra_env={"GLOO_SOCKET_IFNAME": "eth0"})  # fmt: skip
+        assert "submitted elastic" in out, out
+        wait_for(lambda: [e for e in events(run_dir, "checkpoint") if e["step"] >= 4])
+        cluster.kill("w1", "raylet")  # gone for good
+        wait_for(lambda: events(run_dir, "resize"))
+        wait_for(lambda: events(run_dir, "start")[-1]["world_size"] == 1)
+        cluster.start_worker("w3", "--num-cpus=1")  # capacity comes back
+        wait_for(lambda: len(events(run_dir, "resize")) == 2)
+        status = ""
+        while not any(end in status for end in ("SUCCEEDED", "FAILED", "STOPPED")):
+            time.sleep(2)
+            status = rnnscale("jobs", "status", "elastic")
+        logs = rnnscale("jobs", "logs", "elastic")
+        assert "SUCCEEDED" in status, logs[-6000:]
+    sizes = [(e["workers_before"], e["workers"]) for e in events(run_dir, "resize")]
+    assert sizes == [(2, 1), (1, 2)], sizes
+    worlds = [e["world_size"] for e in events(run_dir, "start")]
+    assert worlds[0] == 2 and 1 in worlds and worlds[-1] == 2, worlds
+    assert "rnnscale: done: 300 steps" in logs
+    assert sorted(last_losses(run_dir)) == list(range(1, 301))
+    status = subprocess.run([str(BIN / "rnnscale"), "status", str(run_dir)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert "workers resized: 2 -> 1 -> 2" in status.stdout, status.stdout
+
+
+@pytest.mark.parametrize("overrides,want", [
+    (["launch.num_workers=4", "launch.min_workers=1", "train.global_batch_size=8",
+      "train.micro_batch_size=2"], [4, 2, 1]),  # 3 ranks cannot split 8 rows of 2
+    (["launch.num_workers=4", "launch.min_workers=2", "parallel.sequence_parallel_size=2",
+      "train.global_batch_size=4", "train.micro_batch_size=2"], [4, 2]),  # multiples of P
+    (["launch.num_workers=2", "launch.min_workers=2"], [2]),
+])  # fmt: skip
+def test_the_worker_counts_a_run_may_shrink_to(repo_root, tmp_path, overrides, want):
+    from rnnscale.launch.elastic import allowed_sizes
+
+    cfg = load_config(repo_root / "configs/debug_cpu.yaml", [f"run.dir={tmp_path}", *overrides])
+    assert allowed_sizes(cfg) == want

@@ -258,3 +258,16 @@ def test_streaming_runs_refuse_uneven_ranks_per_node():
         check_node_layout(["0", "0", "0", "1"], uses_streaming=True)
     with pytest.raises(ConfigError, match=r"not grouped by node in rank order \(nodes by rank"):
         check_node_layout(["0", "1", "0", "1"], uses_streaming=True)
+
+
+@pytest.mark.gpu
+def test_a_run_trains_checkpoints_and_resumes_on_the_gpu(repo_root, tmp_path):
+    """run(cfg) on CUDA in bf16 under ZeRO-2 with the compiled kernels, a checkpoint, and a
+    resume that continues it: the process group takes the step's CPU collectives (metrics, the
+    preemption flag: gloo) beside DeepSpeed's CUDA ones (NCCL)."""
+    first = trainer.run(config(repo_root, tmp_path, "parallel.dtype=bf16", "parallel.zero_stage=2",
+                               "train.max_steps=4", "checkpoint.interval=2"))  # fmt: skip
+    assert torch.distributed.get_backend() != "gloo" and math.isfinite(first["loss"])
+    again = trainer.run(config(repo_root, tmp_path, "parallel.dtype=bf16", "parallel.zero_stage=2",
+                               "train.max_steps=6", "checkpoint.interval=2"))  # fmt: skip
+    assert math.isfinite(again["loss"]) and len(losses(tmp_path)) == 6

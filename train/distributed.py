@@ -13,7 +13,8 @@ import torch
 
 
 def init_distributed(hang_timeout_s: float = 0.0) -> None:
-    """Join the job's process group through DeepSpeed (gloo on CPU, NCCL on GPU) from the usual
+    """Join the job's process group through DeepSpeed (gloo on CPU; NCCL and gloo on GPUs,
+    `process_group_backend`) from the usual
     RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A process started alone (no
     WORLD_SIZE) is rank 0 of 1 with its store in memory: nothing listens for it, where a TCP
     store would listen on every interface (torch's TCPStore binds all of them, whatever address
@@ -27,7 +28,7 @@ def init_distributed(hang_timeout_s: float = 0.0) -> None:
         return
     import deepspeed
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = process_group_backend(torch.cuda.is_available())
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it (children ignore it alone)
         for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
@@ -37,6 +38,14 @@ def init_distributed(hang_timeout_s: float = 0.0) -> None:
     timeout = {"timeout": timedelta(seconds=2 * hang_timeout_s)} if hang_timeout_s else {}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                **timeout)  # fmt: skip
+
+
+def process_group_backend(cuda: bool) -> str:
+    """gloo on CPU; on GPUs NCCL for CUDA tensors and gloo for CPU ones: the step's metrics,
+    the preemption flag, the loader's lock step and the checkpoint's agreement are small CPU
+    tensors, which an NCCL-only group refuses ("No backend type associated with device type
+    cpu"). Torch, DeepSpeed and Ray Train all take the combined form."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def loopback_interface() -> str:

@@ -211,14 +211,20 @@ class Logger:
     def event(self, name: str, **fields) -> None:
         """Append {"time", "event": name, **fields} to <run dir>/events.jsonl (rank 0 only):
         starts of the run, checkpoints; `rnnscale status` reads them."""
-        if self.events_path is None:
-            return
-        with open(self.events_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": time.time(), "event": name, **fields}, default=str) + "\n")
+        if self.events_path is not None:
+            append_event(self.events_path, name, **fields)
 
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+def append_event(events_file: Path, name: str, /, **fields) -> None:
+    """One line {"time", "event": name, **fields} appended to an events.jsonl (the run's rank 0,
+    or the Ray driver: a line is one write, whole). Positional-only: any field name (`path`)
+    may be a field."""
+    with open(events_file, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.time(), "event": name, **fields}, default=str) + "\n")
 
 
 def _number(v) -> bool:

@@ -110,7 +110,11 @@ class Preemption:
     def agreed(self) -> bool:
         """Whether any rank has a notice (a collective when there are several ranks)."""
         if self.received is None and self.notice_file is not None and self.notice_file.exists():
-            self.notice(f"{self.notice_file}")
+            try:  # who wrote it and why, when it says (the Ray driver: its signal, a resize)
+                said = self.notice_file.read_text().strip().splitlines()[0]
+            except (OSError, IndexError, UnicodeDecodeError):
+                said = ""
+            self.notice(f"{self.notice_file}" + (f" ({said[:200]})" if said else ""))
         flag = torch.tensor([int(self.received is not None)])
         if torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)

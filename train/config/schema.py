@@ -157,10 +157,9 @@ class TrainSection:
     )
     hang_timeout_s: float = doc(
         300.0,
-        "A rank that makes no progress for this long (after the first step: one step, one "
-        "evaluation or one checkpoint save must take less) is ended with exit code 124, naming "
-        "the ranks behind, so that the launcher restarts the job; the process group's "
-        "collective timeout is twice it. 0: no watchdog (the backend's default timeout).",
+        "A rank without progress for this long (after the first step; a step, evaluation or "
+        "save must take less) ends with exit 124, naming the ranks behind, for the launcher to "
+        "restart; collectives time out at twice it. 0: off (the backend's timeout).",
         ge=0,
         why="0: off",
     )
@@ -309,6 +308,26 @@ class LaunchSection:
         ge=-1,
         why="-1: no limit",
     )
+    min_workers: int = doc(
+        0,
+        "Go on with fewer workers, down to this many, when Ray cannot place them all (after "
+        "launch.max_failures restarts of launch.worker_wait_s each): the run resumes on as many "
+        "as fit and grows back when they fit again (docs/cluster.md). 0: never fewer.",
+        ge=0,
+        why="0: no shrinking",
+    )
+    worker_wait_s: float = doc(
+        60.0,
+        "Seconds Ray Train waits for a (re)started worker group to be placed before it counts "
+        "a failure (Ray's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S).",
+        gt=0,
+    )
+    resize_check_s: float = doc(
+        30.0,
+        "With fewer workers than launch.num_workers: how often the driver looks whether more "
+        "fit again (then the run stops after its step with a checkpoint and resumes on them).",
+        gt=0,
+    )
     storage_path: str = doc(
         "",
         "Where Ray Train keeps its own run state (every node must see it on a multi-node "
@@ -322,6 +341,10 @@ class LaunchSection:
         le=65535,
         why="0: 8265 or the next free port",
     )
+
+    def check(self, path: str) -> None:
+        require(self.min_workers <= self.num_workers, f"{path}.min_workers",
+                f"must be at most launch.num_workers ({self.num_workers})")  # fmt: skip
 
 
 @dataclass
