@@ -35,6 +35,9 @@ reads until it holds the documents of the step's rows, and every rank reads as m
 batches as the rank that needs the most (one all-reduce of one number per round, usually one
 round). All ranks then cross into an epoch at the same call.
 
+Validation sets are not packed here: `held_out_documents` reads a replica's part of them by
+index, every document once over all replicas (train/batches.py makes the rows).
+
 Another world size (`PackedLoader.reshard`). Streaming resumes at a global sample count for any
 number of ranks (with the same canonical node count), so the stream continues where all old
 ranks together stopped. What the old ranks had pulled but not yet packed (the rest of the
@@ -191,7 +194,7 @@ class PackedLoader:
             if short > 0:  # the batches this takes at the tokens per batch seen so far
                 seen = self.stream_tokens / self.stream_batches if self.stream_batches else 0
                 wanted = math.ceil(short / seen) if seen else 1
-            batches = _max_over_ranks(wanted)
+            batches = max_over_ranks(wanted)
             if batches == 0:
                 return
             for _ in range(batches):
@@ -205,7 +208,7 @@ class PackedLoader:
 
     def state_dict(self) -> dict:
         """This rank's position. Collective under torch.distributed: every rank calls it."""
-        target = _max_over_ranks(self.docs.pulled - self.epoch_start)
+        target = max_over_ranks(self.docs.pulled - self.epoch_start)
         while self.docs.pulled - self.epoch_start < target:  # one stream position for all
             self._pull()
         readers = _world_size() // self.replication  # ranks that read different samples
@@ -250,6 +253,27 @@ class PackedLoader:
         return out
 
 
+def held_out_documents(paths: list[str], replica: int, replicas: int) -> Iterator[np.ndarray]:
+    """The documents of the validation sets `paths`, each once and in order: the sets as
+    listed, each in the order `data prepare` wrote it (streaming's global sample ids). Replica
+    `replica` of `replicas` gets documents replica, replica + replicas, ...: disjoint parts
+    that together are every document once, of about equal tokens. Read by index, not by
+    iterating a StreamingDataset: streaming pads a partition with repeated samples, and an
+    epoch starts behind a barrier of the node's ranks (see "Lock step")."""
+    from streaming import Stream, StreamingDataset
+
+    for path in paths:
+        if "://" not in path:
+            check_stream(path)
+    streams = [_stream(Stream, path, None) for path in paths]
+    dataset = StreamingDataset(streams=streams, shuffle=False, batch_size=1)
+    for path, stream in zip(paths, streams, strict=True):
+        if "://" in path and check_cache(stream.local, path):
+            stream.validate_hash = HASH
+    for i in range(replica, dataset.num_samples, replicas):
+        yield dataset[i]["tokens"]  # (the shard's dtype: 2 bytes a token when it fits)
+
+
 def _token_arrays(samples: list[dict]) -> list[np.ndarray]:
     return [s["tokens"].astype(np.int64) for s in samples]
 
@@ -267,7 +291,8 @@ def _stream(Stream, path: str, proportion: float | None):
     return Stream(remote=path, local=str(cache), proportion=proportion)
 
 
-def _max_over_ranks(value: int) -> int:
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of all ranks (collective under torch.distributed)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         t = torch.tensor([value], dtype=torch.long)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

@@ -20,6 +20,11 @@ the parts that were finished (each shard file at its indexed size and hash), red
 and gives the same shards as an uninterrupted run; another job's leftovers are removed first.
 A run that read no usable document fails (`shardset.nothing_read`) and leaves no shards.
 
+Held-out split (`val_fraction`, `split`): each document goes to `out/train` or `out/val` by a
+hash of its text; every part is then written as two parts, one per set (a part is whole only
+when both are), and each set is merged, checked, resumed and committed as a shard set of its
+own, with its own job fingerprint. Without a split `out` is the one set, as before.
+
 Long documents are encoded in pieces (`encoding`), with the same ids as one encode.
 
 Report: `stats.json` (files, documents, tokens, repaired documents and every skipped item with
@@ -43,6 +48,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 from itertools import islice
 from multiprocessing import get_context
@@ -66,16 +72,26 @@ from rnnscale.data.readers import (
 )
 from rnnscale.data.shardset import (
     INPUTS,
-    MARKER,
+    MARKER,  # noqa: F401  (imported from here by callers and tests)
     PART_STATS,
     STATS,
-    check_part,
+    already_done,
     clear_partial,
     commit,
-    finished,
     nothing_read,
     part_name,
-    recheck,
+    whole_parts,
+)
+from rnnscale.data.split import (
+    SETS,
+    check_fraction,
+    check_layout,
+    held_out,
+    overrides,
+    refuse_empty_side,
+    set_dirs,
+    set_job_ids,
+    set_remotes,
 )
 from rnnscale.data.tokenizer import fingerprint, load_tokenizer
 
@@ -105,16 +121,21 @@ def prepare(
     progress: bool = True,
     remote: str | None = None,
     part_bytes: int | None = None,
+    val_fraction: float | None = None,
 ) -> dict:
     """Write the shards (or find them written); returns the stats. With `remote` (an object
     store URL that mosaicml-streaming supports, or another directory), `out` is the local copy
-    and every file is uploaded there as it is finished, the done-marker last."""
+    and every file is uploaded there as it is finished, the done-marker last. With
+    `val_fraction`, `out/train` and `out/val` (`split`), and the stats are {"train": ...,
+    "val": ...}."""
     if bad_bytes not in BAD_BYTES:
         raise ValueError(f"--bad-bytes must be one of {', '.join(BAD_BYTES)}, got {bad_bytes!r}")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    check_fraction(val_fraction)
     files = list_files(inputs)
     out = Path(out)
+    check_layout(out, val_fraction)
     sp = load_tokenizer(tokenizer)
     dtype = "uint16" if sp.vocab_size() <= 1 << 16 else "uint32"
     job = {
@@ -126,29 +147,39 @@ def prepare(
         "tokenizer": fingerprint(tokenizer),
         "options": [text_key, split_blank_lines, bad_bytes, compression, dtype, remote, part_bytes],
     }
+    if val_fraction is not None:  # only then: a job without a split keeps its fingerprint
+        job["val_fraction"] = val_fraction
     job_id = hashlib.sha256(json.dumps(job).encode()).hexdigest()
-    done, checked = finished(out, job_id), None
+    dirs, ids = set_dirs(out, val_fraction), set_job_ids(job_id, val_fraction)
+    done, checked = already_done(out, dirs, ids)
     if done is not None:
-        checked = recheck(out, done["parts"])
-        if (out / MARKER).exists():
-            print(f"rnnscale: {out} already holds these shards ({MARKER} matches, every shard "
-                  f"checked): nothing to do")  # fmt: skip
-            return done
+        return _result(done, val_fraction)
     created = not out.exists()
-    clear_partial(out, job_id)
+    for d, i in zip(dirs, ids):
+        clear_partial(d, i)
+    shutil.rmtree(out / INPUTS, ignore_errors=True)
     files, origin = localize(files, out / INPUTS)  # URLs downloaded; local paths stay
     if part_bytes is None:
         part_bytes = default_part_bytes(sum(os.path.getsize(f) for f in files))
-    stats = _write(files, str(tokenizer), out, dtype, text_key, workers, compression,
-                   split_blank_lines, bad_bytes, progress, remote, part_bytes, checked)  # fmt: skip
-    if stats["documents"] == 0:
-        nothing_read(inputs, files, origin, stats, out, created, text_key, split_blank_lines)
-    for item in stats["skipped"] + stats["repaired"]:
-        item["file"] = origin.get(item["file"], item["file"])  # report URLs, not the cache
+    options = (text_key, split_blank_lines, bad_bytes, dtype, compression, val_fraction)
+    stats = _write(files, str(tokenizer), dirs, set_remotes(remote, val_fraction), options,
+                   workers, progress, part_bytes, checked)  # fmt: skip
+    if sum(s["documents"] for s in stats) == 0:
+        nothing_read(inputs, files, origin, stats[0], dirs, out, created, text_key,
+                     split_blank_lines)  # fmt: skip
+    if val_fraction is not None:
+        refuse_empty_side(stats, val_fraction, dirs, out, created)
     shutil.rmtree(out / INPUTS, ignore_errors=True)
-    stats["tokenizer"] = job["tokenizer"]
-    commit(out, remote, stats, {"job": job_id, **job})
-    return stats
+    for d, r, i, s in zip(dirs, set_remotes(remote, val_fraction), ids, stats):
+        for item in s["skipped"] + s["repaired"]:
+            item["file"] = origin.get(item["file"], item["file"])  # report URLs, not the cache
+        s["tokenizer"] = job["tokenizer"]
+        commit(d, r, s, {"job": i, **job})
+    return _result(stats, val_fraction)
+
+
+def _result(stats: list[dict], val_fraction: float | None) -> dict:
+    return stats[0] if val_fraction is None else dict(zip(SETS, stats))
 
 
 _ENCODERS: dict = {}  # a worker process's encoder per dtype, on its tokenizer loaded once
@@ -161,9 +192,11 @@ def _init_worker(tokenizer: str) -> None:
     _ENCODERS.clear()
 
 
-def _tokenize(records: list[Record], text_key: str, bad_bytes: str, dtype: str) -> list:
-    """Records -> [(token array, Document without its text, UTF-8 bytes) or Skip], in order.
-    Empties `records` once parsed (a long document's raw bytes are not kept while encoding)."""
+def _tokenize(records: list[Record], text_key: str, bad_bytes: str, dtype: str,
+              val_fraction: float | None = None) -> list:  # fmt: skip
+    """Records -> [(token array, Document without its text, UTF-8 bytes, set) or Skip], in
+    order; set 1 (validation) for a document `split.held_out` picks, else 0. Empties `records`
+    once parsed (a long document's raw bytes are not kept while encoding)."""
     items = [parse(r, text_key=text_key, bad_bytes=bad_bytes) for r in records]
     records.clear()
     if dtype not in _ENCODERS:
@@ -178,60 +211,68 @@ def _tokenize(records: list[Record], text_key: str, bad_bytes: str, dtype: str) 
             results.append(item)
         else:
             nbytes = utf8_length(item.text)
+            side = int(val_fraction is not None and held_out(item.text, val_fraction))
             items[i] = None  # the text goes as soon as it is encoded and counted
-            results.append((next(encoded), replace(item, text=""), nbytes))
+            results.append((next(encoded), replace(item, text=""), nbytes, side))
     return results
 
 
-def _write_part(task: tuple) -> dict:
-    """Worker: one part (spans of input) -> MDS shards in out/part-NNNNN, renamed into place
-    only when complete; returns the part's stats (also saved in the part)."""
+def _write_part(task: tuple) -> list[dict]:
+    """Worker: one part (spans of input) -> MDS shards in out/part-NNNNN of every set `outs`
+    (one, or train and validation), each renamed into place only when complete; returns the
+    part's stats per set (also saved in each). Skipped items are listed with the first set."""
     from streaming import MDSWriter
 
-    index, part, out, remote, options = task
-    text_key, split_blank_lines, bad_bytes, dtype, compression = options
+    index, part, outs, remotes, options = task
+    text_key, split_blank_lines, bad_bytes, dtype, compression, val_fraction = options
     name = part_name(index)
-    tmp = Path(out) / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    stats = {"part": index, "documents": 0, "tokens": 0, "bytes": 0, "repaired": [],
-             "skipped": []}  # fmt: skip
+    tmps = [Path(out) / f".{name}.tmp" for out in outs]
+    for tmp in tmps:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    stats = [{"part": index, "documents": 0, "tokens": 0, "bytes": 0, "repaired": [],
+              "skipped": []} for _ in outs]  # fmt: skip
     records = raw_records(part, text_key=text_key, split_blank_lines=split_blank_lines)
-    target = str(tmp) if remote is None else (str(tmp), f"{remote.rstrip('/')}/{name}")
-    with MDSWriter(out=target, columns={"tokens": f"ndarray:{dtype}"}, compression=compression,
-                   hashes=[HASH], exist_ok=True, keep_local=True) as w:  # fmt: skip
+    with ExitStack() as stack:
+        writers = [
+            stack.enter_context(MDSWriter(
+                out=str(tmp) if remote is None else (str(tmp), f"{remote.rstrip('/')}/{name}"),
+                columns={"tokens": f"ndarray:{dtype}"}, compression=compression, hashes=[HASH],
+                exist_ok=True, keep_local=True))
+            for tmp, remote in zip(tmps, remotes)
+        ]  # fmt: skip
         while batch := list(islice(records, BATCH)):
-            for item in _tokenize(batch, text_key, bad_bytes, dtype):
+            for item in _tokenize(batch, text_key, bad_bytes, dtype, val_fraction):
                 if isinstance(item, Skip):
-                    stats["skipped"].append(item.as_dict())
+                    stats[0]["skipped"].append(item.as_dict())
                     continue
-                ids, doc, nbytes = item
-                w.write({"tokens": ids})
-                stats["documents"] += 1
-                stats["tokens"] += len(ids)
-                stats["bytes"] += nbytes
+                ids, doc, nbytes, side = item
+                writers[side].write({"tokens": ids})
+                counts = stats[side]
+                counts["documents"] += 1
+                counts["tokens"] += len(ids)
+                counts["bytes"] += nbytes
                 if doc.repaired:
-                    stats["repaired"].append({"file": doc.file, "line": doc.line})
-    (tmp / PART_STATS).write_text(json.dumps(stats) + "\n")
-    os.replace(tmp, Path(out) / name)  # a part directory exists only when it is whole
+                    counts["repaired"].append({"file": doc.file, "line": doc.line})
+    for tmp, counts in zip(tmps, stats):
+        (tmp / PART_STATS).write_text(json.dumps(counts) + "\n")
+    for tmp, out in zip(tmps, outs):
+        os.replace(tmp, Path(out) / name)  # a part directory exists only when it is whole
     return stats
 
 
-def _write(files, tokenizer, out, dtype, text_key, workers, compression, split_blank_lines,
-           bad_bytes, progress, remote, part_bytes, checked=None) -> dict:  # fmt: skip
+def _write(files, tokenizer, outs: list[Path], remotes, options, workers, progress, part_bytes,
+           checked=None) -> list[dict]:  # fmt: skip
+    """Every part not yet whole in every set of `outs`, written by `workers` processes, then
+    each set's merged index; returns each set's stats."""
     import streaming  # noqa: F401  (imported once here: forked workers inherit it; ~5 s each)
     from tqdm import tqdm
 
-    pieces = spans(files, part_bytes, split_blank_lines)
+    pieces = spans(files, part_bytes, options[1])
     parts = _group(pieces, part_bytes)
-    options = (text_key, split_blank_lines, bad_bytes, dtype, compression)
-    if checked is None or len(checked) != len(parts):  # (already checked by `recheck`)
-        checked = {i: check_part(out / part_name(i))[0] for i in range(len(parts))}
-    done = dict(checked)
-    for i in range(len(parts)):
-        if not done[i] and (out / part_name(i)).exists():
-            shutil.rmtree(out / part_name(i))  # damaged: written again
-    todo = [(i, part, str(out), remote, options) for i, part in enumerate(parts) if not done[i]]
+    done = whole_parts(outs, len(parts), checked)
+    todo = [(i, part, [str(o) for o in outs], remotes, options)
+            for i, part in enumerate(parts) if done[i] is None]  # fmt: skip
     start = time.perf_counter()
     total = sum(map(_span_bytes, pieces))
     bar = tqdm(desc="prepare", total=total, unit="B", unit_scale=True, disable=not progress,
@@ -239,22 +280,31 @@ def _write(files, tokenizer, out, dtype, text_key, workers, compression, split_b
     bar.update(sum(_span_bytes(sp) for i, p in enumerate(parts) if done[i] for sp in p))
     documents = tokens = 0
     for stats in _map(todo, tokenizer, workers):
-        done[stats["part"]] = stats
-        documents, tokens = documents + stats["documents"], tokens + stats["tokens"]
+        done[stats[0]["part"]] = stats
+        documents += sum(s["documents"] for s in stats)
+        tokens += sum(s["tokens"] for s in stats)
         seconds = time.perf_counter() - start
-        bar.update(sum(map(_span_bytes, parts[stats["part"]])))
+        bar.update(sum(map(_span_bytes, parts[stats[0]["part"]])))
         bar.set_postfix_str(
             f"{documents / seconds:,.0f} docs/s, {tokens / seconds:,.0f} tok/s", refresh=False
         )
     bar.close()
-    _merge(out, remote, len(parts))
-    total_stats = {"files": len(files), "parts": len(parts), "documents": 0, "tokens": 0,
-                   "bytes": 0, "repaired": [], "skipped": []}  # fmt: skip
-    for i in range(len(parts)):  # input order
+    for out, remote in zip(outs, remotes):
+        _merge(out, remote, len(parts))
+    seconds = round(time.perf_counter() - start, 3)
+    return [_totals([done[i][k] for i in range(len(parts))], len(files), seconds)
+            for k in range(len(outs))]  # fmt: skip
+
+
+def _totals(parts: list[dict], files: int, seconds: float) -> dict:
+    """One set's stats: its parts' counts and lists added up, in input order."""
+    total = {"files": files, "parts": len(parts), "documents": 0, "tokens": 0, "bytes": 0,
+             "repaired": [], "skipped": []}  # fmt: skip
+    for stats in parts:
         for key in ("documents", "tokens", "bytes", "repaired", "skipped"):
-            total_stats[key] += done[i][key]
-    total_stats["seconds"] = round(time.perf_counter() - start, 3)
-    return total_stats
+            total[key] += stats[key]
+    total["seconds"] = seconds
+    return total
 
 
 def _span_bytes(span: Span) -> int:
@@ -306,11 +356,17 @@ def _map(tasks: list[tuple], tokenizer: str, workers: int) -> Iterator[dict]:
         yield from pool.imap_unordered(_write_part, tasks, chunksize=1)
 
 
-def report(stats: dict, out: str | Path) -> str:
-    """The end-of-run summary: counts, then every skipped item."""
+def report(stats: dict, out: str | Path, tokenizer: str | Path = "TOKENIZER") -> str:
+    """The end-of-run summary: counts (of each set of a split, and how to train on it), then
+    every skipped item."""
+    sets = [stats[name] for name in SETS] if SETS[0] in stats else [stats]
+    dirs = [Path(out)] if len(sets) == 1 else [Path(out) / name for name in SETS]
     lines = [
-        f"rnnscale: {out}: {stats['files']} files, {stats['documents']:,} documents, "
-        f"{stats['tokens']:,} tokens; {len(stats['repaired'])} documents with undecodable "
-        f"bytes replaced; {len(stats['skipped'])} items skipped (all in {Path(out) / STATS})"
+        f"rnnscale: {d}: {s['files']} files, {s['documents']:,} documents, {s['tokens']:,} "
+        f"tokens; {len(s['repaired'])} documents with undecodable bytes replaced; "
+        f"{len(s['skipped'])} items skipped (all in {d / STATS})"
+        for d, s in zip(dirs, sets)
     ]
-    return "\n".join(lines + skip_lines(stats["skipped"]))
+    if len(sets) > 1:
+        lines.append(overrides(Path(out), sets, tokenizer))
+    return "\n".join(lines + skip_lines(sets[0]["skipped"]))

@@ -45,6 +45,23 @@ def finished(out: Path, job_id: str) -> dict | None:
     return None
 
 
+def already_done(out: Path, dirs: list[Path], ids: list[str]) -> tuple[list | None, list | None]:
+    """(every set's stats, None) when each set of `dirs` (under `out`) is finished by its job
+    and whole: nothing to do. Else (None, each set's parts as `recheck` found them, or None
+    when a set is not finished), with every set's marker removed: the sets of a split are
+    committed again together (one may be done and another not)."""
+    done, checked = [finished(d, i) for d, i in zip(dirs, ids)], None
+    if all(d is not None for d in done):
+        checked = [recheck(d, x["parts"]) for d, x in zip(dirs, done)]
+        if all((d / MARKER).exists() for d in dirs):
+            print(f"rnnscale: {out} already holds these shards ({MARKER} matches, every shard "
+                  f"checked): nothing to do")  # fmt: skip
+            return done, None
+    for d in dirs:
+        (d / MARKER).unlink(missing_ok=True)
+    return None, checked
+
+
 def check_part(path: Path) -> tuple[dict | None, str | None]:
     """(the part's stats, None) for a part an earlier run of the same job wrote whole: its index,
     stats, and every shard file at its indexed size and recorded hash (integrity.problems);
@@ -77,6 +94,22 @@ def recheck(out: Path, count: int) -> dict[int, dict | None]:
     return checked
 
 
+def whole_parts(outs: list[Path], count: int, checked) -> dict[int, list[dict] | None]:
+    """Each part's stats per set where an earlier run of the job wrote it whole in every set
+    (`checked`, per set, when `recheck` did it already), else None: its directories are
+    removed, and it is written again."""
+    if checked is None or any(len(c) != count for c in checked):
+        checked = [{i: check_part(out / part_name(i))[0] for i in range(count)} for out in outs]
+    done = {}
+    for i in range(count):
+        found = [c[i] for c in checked]
+        done[i] = None if None in found else found
+        for out in outs if done[i] is None else ():
+            if (out / part_name(i)).exists():
+                shutil.rmtree(out / part_name(i))  # damaged, or its other set is: again
+    return done
+
+
 def clear_partial(out: Path, job_id: str) -> None:
     """Keep the whole parts an interrupted run of the same job left (`_write` checks each one);
     remove everything else prepare writes, and everything of another job's unfinished run."""
@@ -95,17 +128,25 @@ def clear_partial(out: Path, job_id: str) -> None:
     job.write_text(job_id + "\n")
 
 
-def nothing_read(inputs, files, origin, stats, out, created, text_key, split_blank_lines):
-    """No usable document: remove what this run wrote (no done-marked empty set is left; the
-    inputs are untouched) and raise one line naming the inputs, what was looked for, and why
-    each item was skipped."""
-    for path in out.glob("part-*"):
-        shutil.rmtree(path)
-    for name in ("index.json", JOB):
-        (out / name).unlink(missing_ok=True)
+def discard(dirs: list[Path], out: Path, created: bool) -> None:
+    """Remove what a refused run wrote into the shard sets `dirs` under `out` (no done-marked
+    set is left; the inputs are untouched), and `out` when this run made it and it is empty."""
+    for path in dirs:
+        for part in path.glob("part-*"):
+            shutil.rmtree(part)
+        for name in ("index.json", JOB):
+            (path / name).unlink(missing_ok=True)
+        if path != out and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
     shutil.rmtree(out / INPUTS, ignore_errors=True)
     if created and not any(out.iterdir()):
         out.rmdir()
+
+
+def nothing_read(inputs, files, origin, stats, dirs, out, created, text_key, split_blank_lines):
+    """No usable document: remove what this run wrote (`discard`) and raise one line naming
+    the inputs, what was looked for, and why each item was skipped."""
+    discard(dirs, out, created)
     skipped = [f"{origin.get(s['file'], s['file'])}:{s['line']}: {s['reason']}"
                for s in stats["skipped"]]  # fmt: skip
     listed = ": " + "; ".join(skipped[:5]) if skipped else ""

@@ -12,8 +12,9 @@
     rnnscale data tokenizer --input GLOB --vocab-size N --out DIR    train a sentencepiece BPE
     rnnscale data prepare --input GLOB --tokenizer PATH --out DIR    corpus -> MDS shards
     (either data command takes --builtin python-stdlib instead of --input: no download)
-    rnnscale status RUN_DIR                      step, loss, tokens/s, ETA, checkpoint, restarts
-    rnnscale dashboard RUN_DIR [--port 6006]     TensorBoard on RUN_DIR/tb (localhost by default)
+    rnnscale status RUN_DIR                      step, loss, eval ppl, tokens/s, elapsed, ETA, ...
+    rnnscale dashboard DIR [--port 6006]         TensorBoard on a run, or on a folder of runs
+    rnnscale compare RUN RUN ... [--out PNG]     runs' final numbers side by side, loss curves
 
 Overrides are dotted paths into the config tree, values parsed as YAML:
 `optim.lr=3e-4 model.mixer_pattern=[gla,attn] log.progress_bar=false`.
@@ -38,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return _generate(args)
     if args.command == "data":
-        return _data(args)
-    if args.command in ("status", "dashboard"):
+        from rnnscale.launch.cli_data import run_data
+
+        return run_data(args)
+    if args.command in ("status", "dashboard", "compare"):
         return _monitor(args)
     if args.command == "export":
         return _export(args)
@@ -84,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(show)
     show.set_defaults(handler=_show)
 
-    plan = commands.add_parser("plan", help="memory per GPU by ZeRO stage, before submitting")
+    plan = commands.add_parser(
+        "plan", help="memory per GPU by ZeRO stage, or the d_model for a parameter count"
+    )
     _config_args(plan)
-    plan.add_argument("--gpus", type=_positive_int, required=True, help="data-parallel ranks")
+    plan.add_argument("--gpus", type=_positive_int, help="data-parallel ranks (memory table)")
+    plan.add_argument("--match-params", metavar="N", help="print the d_model whose parameter "
+                      "count is closest to N (350M, 1.3B), the rest as configured")  # fmt: skip
     plan.add_argument("--gpus-per-node", type=_positive_int, default=8)
     plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, GiB")
 
@@ -95,21 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text, encoded with the run's tokenizer.model")
     prompt.add_argument("--prompt-ids", help="token ids instead of text, e.g. '1 17 5'")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    gen.add_argument("--seed", type=int, default=0)
-    _data_parser(commands)
+    gen.add_argument("--max-new-tokens", type=int, default=64,
+                     help="tokens to sample at most (default: %(default)s)")  # fmt: skip
+    gen.add_argument("--temperature", type=float, default=0.8,
+                     help="0: greedy (default: %(default)s)")  # fmt: skip
+    gen.add_argument("--top-p", type=float, default=0.95,
+                     help="nucleus sampling mass (default: %(default)s)")  # fmt: skip
+    gen.add_argument("--seed", type=int, default=0, help="of the sampling (default: %(default)s)")
+    from rnnscale.launch.cli_data import add_data_parser
+
+    add_data_parser(commands)
     _checkpoint_parsers(commands)
     from rnnscale.launch.jobs import add_parsers
 
     add_parsers(commands)
     status = commands.add_parser("status", help="print where a run stands")
     status.add_argument("run_dir", metavar="RUN_DIR")
-    dash = commands.add_parser("dashboard", help="serve TensorBoard on a run's tb/ directory")
-    dash.add_argument("run_dir", metavar="RUN_DIR")
+    dash = commands.add_parser("dashboard", help="TensorBoard on a run, or a folder of runs")
+    dash.add_argument("run_dir", metavar="DIR", help="a run directory, or a folder of them")
     dash.add_argument("--port", type=int, default=6006)
     dash.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    comp = commands.add_parser("compare", help="runs side by side: a table and loss curves")
+    comp.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or a folder")
+    comp.add_argument("--out", default="compare.png", metavar="PNG", help="the loss curves")
     return parser
 
 
@@ -136,87 +151,21 @@ def _checkpoint_parsers(commands) -> None:
     )
 
 
-def _data_parser(commands) -> None:
-    data = commands.add_parser("data", help="tokenizer and shards")
-    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    tok = actions.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer")
-    prep = actions.add_parser("prepare", help="tokenize a corpus into MDS shards")
-    for p in (tok, prep):
-        source = p.add_mutually_exclusive_group(required=True)
-        source.add_argument("--input", action="extend", nargs="+", metavar="GLOB",
-                            help="text, .jsonl or .parquet files or globs (several, or "
-                            "repeated; an unquoted glob the shell expanded works too)")  # fmt: skip
-        source.add_argument("--builtin", choices=["python-stdlib"],
-                            help="a corpus already on this machine")  # fmt: skip
-        p.add_argument("--out", required=True, metavar="DIR")
-        p.add_argument("--text-key", default="text", help="JSONL field / Parquet column")
-        p.add_argument("--split-blank-lines", action="store_true",
-                       help="plain text: one document per blank-line-separated block")  # fmt: skip
-    tok.add_argument("--vocab-size", type=int, required=True)
-    tok.add_argument("--max-sentences", type=int, default=2_000_000,
-                     help="lines sampled from the corpus (bounds memory)")  # fmt: skip
-    prep.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer.model")
-    prep.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    prep.add_argument("--compression", default=None, help="e.g. zstd (MDS shard compression)")
-    prep.add_argument(
-        "--bad-bytes",
-        choices=["replace", "skip"],
-        default="replace",
-        help="undecodable UTF-8: replace with U+FFFD (reported) or skip the item",
-    )
-    prep.add_argument(
-        "--remote",
-        metavar="URL",
-        help="also upload the shards there (s3://, gs://, oci://, ...; a path copies), marker last",
-    )
-    prep.add_argument("--no-progress", action="store_true")
-
-
-def _data(args: argparse.Namespace) -> int:
-    from rnnscale.data.builtin import builtin_inputs
-
-    inputs = builtin_inputs(args.builtin) if args.builtin else args.input
-    try:
-        if args.data_command == "tokenizer":
-            from rnnscale.data.tokenizer import report as tokenizer_report
-            from rnnscale.data.tokenizer import train_tokenizer
-
-            info = train_tokenizer(
-                inputs,
-                args.vocab_size,
-                args.out,
-                max_sentences=args.max_sentences,
-                text_key=args.text_key,
-                split_blank_lines=args.split_blank_lines,
-            )
-            print(tokenizer_report(info, args.out))
-            return 0
-        from rnnscale.data.prepare import prepare, report
-
-        stats = prepare(inputs, args.tokenizer, args.out, text_key=args.text_key,
-                        workers=args.workers, compression=args.compression,
-                        split_blank_lines=args.split_blank_lines, bad_bytes=args.bad_bytes,
-                        progress=not args.no_progress, remote=args.remote)  # fmt: skip
-        print(report(stats, args.out))
-        return 0
-    except (FileNotFoundError, ValueError) as e:
-        print(f"rnnscale: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. a read-only --out
-        print(f"rnnscale: {e.filename or args.out}: {e.strerror or e}: check the path and "
-              f"its permissions (--out must be writable)", file=sys.stderr)  # fmt: skip
-        return 2
-
-
 def _monitor(args: argparse.Namespace) -> int:
     from rnnscale.launch.monitor import run_dashboard, status_report
 
     try:
         if args.command == "status":
             print(status_report(args.run_dir))
+        elif args.command == "compare":
+            from rnnscale.launch.compare import compare
+
+            print(compare(args.runs, args.out))
         else:
             run_dashboard(args.run_dir, args.host, args.port)
-    except OSError as e:  # FileNotFoundError: no metrics.jsonl or tb/; else the port
+    # FileNotFoundError: no metrics.jsonl or tb/; else the port, the PNG not written, or
+    # matplotlib missing
+    except (OSError, ImportError) as e:
         print(f"rnnscale: {e}", file=sys.stderr)
         return 2
     return 0
@@ -250,6 +199,9 @@ def _train(cfg: RunConfig) -> int:
             return 2
         try:
             train_with_ray(cfg)
+        except ConfigError as e:  # another run holds run.dir
+            print(f"rnnscale: {e}", file=sys.stderr)
+            return 2
         except TrainingFailedError as e:
             print(f"rnnscale: training failed after launch.max_failures="
                   f"{cfg.launch.max_failures} restarts: {e}", file=sys.stderr)  # fmt: skip
@@ -319,15 +271,9 @@ def _positive_int(text: str) -> int:
 
 
 def _plan(cfg: RunConfig, args: argparse.Namespace) -> int:
-    from rnnscale.launch.plan import plan_report
+    from rnnscale.launch.plan import plan_command
 
-    try:
-        report = plan_report(cfg, args.gpus, args.gpus_per_node, args.gpu_memory_gb)
-    except ValueError as e:
-        print(f"rnnscale: {e}", file=sys.stderr)
-        return 2
-    print(report, end="")
-    return 0
+    return plan_command(cfg, args)
 
 
 def _generate(args: argparse.Namespace) -> int:

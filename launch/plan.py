@@ -1,6 +1,7 @@
 """What a run needs per GPU, printed before anything is submitted.
 
     rnnscale plan configs/recipes/gla-1.3b.yaml --gpus 8 [--gpus-per-node 8] [--gpu-memory-gb 80]
+    rnnscale plan configs/debug_cpu.yaml --match-params 20M [key=value ...]   # the width for it
 
 The model is built on the meta device (shapes only, nothing allocated) to count parameters and
 FLOPs. Memory for model states (parameters, gradients, optimizer states) per GPU, per ZeRO stage,
@@ -28,6 +29,10 @@ gets a warning, since these are mixed-precision numbers.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -250,3 +255,119 @@ def _activation_lines(cfg, dtype: str) -> list[str]:
         f"{_dtype_bytes(dtype)},",
         "plus one block's activations while it is recomputed, which are not estimated.",
     ]
+
+
+def plan_command(cfg, args) -> int:
+    """`rnnscale plan`: the width for --match-params, the memory table for --gpus, or both (the
+    table then of the matched width); 2 with one line on stderr for what cannot be done."""
+    try:
+        if args.match_params is None and args.gpus is None:
+            raise ValueError("plan needs --gpus N (memory per GPU) or --match-params N (the "
+                             "d_model for N parameters)")  # fmt: skip
+        if args.match_params is not None:
+            text, cfg = match_report(cfg, parse_count(args.match_params))
+            print(text, end="\n" if args.gpus is not None else "")  # a blank line between
+        if args.gpus is not None:
+            print(plan_report(cfg, args.gpus, args.gpus_per_node, args.gpu_memory_gb), end="")
+    except ValueError as e:
+        print(f"rnnscale: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_count(text: str) -> int:
+    """A parameter count as people write it: 125000000, 350M, 1.3B (k, M, B or G, T)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmbgt]?)\s*", text.replace("_", ""), re.I)
+    count = round(float(m[1]) * _SUFFIX[m[2].lower()]) if m else 0
+    if count < 1:
+        raise ValueError(f"--match-params {text!r}: write a parameter count like 350M, 1.3B or "
+                         f"125000000")  # fmt: skip
+    return count
+
+
+MAX_WIDTH = 65536  # the widest d_model searched
+
+
+def match_width(model_cfg, target: int) -> dict[int, int]:
+    """{d_model: parameters} of the width whose count is closest to `target` and of the accepted
+    widths either side of it (first key: the closest), everything else as configured (pattern,
+    layers, num_heads, each mixer's expansion). Widths are the multiples of lcm(64, num_heads)
+    up to MAX_WIDTH that every mixer accepts (a mixer refuses one with a ValueError, e.g.
+    mamba2's head_dim not dividing expand x d_model). Parameters grow with the width, so a
+    bisection finds it in about log2(MAX_WIDTH / step) meta-device models."""
+    step = math.lcm(64, model_cfg.num_heads)
+    counted: dict[int, int | None] = {}
+
+    def params(k: int) -> int | None:  # at d_model = k x step; None: a mixer refuses it
+        if k not in counted:
+            counted[k] = _params(dataclasses.replace(model_cfg, d_model=k * step))
+        return counted[k]
+
+    def near(k: int, toward: int) -> int | None:  # the first accepted k, k + toward, ...
+        stop = MAX_WIDTH // step + 1 if toward > 0 else 0
+        return next((j for j in range(k, stop, toward) if params(j) is not None), None)
+
+    lo, hi = near(1, 1), near(MAX_WIDTH // step, -1)
+    if lo is None:
+        raise ValueError(f"no d_model up to {MAX_WIDTH} that every mixer of "
+                         f"{model_cfg.mixer_pattern} accepts: check their options")  # fmt: skip
+    for k, beyond, end in ((lo, params(lo) > target, "least"), (hi, params(hi) < target, "most")):
+        if beyond:
+            raise ValueError(
+                f"--match-params {_si(target)}: out of reach; the {end} this search reaches, "
+                f"d_model={k * step}, has {_si(params(k))} parameters with "
+                f"{model_cfg.num_layers} layers of [{', '.join(model_cfg.mixer_pattern)}] and "
+                f"vocab_size {model_cfg.vocab_size}: change model.num_layers or the target"
+            )
+    while hi - lo > 1:  # params(lo) <= target <= params(hi)
+        mid = near((lo + hi) // 2, 1)
+        if mid == hi:  # no accepted width between them
+            break
+        lo, hi = (mid, hi) if params(mid) <= target else (lo, mid)
+    best = min((lo, hi), key=lambda k: abs(params(k) - target))
+    sides = [near(best - 1, -1), near(best + 1, 1)] if best > 1 else [near(best + 1, 1)]
+    return {k * step: params(k) for k in (best, *sides) if k is not None}
+
+
+def _params(model_cfg) -> int | None:
+    """The parameters of the model of `model_cfg`, None where a mixer refuses its width; from a
+    meta model of one block per distinct mixer (a block's count depends on its mixer and the
+    widths alone), num_layers / len(kinds) times faster than building every block."""
+    kinds = list(dict.fromkeys(model_cfg.mixer_pattern))
+    try:
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(model_cfg, mixer_pattern=kinds,
+                                                    num_layers=len(kinds)))  # fmt: skip
+    except ValueError:
+        return None
+    block = {k: sum(p.numel() for p in b.parameters()) for k, b in zip(kinds, model.blocks)}
+    layers = model_cfg.layer_types()
+    return model.num_params() - sum(block.values()) + sum(block[k] for k in layers)
+
+
+def match_report(cfg, target: int):
+    """(text, the config at the matched width): the d_model whose parameter count is closest
+    to `target` beside the widths either side, with counts and distances, and its override."""
+    m = cfg.model
+    counts = match_width(m, target)
+    best = next(iter(counts))
+    step = math.lcm(64, m.num_heads)
+    lines = [
+        f"{cfg.run.name}: the d_model of [{', '.join(m.mixer_pattern)}] x {m.num_layers} layers "
+        f"closest to {_si(target)} parameters",
+        f"  (num_heads {m.num_heads}, vocab_size {m.vocab_size} and the mixers' options as "
+        f"configured; d_model in steps of {step}{'' if step == 64 else ', lcm(64, num_heads)'})",
+        f"  d_model  {'parameters':>15}  {'vs ' + _si(target):>9}",
+        *[f"  {w:>7}  {n:>15,}  {_off(n, target):>9}" + ("  <- closest" if w == best else "")
+          for w, n in sorted(counts.items())],
+        f"override: model.d_model={best}",
+    ]  # fmt: skip
+    matched = dataclasses.replace(cfg, model=dataclasses.replace(m, d_model=best))
+    return "\n".join(lines) + "\n", matched
+
+
+def _off(params: int, target: int) -> str:
+    return f"{100 * (params - target) / target:+.2f}%"

@@ -39,6 +39,8 @@ from rnnscale.launch.elastic import run_resizing
 from rnnscale.train.config import RunConfig, from_dict, to_dict
 from rnnscale.train.distributed import loopback_interface, process_group_backend
 from rnnscale.train.preemption import NOTICE_FILE, Preempted, notice_signals
+from rnnscale.train.run_dir import finished_message
+from rnnscale.train.run_lock import HELD_VAR, RunLock
 
 LOOPBACK = "127.0.0.1"
 # off: Ray takes this machine for a single-node one, and 127.0.0.1 as its address (below)
@@ -73,6 +75,8 @@ def worker(config: dict) -> None:
         print(f"rnnscale: the process group's TCP store (torch c10d) listens on every interface "
               f"of rank 0's node, port {env['MASTER_PORT']}; the ranks reach it at "
               f"{env['MASTER_ADDR']}", flush=True)  # fmt: skip
+    if config.get("lock_held"):  # the driver holds the run directory's lock for the job
+        os.environ[HELD_VAR] = str(config["lock_held"])
     try:
         run(from_dict(config["config"]))
     except Preempted:  # every rank stops alike, after the checkpoint: the driver says so
@@ -212,15 +216,31 @@ def require_train_v2() -> None:
 
 def train_with_ray(cfg: RunConfig) -> None:
     """Run the job's workers under Ray Train and wait for them; raises Ray's
-    `TrainingFailedError` when the workers fail more than launch.max_failures times."""
+    `TrainingFailedError` when the workers fail more than launch.max_failures times, and
+    RunLocked when another run trains in run.dir. A finished run says so and starts nothing.
+    On an embedded Ray this driver holds the run directory's lock for the whole job (its
+    workers restart under it); on a cluster, whose nodes may not share this driver's files,
+    rank 0 takes it."""
+    cfg = absolute_paths(cfg)
+    address = cfg.launch.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        _train_with_ray(cfg, address, lock_held=0)
+        return
+    finished = finished_message(cfg)
+    if finished:
+        print(f"rnnscale: {finished}", flush=True)
+        return
+    with RunLock.take(cfg.run_dir):
+        _train_with_ray(cfg, address, lock_held=os.getpid())
+
+
+def _train_with_ray(cfg: RunConfig, address: str, lock_held: int) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
     launch = cfg.launch
     require_train_v2()
-    cfg = absolute_paths(cfg)
-    address = launch.address or os.environ.get("RAY_ADDRESS", "")
     dashboard = ""
     if not ray.is_initialized():
         dashboard = join_cluster(address) if address else start_embedded_ray(launch)
@@ -243,7 +263,11 @@ def train_with_ray(cfg: RunConfig) -> None:
     def fit(workers: int) -> None:
         TorchTrainer(
             worker,
-            train_loop_config={"config": to_dict(cfg), "cluster": bool(address)},
+            train_loop_config={
+                "config": to_dict(cfg),
+                "cluster": bool(address),
+                "lock_held": lock_held,
+            },  # fmt: skip
             torch_config=torch_config,
             scaling_config=ScalingConfig(
                 num_workers=workers,

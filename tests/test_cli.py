@@ -86,6 +86,18 @@ def test_config_show_prints_the_resolved_config(repo_root):
     assert "lr: 0.5" in r.stdout and "mixer_pattern: [gla, attn]" in r.stdout
 
 
+def test_generate_help_shows_the_defaults(capsys):
+    from rnnscale.launch.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal's width
+    for shown in ("--max-new-tokens MAX_NEW_TOKENS tokens to sample at most (default: 64)",
+                  "0: greedy (default: 0.8)", "nucleus sampling mass (default: 0.95)",
+                  "of the sampling (default: 0)"):  # fmt: skip
+        assert shown in out, out
+
+
 def test_no_subcommand_is_usage_error(repo_root):
     r = rnnscale(cwd=repo_root)
     assert r.returncode == 2 and "usage: rnnscale" in r.stderr

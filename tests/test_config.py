@@ -212,3 +212,47 @@ def test_speed_settings_under_model_move_to_kernels_with_a_warning(repo_root, ca
     assert "model.gla.chunk_size (32) is now kernels.chunk_size.gla, which is 64 here" in (
         capsys.readouterr().err
     )
+
+
+def test_a_pattern_that_does_not_divide_num_layers_is_said_once(repo_root, capsys, monkeypatch):
+    """[gdn, gdn, attn] over 4 layers tiles to gdn, gdn, attn, gdn: said once per process, on
+    rank 0 only, naming the layers; a pattern that divides num_layers says nothing."""
+    from rnnscale.train.config import loading
+
+    monkeypatch.setattr(loading, "_TILINGS_SAID", set())
+    uneven = ["model.mixer_pattern=[gated_deltanet, gated_deltanet, attn]", "model.num_layers=4"]
+    for _ in range(2):
+        load_config(repo_root / "configs/debug_cpu.yaml", uneven)
+    err = capsys.readouterr().err
+    assert err.count("does not divide model.num_layers=4") == 1, err
+    assert "the layers are [gated_deltanet, gated_deltanet, attn, gated_deltanet]" in err
+    load_config(repo_root / "configs/debug_cpu.yaml", [uneven[0], "model.num_layers=6"])
+    monkeypatch.setattr(loading, "_TILINGS_SAID", set())
+    from rnnscale.train import notice  # rank 1 (an earlier test may have left a process group)
+
+    monkeypatch.setattr(notice, "_rank", lambda: 1)
+    load_config(repo_root / "configs/debug_cpu.yaml", uneven)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "in_file,overrides,name",
+    [
+        ("{name: base}", ["run.dir=runs/exp2"], "exp2"),  # the reported case
+        ("{name: base}", ["run.dir=/tmp/sweep/lr3e-4/"], "lr3e-4"),
+        ("{name: base}", ["run.dir=runs/exp2", "run.name=mine"], "mine"),
+        ("{name: base}", ["run.name=mine", "run.dir=runs/exp2"], "mine"),  # one level
+        ("{name: base}", ["run.dir="], "base"),  # empty: runs/<run.name>
+        ("{name: base, dir: runs/b}", [], "base"),
+        ("{dir: runs/b}", [], "b"),
+        ("{dir: runs/b}", ["run.name=mine"], "mine"),
+        ("{name: base, dir: runs/b}", ["run.dir=runs/c"], "c"),
+        ("{name: base, dir: runs/b}", ["run.seed=3"], "base"),
+    ],
+)
+def test_run_dir_alone_names_the_run(tmp_path, in_file, overrides, name):
+    """A run.dir set (in the file or by overrides) without a run.name at the same or a later
+    level names the run, and so its wandb id: two directories are two runs."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run: {in_file}\n")
+    assert load_config(path, overrides).run.name == name

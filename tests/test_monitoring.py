@@ -1,9 +1,11 @@
 """The Logger's sinks (metrics.jsonl, TensorBoard, wandb offline, events.jsonl) read back with
-each tool's own reader, and the two commands that read a run directory: `rnnscale status` and
+each tool's own reader, and the two commands that read run directories: `rnnscale status` and
 `rnnscale dashboard` (TensorBoard's HTTP API, queried like a browser would)."""
 
 import json
 import math
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -15,7 +17,8 @@ import zlib
 import pytest
 from test_cli import BIN, rnnscale
 
-from rnnscale.launch.monitor import status_report
+from rnnscale.launch.cli import main
+from rnnscale.launch.monitor import dashboard_runs, link_runs, status_report
 from rnnscale.train.config import ConfigError, dump_yaml, load_config
 from rnnscale.train.logger import Logger, check_wandb_credentials, wandb_run_id
 
@@ -45,11 +48,11 @@ def _config(repo_root, run_dir, *overrides):
     )
 
 
-def _log_run(cfg, run_dir, rank=0):
+def _log_run(cfg, run_dir, rank=0, offset=0.0):
     logger = Logger.for_rank(rank, cfg, run_dir)
     logger.event("start", step=0, world_size=1)
     for step in range(1, len(LOSSES) + 1):
-        logger.log(step, _metrics(step))
+        logger.log(step, {**_metrics(step), "loss": LOSSES[step - 1] + offset})
     logger.close()
 
 
@@ -63,7 +66,8 @@ def test_rank0_writes_jsonl_tensorboard_wandb_and_events(repo_root, tmp_path, mo
 
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records == [{"step": s, **_metrics(s)} for s in range(1, len(LOSSES) + 1)]
-    assert "loss=4.0800" in capsys.readouterr().err  # the progress bar
+    # not a terminal: the progress as lines, each tenth of the run and the last step
+    assert f"rnnscale: step {len(LOSSES)}/{len(LOSSES)}  loss 4.0800  " in capsys.readouterr().out
 
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
@@ -195,43 +199,84 @@ def _get_json(url: str):
         return json.loads(r.read())
 
 
-def test_dashboard_serves_the_logged_losses(repo_root, tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    _log_run(_config(repo_root, run_dir, "log.progress_bar=false"), run_dir)
-    port = _free_port()
+def test_dashboard_serves_each_run_of_a_folder_as_a_named_line(repo_root, tmp_path):
+    names = ["gla", "mamba2"]
+    for offset, name in enumerate(names):
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True)
+        _log_run(_config(repo_root, run_dir, "log.progress_bar=false"), run_dir, offset=offset)
+    (tmp_path / "runs" / "notes").mkdir()  # not a run: left out
+    port, scratch = _free_port(), tmp_path / "tmp"
+    scratch.mkdir()
     proc = subprocess.Popen(
-        [str(BIN / "rnnscale"), "dashboard", str(run_dir), "--port", str(port)],
+        [str(BIN / "rnnscale"), "dashboard", str(tmp_path / "runs"), "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "TMPDIR": str(scratch)},  # where the runs' links go
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        served, deadline = None, time.monotonic() + 60
+        served, deadline = {}, time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                runs = _get_json(f"{base}/data/runs")
-                query = urllib.parse.urlencode({"run": runs[0], "tag": "train/loss"})
-                served = _get_json(f"{base}/data/plugin/scalars/scalars?{query}")
-                if len(served) == len(LOSSES):
+                served = {run: _scalars(base, run, "train/loss")
+                          for run in _get_json(f"{base}/data/runs")}  # fmt: skip
+                if sorted(served) == names and all(len(v) == len(LOSSES) for v in served.values()):
                     break
-            except (OSError, IndexError, ValueError):  # not up, or no data loaded yet
+            except (OSError, ValueError):  # not up, or no data loaded yet
                 pass
             time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()[0]
-        assert served is not None and len(served) == len(LOSSES), served
-        assert [step for _, step, _ in served] == list(range(1, len(LOSSES) + 1))
-        assert [value for _, _, value in served] == pytest.approx(LOSSES, rel=1e-6)
+        assert sorted(served) == names, served
+        for offset, name in enumerate(names):
+            assert [step for _, step, _ in served[name]] == list(range(1, len(LOSSES) + 1))
+            assert [value for _, _, value in served[name]] == (
+                pytest.approx([x + offset for x in LOSSES], rel=1e-6)
+            )
     finally:
-        proc.kill()
-        output = proc.communicate(timeout=30)[0]
-    assert f"{base}/" in output
+        proc.send_signal(signal.SIGTERM)  # as Ctrl-C: the links go
+        try:
+            output = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = proc.communicate()[0]
+    assert f"{base}/" in output and f"run gla: {tmp_path / 'runs' / 'gla' / 'tb'}" in output
+    assert "notes" not in output and list(scratch.iterdir()) == []  # the links went with it
 
 
-def test_dashboard_without_tensorboard_events_is_refused(repo_root, tmp_path):
-    r = rnnscale("dashboard", str(tmp_path), cwd=repo_root)
-    assert r.returncode == 2 and "no tb/ directory" in r.stderr and "Traceback" not in r.stderr
+def _scalars(base: str, run: str, tag: str) -> list:
+    query = urllib.parse.urlencode({"run": run, "tag": tag})
+    return _get_json(f"{base}/data/plugin/scalars/scalars?{query}")
+
+
+def test_dashboard_names_each_run_of_a_folder(tmp_path):
+    """A run is served as itself; a folder as each subdirectory with a tb/, by name, through
+    a directory of links named after the runs (TensorBoard names a run after its directory)."""
+    runs = tmp_path / "runs"
+    for name in ("b-mamba2", "a:gla", "notes"):
+        (runs / name).mkdir(parents=True)
+    (runs / "b-mamba2" / "tb").mkdir()
+    (runs / "a:gla" / "tb").mkdir()
+    (runs / "README").write_text("not a run")
+    assert dashboard_runs(runs / "a:gla") == [("a:gla", runs / "a:gla" / "tb")]
+    found = dashboard_runs(runs)
+    assert found == [("a:gla", runs / "a:gla" / "tb"), ("b-mamba2", runs / "b-mamba2" / "tb")]
+    view = tmp_path / "view"
+    view.mkdir()
+    link_runs(found, view)
+    assert sorted((p.name, p.resolve()) for p in view.iterdir()) == [
+        ("a:gla", (runs / "a:gla" / "tb").resolve()),
+        ("b-mamba2", (runs / "b-mamba2" / "tb").resolve()),
+    ]
+
+
+def test_dashboard_of_a_folder_without_runs_is_refused(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    assert main(["dashboard", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no tb/ directory, nor has any of its subdirectories" in err
+    assert main(["dashboard", str(tmp_path / "missing")]) == 2
 
 
 def _write_run(run_dir, cfg, steps: int, starts: int):
@@ -265,8 +310,10 @@ def test_status_reports_where_the_run_stands(repo_root, tmp_path):
     lines = r.stdout.splitlines()
     assert "step: 30 / 100" in lines
     assert "loss: 3.0000" in lines
-    assert "eval loss: 4.2500 (step 20)" in lines
-    assert "tokens/s: 20,480" in lines
+    assert "eval loss: 4.2500 (ppl 70.11, step 20)" in lines
+    assert "best eval loss: 4.2500 (ppl 70.11, step 20)" in lines
+    assert "tokens/s: 20,480 over the last 20 logged steps, 20,480 over the run" in lines
+    assert "parameters: unknown (an older run)" in lines
     assert "ETA: 0:00:35" in lines  # 70 steps x 0.5 s
     assert f"last checkpoint: {run_dir / 'checkpoints' / 'step_20'}" in lines
     assert "restarts: 1" in lines
@@ -279,6 +326,18 @@ def test_status_of_a_finished_run_and_of_no_run(repo_root, tmp_path):
     assert "ETA: done" in report and "restarts: 0" in report
     r = rnnscale("status", str(tmp_path), cwd=repo_root)
     assert r.returncode == 2 and "has no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_only_real_restarts_count(repo_root, tmp_path):
+    """A start after a `done` (train.max_steps raised) continues a finished run: no restart."""
+    run_dir = tmp_path / "run"
+    _write_run(run_dir, _config(repo_root, run_dir, "train.max_steps=30"), steps=30, starts=1)
+    with open(run_dir / "events.jsonl", "a") as f:
+        for name in ("done", "start", "start", "done"):  # continued, then killed and resumed
+            f.write(json.dumps({"time": 3e9, "event": name, "step": 30}) + "\n")
+    report = status_report(run_dir).splitlines()
+    assert "restarts: 1" in report
+    assert "continued after finishing: 1 time(s) (train.max_steps raised)" in report
 
 
 def test_a_new_run_in_a_used_directory_keeps_the_old_logs_aside(repo_root, tmp_path):
@@ -295,3 +354,40 @@ def test_a_new_run_in_a_used_directory_keeps_the_old_logs_aside(repo_root, tmp_p
     assert len(list(run_dir.glob("metrics.*.jsonl"))) == 1
     assert len(list(run_dir.glob("events.*.jsonl"))) == 1
     assert not (run_dir / "events.jsonl").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_status_of_a_resumed_run_counts_each_step_once(repo_root, tmp_path):
+    """Attempt 1 logs steps 1-30 at 1,024 tokens/s and dies; attempt 2 resumes from the
+    checkpoint of step 20 and logs steps 21-45 at 4,096 tokens/s. Steps 21-30 of attempt 1
+    (and its eval loss 2.0 at step 30) no longer count."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = _config(repo_root, run_dir, "train.max_steps=100")
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    evals = {(1, 10): 4.0, (1, 20): 3.0, (1, 30): 2.0, (2, 30): 3.5, (2, 40): 3.2}
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for attempt, steps, seconds in [(1, range(1, 31), 1.0), (2, range(21, 46), 0.25)]:
+            for step in steps:
+                m = {"step": step, "loss": 5 - step / 20, "tokens": 1024,
+                     "tokens_per_s": 1024 / seconds, "step_time_s": seconds}  # fmt: skip
+                if (attempt, step) in evals:
+                    m["eval_loss"] = evals[attempt, step]
+                f.write(json.dumps(m) + "\n")
+    t0 = 1_000_000.0
+    events = [{"time": t0, "event": "start", "step": 0, "parameters": 123_456},
+              {"time": t0 + 40, "event": "checkpoint", "step": 20},
+              {"time": t0 + 100, "event": "start", "step": 20, "parameters": 123_456}]  # fmt: skip
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    os.utime(run_dir / "metrics.jsonl", (t0 + 3725, t0 + 3725))  # its last write
+
+    lines = status_report(run_dir).splitlines()
+    assert "step: 45 / 100" in lines
+    assert "loss: 2.7500" in lines
+    assert "eval loss: 3.2000 (ppl 24.53, step 40)" in lines
+    assert "best eval loss: 3.0000 (ppl 20.09, step 20)" in lines  # not attempt 1's 2.0
+    # 20 x 1,024 + 25 x 1,024 tokens in 20 x 1 s + 25 x 0.25 s, not the last step's 4,096
+    assert "tokens/s: 4,096 over the last 20 logged steps, 1,755 over the run" in lines
+    assert "parameters: 123,456" in lines
+    assert "elapsed: 1:02:05" in lines  # from the first start to the last write
+    assert "ETA: 0:00:14" in lines  # 55 steps x 0.25 s
+    assert "restarts: 1" in lines

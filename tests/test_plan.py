@@ -2,6 +2,7 @@
 against DeepSpeed's own estimators (their return values and what they print), the stage 0/1
 byte arithmetic, and the command's exit codes."""
 
+import dataclasses
 import re
 from types import SimpleNamespace
 
@@ -10,7 +11,14 @@ import torch
 from deepspeed.runtime.zero import stage3, stage_1_and_2
 from test_cli import rnnscale
 
-from rnnscale.launch.plan import count_model, model_state_bytes, plan_report
+from rnnscale.launch.cli import main
+from rnnscale.launch.plan import (
+    count_model,
+    match_width,
+    model_state_bytes,
+    parse_count,
+    plan_report,
+)
 from rnnscale.train.config import load_config
 from rnnscale.train.model import build_model
 
@@ -150,3 +158,40 @@ def test_cli_refuses_bad_gpu_counts(repo_root, args, needle):
     r = rnnscale("plan", "configs/debug_cpu.yaml", *args, cwd=repo_root)
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_parameter_counts_are_parsed_as_written():
+    assert [parse_count(t) for t in ("125000000", "350M", "1.3B", "20k", "2T")] == [
+        125_000_000, 350_000_000, 1_300_000_000, 20_000, 2 * 10**12,
+    ]  # fmt: skip
+    for bad in ("abc", "0", "-5M", "1.3X", ""):
+        with pytest.raises(ValueError, match="write a parameter count like 350M"):
+            parse_count(bad)
+
+
+def test_match_params_picks_the_closest_width(repo_root):
+    """The counts are those of the whole model on the meta device (the search builds one block
+    per distinct mixer), and no width of the grid comes closer."""
+    cfg = load_config(repo_root / "configs/debug_cpu.yaml",
+                      ["model.mixer_pattern=[mamba2, gated_deltanet, rglru, attn]",
+                       "model.num_layers=6"])  # fmt: skip
+    counts = match_width(cfg.model, 20_000_000)
+    best = next(iter(counts))
+    assert sorted(counts) == [best - 64, best, best + 64]
+    for d_model, n in counts.items():
+        with torch.device("meta"):
+            full = build_model(dataclasses.replace(cfg.model, d_model=d_model))
+        assert n == full.num_params()
+    assert min(counts.values(), key=lambda n: abs(n - 20_000_000)) == counts[best]
+
+
+def test_cli_match_params(repo_root, capsys):
+    config = str(repo_root / "configs/debug_cpu.yaml")
+    assert main(["plan", config, "--match-params", "20M", "model.num_layers=6"]) == 0
+    out = capsys.readouterr().out
+    assert "\n      512       19,443,712     -2.78%  <- closest\n" in out, out
+    assert out.endswith("override: model.d_model=512\n"), out
+    assert main(["plan", config, "--match-params", "1k"]) == 2
+    assert "--match-params 1 k: out of reach" in capsys.readouterr().err
+    assert main(["plan", config]) == 2
+    assert "plan needs --gpus N" in capsys.readouterr().err

@@ -3,8 +3,11 @@ process with the same global batch; bf16 trains; a non-finite step is skipped an
 many in a row stop the run; activation checkpointing changes nothing but memory; batch
 arithmetic that does not divide is refused with the numbers; the loss falls on real text."""
 
+import contextlib
+import io
 import json
 import math
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +24,7 @@ from rnnscale.train.config import load_config
 from rnnscale.train.distributed import free_port
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # absolute, on losses near 5: the same sums in another order
 
 
@@ -195,21 +199,71 @@ def test_batch_arithmetic_that_does_not_divide_is_refused():
         batch_split(12, 4, 2)
 
 
-def test_loss_falls_on_the_embedded_corpus(repo_root, tmp_path):
+@pytest.fixture(scope="module")
+def stdlib_run(tmp_path_factory):
+    """A 40-step run on three stdlib packages (tokenizer, shards, evaluation, checkpoints):
+    (its config, what it printed)."""
     from rnnscale.data.prepare import prepare
     from rnnscale.data.tokenizer import train_tokenizer
 
+    tmp = tmp_path_factory.mktemp("stdlib")
     stdlib = sysconfig.get_paths()["stdlib"]
     inputs = [str(Path(stdlib) / name / "*.py") for name in ("json", "html", "email")]
-    train_tokenizer(inputs, 512, tmp_path / "tok")
-    tok = tmp_path / "tok" / "tokenizer.model"
-    prepare(inputs, tok, tmp_path / "shards", progress=False)
-    trainer.run(config(repo_root, tmp_path / "run", "data.source=mds",
-                       f"data.streams=[{{path: {tmp_path / 'shards'}}}]", f"data.tokenizer={tok}",
-                       "model.vocab_size=512", "model.mixer_pattern=[gla, attn]",
-                       "train.max_steps=40", "optim.lr=3e-3"))  # fmt: skip
-    got = losses(tmp_path / "run")
+    train_tokenizer(inputs, 512, tmp / "tok")
+    tok, shards = tmp / "tok" / "tokenizer.model", tmp / "shards"
+    prepare(inputs, tok, shards, progress=False)
+    cfg = config(ROOT, tmp / "run", "data.source=mds", f"data.streams=[{{path: {shards}}}]",
+                 f"data.val_streams=[{{path: {shards}}}]", f"data.tokenizer={tok}",
+                 "model.vocab_size=512", "model.mixer_pattern=[gla, attn]", "train.max_steps=40",
+                 "optim.lr=3e-3", "train.eval_interval=20", "train.eval_batches=2",
+                 "checkpoint.interval=20", "log.progress_bar=true")  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # not a terminal: progress as lines
+        trainer.run(cfg)
+    return cfg, out.getvalue()
+
+
+def test_loss_falls_on_the_embedded_corpus(stdlib_run):
+    got = losses(stdlib_run[0].run_dir)
     assert sum(got[-5:]) / 5 < sum(got[:5]) / 5 - 0.5, got
+
+
+def test_the_console_says_what_happens_and_what_to_do_next(stdlib_run):
+    """A short banner (the full config stays in config.yaml), progress as lines, a line per
+    evaluation and checkpoint, DeepSpeed's notices in the rank's log file, and an end summary
+    whose sample prompt comes from the data."""
+    cfg, out = stdlib_run
+    assert "run run: a new run in" in out and "parameters" in out and "1 thread" not in out
+    assert "zero_stage:" not in out and "DeepSpeed" not in out and "Setting accelerator" not in out
+    assert "Setting accelerator" in (cfg.run_dir / "logs" / "rank_0.log").read_text()
+    assert [line for line in out.splitlines() if "  loss " in line][-1].startswith(
+        "rnnscale: step 40/40"
+    )
+    assert len([line for line in out.splitlines() if line.startswith("rnnscale: step ")]) == 10
+    assert "eval at step 20: loss" in out and "eval at step 40: loss" in out
+    assert f"checkpoint {cfg.checkpoint_dir / 'step_000000020'} committed" in out
+    summary = out[out.index("done: 40 steps") :]
+    assert "best" in summary and "rnnscale dashboard" in summary
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(cfg.data.tokenizer))
+    prompt = shlex.split(summary.split("rnnscale generate ")[1].splitlines()[0])
+    assert prompt[0] == str(cfg.run_dir) and prompt[1] == "--prompt"
+    ids = sp.encode(prompt[2])
+    assert len(ids) >= 1 and sp.decode(ids) == prompt[2]  # words of the corpus, not "def "
+
+
+def test_a_finished_run_started_again_touches_nothing(stdlib_run, capsys):
+    cfg = stdlib_run[0]
+
+    def files():
+        return {p: p.read_bytes() for p in sorted(cfg.run_dir.rglob("*")) if p.is_file()}
+
+    before = files()
+    summary = trainer.run(cfg)
+    assert summary["finished"] and summary["loss"] == losses(cfg.run_dir)[-1]
+    assert files() == before
+    assert "is finished (step 40, train.max_steps=40" in capsys.readouterr().out
 
 
 def test_batch_that_does_not_split_over_the_ranks_exits_2(repo_root, tmp_path):

@@ -4,19 +4,34 @@ MDS shards (mosaicml-streaming), for training and for validation.
 Each source takes its own config section (`data`), the row shape and the seed, and the
 `ParallelLayout`: replica d of D reads its own rows, and the P ranks of a sequence group read
 the same rows (each keeps its slice later).
+
+Validation from shards (`HeldOutBatches`): replica d's documents (`held_out_documents`: every
+D-th, each document of the sets once over all replicas) laid end to end into rows that overlap
+by one token, row r holding tokens rT .. rT + T, so every token is a label at most once; the
+labels at document starts (BOS) and past the end are IGNORE_INDEX. The whole set is then
+exactly its tokens minus its documents of labels (`eval_tokens`). Every rank runs as many micro
+batches (the most any replica has): ZeRO-3 gathers parameters in every forward and sequence
+parallelism runs collectives in it, so a replica with fewer is padded with micro batches of
+ignored labels only, which count no token.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from rnnscale.data.packing import PackedRows, collate
 from rnnscale.data.synthetic import HELD_OUT, MarkovDocuments
 from rnnscale.parallel.layout import ParallelLayout
-from rnnscale.train.config import DataSection, RunConfig
+from rnnscale.train.config import ConfigError, DataSection, RunConfig
+from rnnscale.train.model.loss import IGNORE_INDEX
+from rnnscale.train.notice import notice
 from rnnscale.train.preflight import check_streams, check_tokenizer
 
 ONE_RANK = ParallelLayout(1)
@@ -55,17 +70,94 @@ def make_batches(data: DataSection, shape: RowShape, seed: int, run_dir: Path,
 
 
 def make_val_batches(data: DataSection, shape: RowShape, seed: int, count: int,
-                     layout: ParallelLayout = ONE_RANK) -> list[dict]:  # fmt: skip
-    """This rank's first `count` micro batches of the validation data: data.val_streams in
-    order (mds), or held-out documents of the synthetic chain."""
+                     layout: ParallelLayout = ONE_RANK) -> Sequence[dict]:  # fmt: skip
+    """This rank's validation micro batches, the same at every evaluation: the first `count`,
+    or with `count` 0 the whole validation set. mds: data.val_streams (`HeldOutBatches`; a
+    `count` beyond the set is capped to it, with a notice; collective under torch.distributed);
+    synthetic: held-out documents of the chain (endless, so `count` must be > 0)."""
     if data.source == "synthetic":
+        if count == 0:
+            raise ConfigError(
+                "train.eval_batches: 0 (the whole validation set) needs data.source=mds: the "
+                "synthetic held-out documents never end; give a number of micro batches"
+            )
         held_out = SyntheticBatches(data, shape, seed, layout.data_rank,
                                     layout.data_parallel_size, first_index=HELD_OUT)  # fmt: skip
         return [next(held_out) for _ in range(count)]
-    loader = _packed_loader(data, shape, seed, data.val_streams, layout, shuffle=False)
-    batches = [next(loader) for _ in range(count)]
-    loader.close()
+    from rnnscale.data.loader import held_out_documents
+
+    docs = held_out_documents([s.path for s in data.val_streams], layout.data_rank,
+                              layout.data_parallel_size)  # fmt: skip
+    return even_out(HeldOutBatches(docs, shape, data.pack_documents, count or None), count)
+
+
+def even_out(batches: HeldOutBatches, count: int) -> HeldOutBatches:
+    """Collective: every rank gets as many micro batches as the replica with the most (the
+    others padded, see the module docstring); a `count` beyond what any replica holds is
+    capped to the whole set, with a notice, instead of read again from the start."""
+    from rnnscale.data.loader import max_over_ranks
+
+    most = max_over_ranks(batches.real)
+    if count > most:
+        notice(f"train.eval_batches={count} asks for more micro batches than the validation "
+               f"set holds ({most} per rank): each evaluation reads the whole set once "
+               f"(train.eval_batches=0 says so)", warning=True)  # fmt: skip
+    batches.count = most
     return batches
+
+
+class HeldOutBatches(Sequence):
+    """Micro batches [B, T] of one replica's validation documents in rows that overlap by one
+    token (see the module docstring), built when read from the tokens kept compact (their
+    shard dtype); `count` of them, those past the documents all padding (PAD inputs,
+    IGNORE_INDEX labels). `limit`: read only the documents of the first `limit` micro
+    batches."""
+
+    PAD = 0  # any id of the vocabulary: every label next to it is ignored
+
+    def __init__(self, documents: Iterator[np.ndarray], shape: RowShape, pack_documents: bool,
+                 limit: int | None = None):  # fmt: skip
+        T, B = shape.seq_len, shape.micro_batch_size
+        enough = math.inf if limit is None else limit * B * T + 1
+        parts, starts, n = [], [], 0
+        for doc in documents:
+            parts.append(doc)
+            starts.append(n)
+            n += len(doc)
+            if n >= enough:
+                break
+        self.tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)  # (N,)
+        self.starts = np.array(starts, dtype=np.int64)  # where each document begins
+        self.T, self.B, self.pack = T, B, pack_documents
+        rows = math.ceil(max(n - 1, 0) / T)
+        self.real = math.ceil(rows / B) if limit is None else min(math.ceil(rows / B), limit)
+        self.count = self.real
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        T, B = self.T, self.B
+        inputs = torch.full((B, T + 1), self.PAD, dtype=torch.int64)  # (B, T + 1)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64)  # (B, T)
+        offsets = [b * T for b in range(B)]  # every row starts afresh, as in training
+        for b in range(B if index < self.real else 0):
+            first = (index * B + b) * T  # the row's first token in the replica's stream
+            take = torch.from_numpy(self.tokens[first : first + T + 1].astype(np.int64))
+            if len(take) < 2:
+                continue  # past the last token: padding
+            inputs[b, : len(take)] = take
+            labels[b, : len(take) - 1] = take[1:]
+            inside = self.starts[(self.starts > first) & (self.starts < first + len(take))]
+            inside -= first  # document starts in the row, as positions 1 .. T
+            labels[b, torch.from_numpy(inside - 1)] = IGNORE_INDEX  # no BOS is predicted
+            offsets += [b * T + int(p) for p in inside if p < T]
+        cu_seqlens = None
+        if self.pack:
+            cu_seqlens = torch.tensor(sorted(offsets) + [B * T], dtype=torch.int32)
+        return {"input_ids": inputs[:, :-1], "labels": labels, "cu_seqlens": cu_seqlens}
 
 
 def _packed_loader(data: DataSection, shape: RowShape, seed: int, streams,

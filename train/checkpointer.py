@@ -87,6 +87,8 @@ class Checkpointer:
         blocked = self.blocked_s + time.perf_counter() - start  # the step loop's wait
         self.logger.event("checkpoint", step=pending.step, path=str(path), committed_step=step,
                           blocked_s=round(blocked, 4))  # fmt: skip
+        notice(f"checkpoint {path} committed (step {pending.step}; training waited "
+               f"{blocked:.1f} s for it)")  # fmt: skip
 
     def save_now(self, progress: Progress):
         """Commit a checkpoint of this step now (a preemption notice; collective): the save in

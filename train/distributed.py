@@ -83,6 +83,23 @@ def node_of_every_rank() -> list[str]:
     return nodes
 
 
+def set_threads(threads_per_rank: int) -> tuple[int, str]:
+    """Set torch's intra-op threads for this rank (launch.threads_per_rank; 0: the cores this
+    process may use divided by the ranks on its node); returns the count and why. Ranks that
+    together ask for more threads than cores slow each other down many times over, and
+    torch's default (every core, per rank) does exactly that with more than one rank."""
+    if threads_per_rank:
+        threads, why = threads_per_rank, "launch.threads_per_rank"
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        cores = cores or os.cpu_count() or 1
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1)
+        threads = max(cores // local, 1)
+        why = f"{cores} core(s) / {local} rank(s) on this node; launch.threads_per_rank sets it"
+    torch.set_num_threads(threads)
+    return threads, why
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

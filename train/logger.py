@@ -17,6 +17,7 @@ import math
 import netrc
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -66,6 +67,35 @@ class ConsoleSink:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class LineProgress:
+    """The progress display where output is not a terminal (a log file, a batch job): a line
+    at each tenth of the run, at least every `every_s` seconds, and at the last step, instead
+    of a bar redrawn with carriage returns."""
+
+    def __init__(self, total_steps: int, initial: int = 0, every_s: float = 60.0):
+        self.total, self.initial, self.every_s = total_steps, initial, every_s
+        self.start = self.last = time.monotonic()
+        self.tenth = initial * 10 // max(total_steps, 1)
+
+    def write(self, step: int, metrics: dict) -> None:
+        now, tenth = time.monotonic(), step * 10 // max(self.total, 1)
+        if tenth == self.tenth and now - self.last < self.every_s and step != self.total:
+            return
+        self.tenth, self.last = tenth, now
+        done = step - self.initial
+        eta = (now - self.start) / done * (self.total - step) if done > 0 else 0.0
+        parts = [f"step {step}/{self.total}"]
+        if isinstance(metrics.get("loss"), float):
+            parts.append(f"loss {metrics['loss']:.4f}")
+        if isinstance(metrics.get("tokens_per_s"), float):
+            parts.append(f"{metrics['tokens_per_s']:,.0f} tokens/s")
+        parts.append(f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        notice("  ".join(parts))
+
+    def close(self) -> None:
+        pass
 
 
 class TensorBoardSink:
@@ -201,7 +231,9 @@ class Logger:
         if wandb_enabled(cfg):
             sinks.append(WandbSink(cfg, run_dir))
         if cfg.log.progress_bar:  # last: its clock (the ETA) starts after wandb's slow start
-            sinks.append(ConsoleSink(cfg.train.max_steps, initial=initial_step))
+            # a bar redrawn in place on a terminal; periodic lines in a log file or a job's output
+            bar = ConsoleSink if sys.stderr.isatty() else LineProgress
+            sinks.append(bar(cfg.train.max_steps, initial=initial_step))
         return cls(sinks, events_path=run_dir / "events.jsonl")
 
     def log(self, step: int, metrics: dict) -> None:

@@ -11,6 +11,7 @@ carries its rank. Metrics and events go through `rnnscale.train.logger.Logger` i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -39,7 +40,9 @@ class _Console(logging.Handler):
             return
         where = f" [rank {rank}]" if every else ""
         stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
-        print(f"rnnscale{where}: {record.getMessage()}", file=stream, flush=True)
+        bar = sys.modules.get("tqdm")  # a progress bar on the terminal steps aside for the line
+        with bar.tqdm.external_write_mode(file=stream) if bar else contextlib.nullcontext():
+            print(f"rnnscale{where}: {record.getMessage()}", file=stream, flush=True)
 
 
 if not any(type(h).__name__ == "_Console" for h in log.handlers):  # once, reloads included

@@ -50,12 +50,41 @@ def last_logged_loss(run_dir: Path) -> float:
     return loss
 
 
-def done_message(run_dir: Path, steps: int, loss: float) -> str:
-    hint = '--prompt "def "' if (run_dir / "tokenizer.model").exists() else "--prompt-ids 1"
+def finished_message(cfg: RunConfig) -> str | None:
+    """What to say instead of training when the run in cfg.run_dir is finished: its last event
+    is `done` at train.max_steps or beyond and model.safetensors is there (a run killed while
+    exporting has no `done`: it resumes and exports). None: there is work to do. Only with
+    checkpoint.resume=auto: a named checkpoint or `none` asks for a run."""
+    if cfg.checkpoint.resume != "auto" or not (cfg.run_dir / "model.safetensors").is_file():
+        return None
+    last = last_event(cfg.run_dir / "events.jsonl")
+    if last.get("event") != "done" or int(last.get("step", -1)) < cfg.train.max_steps:
+        return None
     return (
-        f"done: {steps} steps, final loss {loss:.4f}\n"
-        f"run directory: {run_dir.resolve()} (config.yaml, metrics.jsonl, tb/, "
-        f"model.safetensors)\n"
-        f"dashboard: rnnscale dashboard {run_dir}\n"
-        f"sample from it: rnnscale generate {run_dir} {hint}"
+        f"run {cfg.run.name} in {cfg.run_dir} is finished (step {last['step']}, train.max_steps="
+        f"{cfg.train.max_steps}, model.safetensors written): nothing to do. Raise "
+        f"train.max_steps to train on, or set checkpoint.resume=none to start over in this "
+        f"directory"
     )
+
+
+def last_event(events_file: Path) -> dict:
+    """The last readable record of an events.jsonl ({} without one)."""
+    last = {}
+    if events_file.is_file():
+        for line in events_file.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a kill
+                continue
+            last = record if isinstance(record, dict) else last
+    return last
+
+
+def from_rank0(compute):
+    """`compute()` on rank 0, its result on every rank (a collective; any picklable value)."""
+    import torch
+
+    box = [compute() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -15,6 +15,7 @@ starting a job ends in `run`, in the process that trains.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -27,15 +28,26 @@ import torch
 
 from rnnscale.train.batches import RowShape, make_batches, make_val_batches
 from rnnscale.train.checkpointer import Checkpointer
-from rnnscale.train.config import RunConfig, dump_yaml
+from rnnscale.train.config import RunConfig
+from rnnscale.train.console import (
+    LibraryNotices,
+    StartFacts,
+    end_summary,
+    eval_line,
+    first_ids,
+    prompt_hint,
+    quiet_shared_memory_tracker,
+    start_banner,
+)
 from rnnscale.train.distributed import (
     init_distributed,
     node_of_every_rank,
     rank_device,
     seed_everything,
+    set_threads,
 )
 from rnnscale.train.export import export_from_engine
-from rnnscale.train.logger import Logger
+from rnnscale.train.logger import Logger, append_event
 from rnnscale.train.measure import measure_peak_flops, peak_memory_gb
 from rnnscale.train.model import LanguageModel, build_model
 from rnnscale.train.notice import notice
@@ -45,7 +57,8 @@ from rnnscale.train.preflight import check_node_layout, plan
 from rnnscale.train.progress import Progress
 from rnnscale.train.resume import resolve_resume, restore, rollback, universal_for_resume
 from rnnscale.train.room import check_room_at_start, what_is_kept
-from rnnscale.train.run_dir import done_message, last_logged_loss, prepare_run_dir
+from rnnscale.train.run_dir import finished_message, from_rank0, last_logged_loss, prepare_run_dir
+from rnnscale.train.run_lock import job_lock
 from rnnscale.train.watchdog import Watchdog
 
 
@@ -53,28 +66,60 @@ def run(cfg: RunConfig) -> dict:
     """Train the run described by `cfg` on this process's rank; returns a summary (run_dir,
     steps, final loss). Every rank of the job calls it (torchrun, DeepSpeed's launcher, Ray
     workers, or one process alone)."""
-    init_distributed(cfg.train.hang_timeout_s)
-    return _train(cfg)
+    quiet = LibraryNotices.start()  # DeepSpeed speaks when it is imported, below
+    quiet_shared_memory_tracker()
+    try:
+        return _run(cfg, quiet)
+    finally:
+        quiet.stop()
 
 
-def _train(cfg: RunConfig) -> dict:
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+def _run(cfg: RunConfig, quiet: LibraryNotices) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # DeepSpeed prints at its start
+        init_distributed(cfg.train.hang_timeout_s)
+    quiet.keep_printed("DeepSpeed", printed.getvalue())
+    threads = set_threads(cfg.launch.threads_per_rank)
+    rank = torch.distributed.get_rank()
     device = rank_device()  # first: NCCL's object collectives below run on this rank's GPU
+    finished = from_rank0(lambda: finished_message(cfg))
+    if finished:  # touches nothing: no lock, no log line, no export
+        notice(finished)
+        return {"run_dir": str(cfg.run_dir), "steps": cfg.train.max_steps, "finished": True,
+                "loss": last_logged_loss(cfg.run_dir), "skipped_steps": 0}  # fmt: skip
+    with job_lock(cfg.run_dir, rank):
+        quiet.to_file(cfg.run_dir, rank)
+        return _train(cfg, device, threads)
+
+
+def _train(cfg: RunConfig, device, threads: tuple[int, str]) -> dict:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    resume_from = resolve_resume(cfg, rank)
+    started = time.perf_counter()
     check_node_layout(node_of_every_rank(), uses_streaming=cfg.data.source != "synthetic")
     layout, ds_config = plan(cfg, world, rank)
-    resume_from = resolve_resume(cfg, rank)
     universal = resume_from is not None and universal_for_resume(resume_from, cfg, world)
     if universal:  # DeepSpeed reads the universal form only when configured to
         ds_config["checkpoint"] = {"load_universal": True}
     if rank == 0:
         prepare_run_dir(cfg, resuming=resume_from is not None)
         (cfg.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    notice(f"run directory {cfg.run_dir.resolve()} ({world} ranks)\n{dump_yaml(cfg)}".rstrip())
     torch.distributed.barrier()
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
     with torch.device("meta"):  # counts from a copy that costs no memory
         shape_model = build_model(cfg.model, cfg.kernels)
-    notice(f"layers: {shape_model.layer_types}\nparameters: {shape_model.num_params():,}")
+    notice(
+        start_banner(
+            cfg,
+            StartFacts(
+                shape_model.layer_types,
+                shape_model.num_params(),
+                world,
+                layout.sequence_parallel_size,
+                *threads,
+                resume_from,
+            ),
+        )
+    )
     check_room_at_start(cfg, shape_model.num_params())
     engine, groups = _engine(cfg, ds_config, layout, device)
     shape = RowShape.of(cfg)
@@ -95,6 +140,7 @@ def _train(cfg: RunConfig) -> dict:
     job.logger.event("start", step=progress.step, world_size=world,
                      resumed_from=str(resume_from) if resume_from else None,
                      load_s=round(load_s, 4), pid=os.getpid(),
+                     parameters=shape_model.num_params(),
                      host=socket.gethostname())  # fmt: skip
     job.preemption = Preemption.for_run(cfg)
     job.watchdog = Watchdog(cfg.train.hang_timeout_s, job.logger).start()
@@ -107,9 +153,14 @@ def _train(cfg: RunConfig) -> dict:
     export_from_engine(engine, cfg)
     if not metrics:  # resumed at train.max_steps: no step ran; the loss the run ended with
         metrics = {"loss": last_logged_loss(cfg.run_dir)}
-    notice(done_message(cfg.run_dir, cfg.train.max_steps, metrics["loss"]))
-    return {"run_dir": str(cfg.run_dir), "steps": cfg.train.max_steps,
-            "loss": metrics["loss"], "skipped_steps": progress.skipped_steps}  # fmt: skip
+    summary = {"run_dir": str(cfg.run_dir), "steps": cfg.train.max_steps, "loss": metrics["loss"],
+               "skipped_steps": progress.skipped_steps, "tokens_seen": progress.tokens_seen,
+               "seconds": time.perf_counter() - started}  # fmt: skip
+    if rank == 0:
+        append_event(cfg.run_dir / "events.jsonl", "done", step=progress.step)
+        hint = prompt_hint(cfg.run_dir / "tokenizer.model", first_ids(cfg, job.val_batches))
+        notice(end_summary(cfg, summary, hint))
+    return summary
 
 
 @dataclass
@@ -174,6 +225,7 @@ def _loop(job: _Job, cfg: RunConfig, progress: Progress) -> tuple[Progress, dict
         metrics["peak_memory_gb"] = peak_memory_gb(job.device)
         if job.val_batches and (step % cfg.train.eval_interval == 0 or last):
             metrics.update(evaluate(job.engine, job.val_batches, job.device, job.groups))
+            notice(eval_line(step, metrics))
             if job.groups is not None:  # sp_bytes count the training steps only
                 job.groups.stats.take()
         if step % cfg.train.log_interval == 0 or last or "eval_loss" in metrics:
@@ -295,19 +347,24 @@ def lm_loss(model, batch: dict, device, groups=None) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: LanguageModel, val_batches: list[dict], device, groups=None) -> dict:
-    """Token-weighted mean loss over the validation batches (summed over ranks when
-    distributed), and its perplexity. Under sequence parallelism each rank holds a share of
-    its rows' loss, and 1/P of their tokens."""
+    """Token-weighted mean loss over the validation batches (a list, or `make_val_batches`'s
+    `HeldOutBatches`), summed over ranks when distributed, its perplexity, and the tokens it
+    covers (`eval_tokens`: labels that are not IGNORE_INDEX; a padding batch counts none).
+    Under sequence parallelism each rank holds a share of its rows' loss, and 1/P of their
+    tokens."""
+    from rnnscale.train.model.loss import IGNORE_INDEX
+
     P = 1 if groups is None else groups.size
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)  # (loss * tokens, tokens)
     for batch in val_batches:
-        n = batch["labels"].numel()
-        loss = lm_loss(model, batch, device, groups).item()
+        n = int((batch["labels"] != IGNORE_INDEX).sum())
+        loss = lm_loss(model, batch, device, groups).item()  # every rank runs every batch
         totals += torch.tensor([loss * n, n / P], dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
     model.train(was_training)
     loss = (totals[0] / totals[1]).item()
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)),
+            "eval_tokens": round(totals[1].item())}  # fmt: skip

@@ -120,7 +120,8 @@ class ModelSection:
     num_layers: int = doc(2, "Number of blocks (mixer + MLP).", gt=0)
     num_heads: int = doc(2, "Heads of every token mixer; d_model must divide by it.", gt=0)
     mixer_pattern: list[MixerName] = doc(
-        ["gla", "attn"], "Token mixers, tiled over num_layers: [gla, gla, gla, attn] is 3:1.",
+        ["gla", "attn"], "Token mixers, tiled over num_layers: [gla, gla, gla, attn] is 3:1. A "
+        "length that does not divide num_layers is warned about, naming the layers it gives.",
         nonblank=True, why="name a mixer",
     )  # fmt: skip
     mlp_hidden: int = doc(
@@ -144,6 +145,10 @@ class ModelSection:
     rglru: RGLRUSection = section(RGLRUSection, "Options of the rglru mixer (Griffin/Hawk).")
     attn: AttnSection = section(AttnSection, "Options of the attn mixer (softmax attention).")
     swa: SWASection = section(SWASection, "Options of the swa mixer (sliding-window attention).")
+
+    def layer_types(self) -> list[str]:
+        """The mixer of every layer: `mixer_pattern` tiled over `num_layers`."""
+        return [self.mixer_pattern[i % len(self.mixer_pattern)] for i in range(self.num_layers)]
 
     def check(self, path: str) -> None:
         require(

@@ -46,9 +46,24 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunCo
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    in_file, given = _copy(raw.get("run")), {}
     for item in overrides:
         apply_override(raw, item)
+        apply_override(given, item)  # what the command line set, to tell it from the file's
+    _name_from_dir(raw, in_file if isinstance(in_file, dict) else {}, given.get("run"))
     return from_dict(raw, source=str(path))
+
+
+def _name_from_dir(raw: dict, in_file: dict, given: Any) -> None:
+    """run.name becomes run.dir's last component where run.dir is set and run.name is not, by
+    the same level or a later one (the YAML file, then the overrides as one level): a run.dir
+    of its own is a run of its own, with its own name and so its own wandb id."""
+    given = given if isinstance(given, dict) else {}
+    if "name" in given or not ("dir" in given or ("dir" in in_file and "name" not in in_file)):
+        return
+    run_dir = raw["run"].get("dir") if isinstance(raw.get("run"), dict) else None
+    if isinstance(run_dir, str) and Path(run_dir).name:
+        raw["run"]["name"] = Path(run_dir).name
 
 
 def from_dict(raw: dict, source: str = "config") -> RunConfig:
@@ -59,7 +74,26 @@ def from_dict(raw: dict, source: str = "config") -> RunConfig:
         check_tree(cfg, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    _warn_tiling(cfg.model)
     return cfg
+
+
+_TILINGS_SAID: set[tuple[tuple[str, ...], int]] = set()
+
+
+def _warn_tiling(model: ModelSection) -> None:
+    """Say once per process, naming the layers, that a pattern does not tile num_layers
+    evenly: [gdn, gdn, attn] over 4 layers is gdn, gdn, attn, gdn, likely not what was meant."""
+    pattern, n = model.mixer_pattern, model.num_layers
+    if n % len(pattern) == 0 or (tuple(pattern), n) in _TILINGS_SAID:
+        return
+    _TILINGS_SAID.add((tuple(pattern), n))
+    from rnnscale.train.notice import notice
+
+    notice(f"model.mixer_pattern [{', '.join(pattern)}] ({len(pattern)} mixers) does not divide "
+           f"model.num_layers={n}: the layers are [{', '.join(model.layer_types())}]; set "
+           f"num_layers to a multiple of {len(pattern)} or write out every layer's mixer",
+           warning=True)  # fmt: skip
 
 
 def _moved() -> dict[tuple[str, ...], tuple[str, ...]]:

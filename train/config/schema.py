@@ -2,7 +2,7 @@
 allowed range in its metadata (`doc(...)`, train/config/fields.py), so the generic checker
 enforces the ranges and the reference in docs/configs.md shows them. A section's `check()`
 holds only rules that relate several fields. The `model` and `kernels` sections are in
-train/config/architecture.py. This module imports no torch."""
+train/config/architecture.py, `launch` in launch_section.py. This module imports no torch."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ from typing import Literal
 
 from rnnscale.train.config.architecture import KernelsSection, ModelSection
 from rnnscale.train.config.fields import doc, require, section
+from rnnscale.train.config.launch_section import LaunchSection
 
 
 @dataclass
 class RunSection:
-    name: str = doc("run", "Name of the run; also its directory name under runs/ by default.",
-                    nonblank=True, forbid="/", why="a path goes in run.dir")  # fmt: skip
+    name: str = doc(
+        "run", "Name and wandb run id of the run. Where run.dir is set and run.name is not, at the "
+        "same or a later level (the YAML file, then the overrides): run.dir's last component.",
+        nonblank=True, forbid="/", why="a path goes in run.dir",
+    )  # fmt: skip
     dir: str = doc("", "Run directory (config.yaml, metrics.jsonl). Empty: runs/<run.name>.")
     seed: int = doc(0, "Seed of the Python, NumPy and torch generators and of synthetic data.")
 
@@ -165,9 +169,11 @@ class TrainSection:
     )
     eval_batches: int = doc(
         4,
-        "Micro batches per rank in one evaluation: the first ones of the validation data, the "
-        "same at every evaluation (kept in memory).",
-        gt=0,
+        "Micro batches per rank in one evaluation, the same at every one: the first ones of the "
+        "validation data (more than it holds: the whole set, with a notice). 0: the whole "
+        "validation set, every document once (mds only).",
+        ge=0,
+        why="0: all",
     )
 
 
@@ -278,73 +284,6 @@ class CheckpointSection:
         why="auto, none or a path",
     )
     dir: str = doc("", "Where checkpoints go; empty: <run dir>/checkpoints.")
-
-
-@dataclass
-class LaunchSection:
-    num_workers: int = doc(
-        1,
-        "Training processes. 1: `rnnscale train` trains in its own process; more: it runs them "
-        "as Ray Train workers (an embedded local Ray, or the cluster of launch.address).",
-        gt=0,
-    )
-    address: str = doc(
-        "",
-        "Ray cluster to run the workers on ('auto', 'ray://HEAD:10001', 'HEAD:6379'); empty: "
-        "the RAY_ADDRESS environment variable, else an embedded local Ray of which every "
-        "process listens on 127.0.0.1 only (docs/cluster.md).",
-    )
-    cpus_per_worker: float = doc(1.0, "CPUs Ray reserves for each worker.", gt=0)
-    gpus_per_worker: float = doc(0.0, "GPUs Ray reserves for each worker (0: train on CPU).", ge=0)
-    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc(
-        "PACK",
-        "Ray placement of the workers: PACK fills nodes in turn; STRICT_SPREAD puts one worker "
-        "on every node. Streaming data wants the same number of workers on every node.",
-    )
-    max_failures: int = doc(
-        3,
-        "Times Ray restarts the worker group after a worker or node dies (the run then resumes "
-        "from its newest committed checkpoint by itself); -1: no limit.",
-        ge=-1,
-        why="-1: no limit",
-    )
-    min_workers: int = doc(
-        0,
-        "Go on with fewer workers, down to this many, when Ray cannot place them all (after "
-        "launch.max_failures restarts of launch.worker_wait_s each): the run resumes on as many "
-        "as fit and grows back when they fit again (docs/cluster.md). 0: never fewer.",
-        ge=0,
-        why="0: no shrinking",
-    )
-    worker_wait_s: float = doc(
-        60.0,
-        "Seconds Ray Train waits for a (re)started worker group to be placed before it counts "
-        "a failure (Ray's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S).",
-        gt=0,
-    )
-    resize_check_s: float = doc(
-        30.0,
-        "With fewer workers than launch.num_workers: how often the driver looks whether more "
-        "fit again (then the run stops after its step with a checkpoint and resumes on them).",
-        gt=0,
-    )
-    storage_path: str = doc(
-        "",
-        "Where Ray Train keeps its own run state (every node must see it on a multi-node "
-        "cluster); empty: <run dir>/ray.",
-    )
-    dashboard_port: int = doc(
-        0,
-        "Port of the embedded Ray's dashboard, on 127.0.0.1 only (the URL is printed at the "
-        "start); 0: 8265 when free, else the next free port. A port named here must be free.",
-        ge=0,
-        le=65535,
-        why="0: 8265 or the next free port",
-    )
-
-    def check(self, path: str) -> None:
-        require(self.min_workers <= self.num_workers, f"{path}.min_workers",
-                f"must be at most launch.num_workers ({self.num_workers})")  # fmt: skip
 
 
 @dataclass
