@@ -6,6 +6,7 @@
     rnnscale jobs list|status ID|logs ID [--follow]|stop ID   submitted runs
     rnnscale config show CONFIG [key=value ...]  print the resolved config, start nothing
     rnnscale plan CONFIG --gpus N [key=value ...]  parameters, FLOPs, memory per GPU by ZeRO stage
+    rnnscale plan CONFIG --match-params 350M     the d_model that gives that many parameters
     rnnscale generate RUN_DIR --prompt TEXT      sample from a trained model (recurrent form)
     rnnscale export CHECKPOINT --out DIR         a checkpoint's weights for generate (safetensors)
     rnnscale ckpt reshard CHECKPOINT             its universal form: resume on other world sizes
