@@ -108,6 +108,30 @@ def default_part_bytes(total: int) -> int:
     return min(max(total // 64, 1 << 20), 64 << 20)
 
 
+def _job(files: list[str], tokenizer, val_fraction: float | None, options: list) -> dict:
+    """What identifies a prepare job: its inputs, tokenizer and options."""
+    job = {
+        "format": FORMAT,
+        # a URL is known by its name only (listings give no size or version: docs/data.md)
+        "files": [
+            [f] if is_remote(f) else [f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files
+        ],  # fmt: skip
+        "tokenizer": fingerprint(tokenizer),
+        "options": options,
+    }
+    if val_fraction is not None:  # only then: a job without a split keeps its fingerprint
+        job["val_fraction"] = val_fraction
+    return job
+
+
+def _check_options(bad_bytes: str, workers: int, val_fraction: float | None) -> None:
+    if bad_bytes not in BAD_BYTES:
+        raise ValueError(f"--bad-bytes must be one of {', '.join(BAD_BYTES)}, got {bad_bytes!r}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    check_fraction(val_fraction)
+
+
 def prepare(
     inputs: list[str],
     tokenizer: str | Path,
@@ -128,27 +152,14 @@ def prepare(
     and every file is uploaded there as it is finished, the done-marker last. With
     `val_fraction`, `out/train` and `out/val` (`split`), and the stats are {"train": ...,
     "val": ...}."""
-    if bad_bytes not in BAD_BYTES:
-        raise ValueError(f"--bad-bytes must be one of {', '.join(BAD_BYTES)}, got {bad_bytes!r}")
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    check_fraction(val_fraction)
+    _check_options(bad_bytes, workers, val_fraction)
     files = list_files(inputs)
     out = Path(out)
     check_layout(out, val_fraction)
     sp = load_tokenizer(tokenizer)
     dtype = "uint16" if sp.vocab_size() <= 1 << 16 else "uint32"
-    job = {
-        "format": FORMAT,
-        # a URL is known by its name only (listings give no size or version: docs/data.md)
-        "files": [
-            [f] if is_remote(f) else [f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files
-        ],  # fmt: skip
-        "tokenizer": fingerprint(tokenizer),
-        "options": [text_key, split_blank_lines, bad_bytes, compression, dtype, remote, part_bytes],
-    }
-    if val_fraction is not None:  # only then: a job without a split keeps its fingerprint
-        job["val_fraction"] = val_fraction
+    options = [text_key, split_blank_lines, bad_bytes, compression, dtype, remote, part_bytes]
+    job = _job(files, tokenizer, val_fraction, options)
     job_id = hashlib.sha256(json.dumps(job).encode()).hexdigest()
     dirs, ids = set_dirs(out, val_fraction), set_job_ids(job_id, val_fraction)
     done, checked = already_done(out, dirs, ids)

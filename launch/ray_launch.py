@@ -221,6 +221,7 @@ def train_with_ray(cfg: RunConfig) -> None:
     On an embedded Ray this driver holds the run directory's lock for the whole job (its
     workers restart under it); on a cluster, whose nodes may not share this driver's files,
     rank 0 takes it."""
+    require_train_v2()  # before anything is written
     cfg = absolute_paths(cfg)
     address = cfg.launch.address or os.environ.get("RAY_ADDRESS", "")
     if address:
@@ -240,7 +241,6 @@ def _train_with_ray(cfg: RunConfig, address: str, lock_held: int) -> None:
     from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
     launch = cfg.launch
-    require_train_v2()
     dashboard = ""
     if not ray.is_initialized():
         dashboard = join_cluster(address) if address else start_embedded_ray(launch)

