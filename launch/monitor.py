@@ -138,15 +138,11 @@ class RunSummary:
     def best_eval(self) -> tuple[int, float] | None:
         return min(self.history.evals, key=lambda e: e[1]) if self.history.evals else None
 
-    @property
-    def restarts(self) -> int:
-        """Starts recorded in events.jsonl that continue a start which did not end (no `done`
-        event between them): a kill, a failure, a preemption. A start after a `done` (the run
-        continued with a larger train.max_steps) is no restart."""
-        return self.starts()[0]
-
     def starts(self) -> tuple[int, int]:
-        """(restarts, continuations after the run had finished)."""
+        """(restarts, continuations) from events.jsonl. A restart is a start that continues a
+        start which did not end (no `done` event between them): a kill, a failure, a
+        preemption. A start after a `done` (the run continued with a larger train.max_steps)
+        is a continuation, no restart."""
         restarts = continued = 0
         running = finished = False
         for e in self.events:
@@ -197,6 +193,7 @@ def status_report(run_dir: str | Path) -> str:
     recent, mean = run.history.tokens_per_s(WINDOW), run.history.tokens_per_s()
     count = min(len(run.history.steps), WINDOW)
     elapsed, parameters = run.elapsed_s, run.parameters
+    restarts, continued = run.starts()
     parameters = f"{parameters:,}" if parameters is not None else "unknown (an older run)"
     lines = [
         f"run: {run.run_dir}",
@@ -210,10 +207,10 @@ def status_report(run_dir: str | Path) -> str:
         f"elapsed: {clock(elapsed) if elapsed is not None else 'unknown (no start event)'}",
         f"ETA: {run.eta()}",
         f"last checkpoint: {last_checkpoint(run.run_dir) or 'none'}",
-        f"restarts: {run.restarts}",
+        f"restarts: {restarts}",
         *(
-            [f"continued after finishing: {run.starts()[1]} time(s) (train.max_steps raised)"]
-            if run.starts()[1]
+            [f"continued after finishing: {continued} time(s) (train.max_steps raised)"]
+            if continued
             else []
         ),  # fmt: skip
         *failure_lines(run.run_dir),

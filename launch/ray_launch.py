@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import signal
@@ -39,7 +38,7 @@ from rnnscale.launch.elastic import run_resizing
 from rnnscale.train.config import RunConfig, from_dict, to_dict
 from rnnscale.train.distributed import loopback_interface, process_group_backend
 from rnnscale.train.preemption import NOTICE_FILE, Preempted, notice_signals
-from rnnscale.train.run_dir import finished_message
+from rnnscale.train.run_dir import finished_message, last_event
 from rnnscale.train.run_lock import HELD_VAR, RunLock
 
 LOOPBACK = "127.0.0.1"
@@ -329,10 +328,7 @@ def _notices_to_file(cfg: RunConfig):
 
 def _raise_if_preempted(cfg: RunConfig) -> None:
     """Preempted when the workers' run ended on a notice (its last event says so)."""
-    try:
-        last = json.loads((cfg.run_dir / "events.jsonl").read_text().splitlines()[-1])
-    except (OSError, IndexError, ValueError):
-        return
+    last = last_event(cfg.run_dir / "events.jsonl")
     if last.get("event") == "preempted":
         kept = last.get("checkpoint") or "no checkpoint of that step (the save failed)"
         raise Preempted(f"preempted ({last.get('notice')}) after step {last['step']}: {kept}; "

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +118,6 @@ def end_summary(cfg: RunConfig, summary: dict, prompt_hint: str) -> str:
 
 
 def _ppl(loss: float) -> str:
-    import math
-
     return f"{math.exp(min(loss, 700.0)):.2f}"
 
 
@@ -153,13 +153,7 @@ def prompt_hint(tokenizer_file: Path, first_ids: list[int]) -> str:
     text = " ".join(words[:-1] if len(words) > 1 else words)[:40]  # the last may be cut
     if not text:
         return "--prompt-ids 1"
-    return "--prompt " + _shell_quote(text)
-
-
-def _shell_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
+    return "--prompt " + shlex.quote(text)
 
 
 def first_ids(cfg: RunConfig, val_batches: list[dict]) -> list[int]:

@@ -100,6 +100,13 @@ def set_threads(threads_per_rank: int) -> tuple[int, str]:
     return threads, why
 
 
+def from_rank0(compute):
+    """`compute()` on rank 0, its result on every rank (a collective; any picklable value)."""
+    box = [compute() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -11,6 +11,7 @@ import torch
 
 from rnnscale.train import checkpoint, universal
 from rnnscale.train.config import ConfigError, RunConfig, model_architecture, to_dict
+from rnnscale.train.distributed import from_rank0
 from rnnscale.train.notice import notice
 from rnnscale.train.preflight import named_checkpoint
 from rnnscale.train.progress import Progress
@@ -29,19 +30,21 @@ def checkpoint_meta(cfg: RunConfig) -> dict:
     }
 
 
-def resolve_resume(cfg: RunConfig, rank: int) -> Path | None:
+def resolve_resume(cfg: RunConfig) -> Path | None:
     """The checkpoint to continue from (checkpoint.resume), the same on every rank: rank 0
     looks (verifying manifests) and tells the others."""
-    choice = None
-    if rank == 0:
+
+    def look() -> str | None:
         how = cfg.checkpoint.resume
-        if how == "auto":
-            choice = checkpoint.find_resume(cfg.checkpoint_dir)
-        elif how != "none":
-            choice = named_checkpoint(how)
-    box = [str(choice) if choice else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return Path(box[0]) if box[0] else None
+        if how == "none":
+            return None
+        choice = (
+            checkpoint.find_resume(cfg.checkpoint_dir) if how == "auto" else named_checkpoint(how)
+        )
+        return str(choice) if choice else None
+
+    found = from_rank0(look)
+    return Path(found) if found else None
 
 
 def universal_for_resume(path: Path, cfg: RunConfig, world: int) -> bool:

@@ -79,12 +79,3 @@ def last_event(events_file: Path) -> dict:
                 continue
             last = record if isinstance(record, dict) else last
     return last
-
-
-def from_rank0(compute):
-    """`compute()` on rank 0, its result on every rank (a collective; any picklable value)."""
-    import torch
-
-    box = [compute() if torch.distributed.get_rank() == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]

@@ -40,6 +40,7 @@ from rnnscale.train.console import (
     start_banner,
 )
 from rnnscale.train.distributed import (
+    from_rank0,
     init_distributed,
     node_of_every_rank,
     rank_device,
@@ -57,7 +58,7 @@ from rnnscale.train.preflight import check_node_layout, plan
 from rnnscale.train.progress import Progress
 from rnnscale.train.resume import resolve_resume, restore, rollback, universal_for_resume
 from rnnscale.train.room import check_room_at_start, what_is_kept
-from rnnscale.train.run_dir import finished_message, from_rank0, last_logged_loss, prepare_run_dir
+from rnnscale.train.run_dir import finished_message, last_logged_loss, prepare_run_dir
 from rnnscale.train.run_lock import job_lock
 from rnnscale.train.watchdog import Watchdog
 
@@ -93,7 +94,7 @@ def _run(cfg: RunConfig, quiet: LibraryNotices) -> dict:
 
 def _train(cfg: RunConfig, device, threads: tuple[int, str]) -> dict:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    resume_from, started = resolve_resume(cfg, rank), time.perf_counter()
+    resume_from, started = resolve_resume(cfg), time.perf_counter()
     check_node_layout(node_of_every_rank(), uses_streaming=cfg.data.source != "synthetic")
     layout, ds_config = plan(cfg, world, rank)
     universal = resume_from is not None and universal_for_resume(resume_from, cfg, world)
@@ -106,20 +107,11 @@ def _train(cfg: RunConfig, device, threads: tuple[int, str]) -> dict:
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
     with torch.device("meta"):  # counts from a copy that costs no memory
         shape_model = build_model(cfg.model, cfg.kernels)
-    notice(
-        start_banner(
-            cfg,
-            StartFacts(
-                shape_model.layer_types,
-                shape_model.num_params(),
-                world,
-                layout.sequence_parallel_size,
-                *threads,
-                resume_from,
-            ),
-        )
-    )
-    check_room_at_start(cfg, shape_model.num_params())
+    parameters = shape_model.num_params()
+    facts = StartFacts(shape_model.layer_types, parameters, world,
+                       layout.sequence_parallel_size, *threads, resume_from)  # fmt: skip
+    notice(start_banner(cfg, facts))
+    check_room_at_start(cfg, parameters)
     engine, groups = _engine(cfg, ds_config, layout, device)
     shape = RowShape.of(cfg)
     batches = make_batches(cfg.data, shape, cfg.run.seed, cfg.run_dir, layout)
@@ -139,7 +131,7 @@ def _train(cfg: RunConfig, device, threads: tuple[int, str]) -> dict:
     job.logger.event("start", step=progress.step, world_size=world,
                      resumed_from=str(resume_from) if resume_from else None,
                      load_s=round(load_s, 4), pid=os.getpid(),
-                     parameters=shape_model.num_params(),
+                     parameters=parameters,
                      host=socket.gethostname())  # fmt: skip
     job.preemption = Preemption.for_run(cfg)
     job.watchdog = Watchdog(cfg.train.hang_timeout_s, job.logger).start()
