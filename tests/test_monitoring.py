@@ -20,6 +20,7 @@ from test_cli import BIN, rnnscale
 from rnnscale.launch.cli import main
 from rnnscale.launch.monitor import dashboard_runs, link_runs, status_report
 from rnnscale.train.config import ConfigError, dump_yaml, load_config
+from rnnscale.train.console import best_eval
 from rnnscale.train.logger import Logger, check_wandb_credentials, wandb_run_id
 
 LOSSES = [5.61, 5.02, 4.71, 4.40, 4.25, 4.08]
@@ -391,3 +392,5 @@ def test_status_of_a_resumed_run_counts_each_step_once(repo_root, tmp_path):
     assert "elapsed: 1:02:05" in lines  # from the first start to the last write
     assert "ETA: 0:00:14" in lines  # 55 steps x 0.25 s
     assert "restarts: 1" in lines
+    # the trainer's end summary counts the evaluations the same way
+    assert best_eval(run_dir / "metrics.jsonl") == {"last": 3.2, "best": 3.0, "best_step": 20}

@@ -122,20 +122,29 @@ def _ppl(loss: float) -> str:
 
 
 def best_eval(metrics_file: Path) -> dict | None:
-    """{'last', 'best', 'best_step'} of eval_loss in a metrics.jsonl, or None without one."""
-    last = best = best_step = None
+    """{'last', 'best', 'best_step'} of eval_loss in a metrics.jsonl, or None without one. A
+    resumed run logs again the steps after its checkpoint: a record of step s drops the
+    evaluations of steps >= s before it (as `rnnscale status` counts them), so an abandoned
+    attempt's evaluations do not count."""
+    evals: list[tuple[int, float]] = []
     with contextlib.suppress(OSError):
         for line in metrics_file.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            loss = record.get("eval_loss") if isinstance(record, dict) else None
-            if isinstance(loss, (int, float)):
-                last = loss
-                if best is None or loss < best:
-                    best, best_step = loss, record.get("step")
-    return None if last is None else {"last": last, "best": best, "best_step": best_step}
+            step = record.get("step") if isinstance(record, dict) else None
+            if not isinstance(step, int):
+                continue
+            while evals and evals[-1][0] >= step:
+                evals.pop()
+            loss = record.get("eval_loss")
+            if isinstance(loss, (int, float)) and math.isfinite(loss):
+                evals.append((step, loss))
+    if not evals:
+        return None
+    best_step, best = min(evals, key=lambda e: e[1])
+    return {"last": evals[-1][1], "best": best, "best_step": best_step}
 
 
 def prompt_hint(tokenizer_file: Path, first_ids: list[int]) -> str:
