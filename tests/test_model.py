@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rnnscale.train.config import ModelSection, from_dict
-from rnnscale.train.model import build_model, layer_types
+from rnnscale.train.model import build_model
 
 
 def tiny(**kw) -> ModelSection:
@@ -15,7 +15,7 @@ def tiny(**kw) -> ModelSection:
 
 def test_pattern_tiles_over_layers():
     cfg = tiny(num_layers=5, mixer_pattern=["gla", "gla", "attn"])
-    assert layer_types(cfg) == ["gla", "gla", "attn", "gla", "gla"]
+    assert cfg.layer_types() == ["gla", "gla", "attn", "gla", "gla"]
     model = build_model(cfg)
     assert [type(b.mixer).__name__ for b in model.blocks] == [
         "GatedLinearAttention",

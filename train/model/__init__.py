@@ -35,17 +35,11 @@ names `rnnscale.train.config.MixerName` allows); its options are the model confi
 the same name."""
 
 
-def layer_types(cfg: ModelSection) -> list[str]:
-    """The mixer of every layer: `mixer_pattern` tiled over `num_layers`."""
-    pattern = cfg.mixer_pattern
-    return [pattern[i % len(pattern)] for i in range(cfg.num_layers)]
-
-
 def build_model(cfg: ModelSection, kernels: KernelsSection | None = None) -> LanguageModel:
     """Build the language model described by the `model` section of the run config, its scans
     and loss run as the `kernels` section says (default: the defaults)."""
     kernels = KernelsSection() if kernels is None else kernels
-    names = layer_types(cfg)
+    names = cfg.layer_types()
     mixers = []
     for i, name in enumerate(names):
         dims = MixerDims(cfg.d_model, cfg.num_heads, cfg.norm_eps, i, len(names), kernels)
@@ -53,4 +47,4 @@ def build_model(cfg: ModelSection, kernels: KernelsSection | None = None) -> Lan
     return LanguageModel(cfg, mixers, names, loss_chunk_tokens=kernels.loss_chunk_tokens)
 
 
-__all__ = ["MIXERS", "LanguageModel", "MixerDims", "build_model", "layer_types"]
+__all__ = ["MIXERS", "LanguageModel", "MixerDims", "build_model"]
