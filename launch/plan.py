@@ -54,8 +54,9 @@ class ModelCounts:
 
 
 def count_model(model_cfg, seq_len: int, kernels=None) -> ModelCounts:
-    """Parameter and FLOP counts of the model of `model_cfg` (its scans' FLOPs with the chunk
-    sizes of `kernels`, default: the defaults), built on the meta device."""
+    """Parameter and FLOP counts of the model of `model_cfg` (model FLOPs, which do not depend
+    on the kernels: train/model/flops.py), built on the meta device with `kernels` (default:
+    the defaults)."""
     with torch.device("meta"):
         model = build_model(model_cfg, kernels)
     embedding = model.embed.weight.numel()

@@ -93,9 +93,8 @@ class GatedDeltaNet(nn.Module):
         if self.use_forget_gate:
             projections += flops.linear(d, H)
         convs = sum(flops.conv(dim, self.conv_size) for dim in (k, n * k, n * v))
-        recurrence = flops.delta_rule_scan(H, self.head_dim, self.head_v_dim,
-                                           self.settings.chunk_size)  # fmt: skip
-        return projections + convs + n * recurrence  # n delta steps per token
+        recurrence = flops.delta_rule(H, self.head_dim, self.head_v_dim, steps=n)
+        return projections + convs + recurrence
 
     def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
         B, T, _ = x.shape

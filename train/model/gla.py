@@ -48,7 +48,7 @@ class GatedLinearAttention(nn.Module):
         projections = 2 * flops.linear(d, k) + 2 * flops.linear(d, v) + flops.linear(v, d)
         gate = flops.linear(d, r) + flops.linear(r, k)
         H = self.num_heads
-        scan = flops.linear_attention_scan(H, k // H, v // H, self.settings.chunk_size)
+        scan = flops.linear_attention(H, k // H, v // H)
         return projections + gate + scan
 
     def forward(self, x, *, cu_seqlens=None, state=None, shard=None):

@@ -71,7 +71,7 @@ class HGRN2(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         d, f, H = self.d_model, self.forget_dim, self.num_heads
         projections = 2 * flops.linear(d, f) + 2 * flops.linear(d, d)
-        scan = flops.linear_attention_scan(H, self.key_width, d // H, self.settings.chunk_size)
+        scan = flops.linear_attention(H, self.key_width, d // H)
         return projections + scan
 
     def forward(self, x, *, cu_seqlens=None, state=None, shard=None):

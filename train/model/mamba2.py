@@ -83,9 +83,7 @@ class Mamba2(nn.Module):
         projections = flops.linear(d, 2 * e + 2 * self.n_groups * self.state_size + H)
         projections += flops.linear(e, d)
         conv = flops.conv(conv_dim, self.conv.weight.shape[1])
-        scan = flops.linear_attention_scan(
-            H, self.state_size, self.head_dim, self.settings.chunk_size
-        )
+        scan = flops.linear_attention(H, self.state_size, self.head_dim)  # per head N x P
         return projections + conv + scan
 
     def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
