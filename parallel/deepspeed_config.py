@@ -43,6 +43,7 @@ def deepspeed_config(train, optim, parallel, layout: ParallelLayout) -> dict:
             stage3_max_live_parameters=parallel.stage3_max_live_parameters,
             stage3_gather_16bit_weights_on_model_save=True,
         )
+    zero.update(offload_config(parallel))
     config = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -54,6 +55,26 @@ def deepspeed_config(train, optim, parallel, layout: ParallelLayout) -> dict:
         "steps_per_print": 2**31 - 1,  # the trainer's Logger reports; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
+    if parallel.offload_optimizer != "none":
+        # our torch AdamW steps on the CPU partitions (DeepSpeedCPUAdam would be a C++ op to
+        # build); DeepSpeed refuses a client optimizer under offload unless told
+        config["zero_force_ds_cpu_optimizer"] = False
     if optim.grad_clip > 0:
         config["gradient_clipping"] = optim.grad_clip
     return config
+
+
+def offload_config(parallel) -> dict:
+    """ZeRO-Offload / ZeRO-Infinity: `offload_optimizer` and `offload_param` of DeepSpeed's
+    `zero_optimization`, from parallel.offload_optimizer, offload_params (none, cpu, nvme) and
+    offload_nvme_path; empty when nothing is offloaded. Pinned host memory is off: it is
+    locked per rank, and on CPU-only machines there is nothing to copy to."""
+    zero = {}
+    for key, how in (("offload_optimizer", parallel.offload_optimizer),
+                     ("offload_param", parallel.offload_params)):  # fmt: skip
+        if how == "none":
+            continue
+        zero[key] = {"device": how, "pin_memory": False}
+        if how == "nvme":
+            zero[key]["nvme_path"] = parallel.offload_nvme_path
+    return zero

@@ -21,9 +21,30 @@ def plan(cfg: RunConfig, world: int, rank: int = 0) -> tuple[ParallelLayout, dic
     try:
         layout = ParallelLayout(world, cfg.parallel.sequence_parallel_size, rank)
         layout.check_seq_len(cfg.train.seq_len)
-        return layout, deepspeed_config(cfg.train, cfg.optim, cfg.parallel, layout)
+        config = deepspeed_config(cfg.train, cfg.optim, cfg.parallel, layout)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_nvme_offload(cfg.parallel)
+    return layout, config
+
+
+def check_nvme_offload(parallel) -> None:
+    """Offload to NVMe runs on DeepSpeed's async_io op, which builds only against libaio: say
+    so before any rank starts, rather than fail inside DeepSpeed at the first step."""
+    keys = [k for k in ("offload_optimizer", "offload_params") if getattr(parallel, k) == "nvme"]
+    if keys and not _async_io_compatible():
+        raise ConfigError(
+            f"parallel.{keys[0]}=nvme needs DeepSpeed's async_io op, which needs libaio, and "
+            f"libaio is not installed on this machine: install it (`apt-get install "
+            f"libaio-dev` on Debian/Ubuntu, `yum install libaio-devel` on RHEL), or offload "
+            f"to cpu"
+        )
+
+
+def _async_io_compatible() -> bool:
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return AsyncIOBuilder().is_compatible()
 
 
 def check_inputs(cfg: RunConfig, world: int, files: bool = True) -> None:

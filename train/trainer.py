@@ -49,12 +49,13 @@ from rnnscale.train.distributed import (
 )
 from rnnscale.train.export import export_from_engine
 from rnnscale.train.logger import Logger, append_event
-from rnnscale.train.measure import measure_peak_flops, peak_memory_gb
+from rnnscale.train.measure import peak_flops, peak_memory_gb
 from rnnscale.train.model import LanguageModel, build_model
 from rnnscale.train.notice import notice
 from rnnscale.train.optim import build_optimizer, build_scheduler
 from rnnscale.train.preemption import Preempted, Preemption
 from rnnscale.train.preflight import check_node_layout, plan
+from rnnscale.train.profiling import StepProfiler
 from rnnscale.train.progress import Progress
 from rnnscale.train.resume import resolve_resume, restore, rollback, universal_for_resume
 from rnnscale.train.room import check_room_at_start, what_is_kept
@@ -120,7 +121,7 @@ def _train(cfg: RunConfig, device, threads: tuple[int, str]) -> dict:
         val_batches = make_val_batches(cfg.data, shape, cfg.run.seed, cfg.train.eval_batches,
                                        layout)  # fmt: skip
     # before the resume restores the RNG: the measurement draws random numbers
-    peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, cfg.parallel.dtype)
+    peak = cfg.train.peak_tflops * 1e12 or peak_flops(device, cfg.parallel.dtype)[0]
     job = _Job(engine, groups, batches, val_batches, device,
                shape_model.flops_per_token(cfg.train.seq_len), peak)  # fmt: skip
     progress, start = Progress(), time.perf_counter()
@@ -208,7 +209,9 @@ def _loop(job: _Job, cfg: RunConfig, progress: Progress) -> tuple[Progress, dict
     saves, metrics = Checkpointer(job.engine, cfg, job.batches, job.logger), {}
     preemption, beat = job.preemption, job.watchdog.beat
     rows = cfg.train.micro_batch_size * job.engine.gradient_accumulation_steps()
+    profile = StepProfiler.for_run(cfg, torch.distributed.get_rank(), job.device)
     while progress.step < cfg.train.max_steps:
+        profile.step_begins(progress.step + 1)
         job.batches.line_up(rows)  # collective: the stream is read here only
         metrics, skipped = train_step(job.engine, job.batches, job.device,
                                       cfg.parallel.zero_stage, job.groups)  # fmt: skip
@@ -236,6 +239,7 @@ def _loop(job: _Job, cfg: RunConfig, progress: Progress) -> tuple[Progress, dict
         if not last and preemption.agreed():  # collective: every rank stops after this step
             _stop_preempted(saves, progress, preemption, job.logger)
         beat(step, f"step {step + 1}")
+    profile.close()
     saves.finish(progress.step)
     return progress, metrics
 

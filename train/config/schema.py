@@ -154,8 +154,9 @@ class TrainSection:
     )
     peak_tflops: float = doc(
         0.0,
-        "Peak TFLOP/s of one device, for MFU (e.g. 989 for an H100 in bf16). 0: measured at "
-        "start with a matmul in the training dtype on this device.",
+        "Peak TFLOP/s of one device, for MFU (e.g. 989.5 for an H100 in bf16). 0: the "
+        "datasheet's dense peak in the training dtype on a GPU we know (H100, H200, A100), "
+        "else a matmul in the training dtype measured at start on this device (CPU included).",
         ge=0,
         why="0: measure",
     )
@@ -175,6 +176,24 @@ class TrainSection:
         ge=0,
         why="0: all",
     )
+    profile_start: int = doc(
+        0,
+        "First step (1-based) to profile: a torch.profiler trace, and on CUDA a memory "
+        "snapshot, under <run dir>/profile/ (docs/monitoring.md, Profiles). 0: off.",
+        ge=0,
+        why="0: off",
+    )
+    profile_steps: int = doc(1, "Steps profiled from train.profile_start on.", gt=0)
+    profile_ranks: Literal["rank0", "all"] = doc(
+        "rank0", "Which ranks write a profile: rank0, or all (one trace per rank)."
+    )
+
+    def check(self, path: str) -> None:
+        last = self.profile_start + self.profile_steps - 1
+        require(self.profile_start == 0 or last <= self.max_steps, f"{path}.profile_steps",
+                f"steps {self.profile_start}-{last} to profile run past train.max_steps "
+                f"({self.max_steps}): lower train.profile_start or "
+                f"train.profile_steps")  # fmt: skip
 
 
 @dataclass
@@ -229,6 +248,34 @@ class ParallelSection:
     stage3_max_live_parameters: int = doc(
         1_000_000_000, "ZeRO-3: most gathered parameter elements kept at once.", gt=0
     )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = doc(
+        "none",
+        "ZeRO-Offload: keep the optimizer states in host memory (cpu) or on an NVMe drive "
+        "(nvme, under offload_nvme_path) and step the optimizer on the CPU; needs "
+        "zero_stage >= 1. See docs/parallelism.md, Offload.",
+    )
+    offload_params: Literal["none", "cpu", "nvme"] = doc(
+        "none",
+        "ZeRO-Infinity: keep the parameters in host memory (cpu) or on NVMe (nvme) and fetch "
+        "them for each layer's use; needs zero_stage 3.",
+    )
+    offload_nvme_path: str = doc(
+        "", "A directory on a fast local NVMe drive, for offload to nvme (one per node)."
+    )
+
+    def check(self, path: str) -> None:
+        stage = self.zero_stage
+        require(self.offload_optimizer == "none" or stage >= 1, f"{path}.offload_optimizer",
+                f"offloading the optimizer needs parallel.zero_stage >= 1 (got {stage}): set "
+                f"parallel.zero_stage=1, 2 or 3, or offload_optimizer=none")  # fmt: skip
+        require(self.offload_params == "none" or stage == 3, f"{path}.offload_params",
+                f"offloading parameters needs parallel.zero_stage=3 (got {stage}): set "
+                f"parallel.zero_stage=3, or offload_params=none")  # fmt: skip
+        for key in ("offload_optimizer", "offload_params"):
+            require(getattr(self, key) != "nvme" or self.offload_nvme_path.strip() != "",
+                    f"{path}.offload_nvme_path",
+                    f"parallel.{key}=nvme needs a directory on an NVMe drive here, e.g. "
+                    f"parallel.offload_nvme_path=/local_nvme")  # fmt: skip
 
 
 @dataclass
