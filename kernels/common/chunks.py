@@ -89,9 +89,11 @@ def from_chunks(y: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """`[M, C, *F]` -> `[B, T, *F]`, dropping padded positions."""
     if layout.rows:
         return y.reshape(layout.B, -1, *y.shape[2:])[:, : layout.T]
-    flat = y.new_zeros(layout.B * layout.T + 1, *y.shape[2:])
-    flat = flat.index_copy(0, layout.index.flatten(), y.flatten(0, 1))
-    return flat[:-1].view(layout.B, layout.T, *y.shape[2:])
+    # a gather through the inverse of `index`: its backward keeps the indices, not y
+    index = layout.index.flatten()
+    inverse = torch.empty(layout.B * layout.T + 1, dtype=torch.long, device=index.device)
+    inverse[index] = torch.arange(len(index), device=index.device)  # padding lands on B*T
+    return y.flatten(0, 1)[inverse[:-1]].view(layout.B, layout.T, *y.shape[2:])
 
 
 def scan_chunks(
@@ -99,6 +101,7 @@ def scan_chunks(
     state: torch.Tensor,
     step: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     per_chunk: tuple[torch.Tensor, ...],
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass states through the chunks of every sequence, in order.
 
@@ -107,6 +110,8 @@ def scan_chunks(
     sequence) and those chunks' rows, and returns `(states leaving them, per-chunk record)`;
     a record may be a tuple of tensors.
     Returns `(records [M, ...] in chunk order, final states [N, ...])`.
+    `reverse=True` walks every sequence from its last chunk to its first (the backward pass of
+    a state scan: `state` then enters each sequence's last chunk and the result leaves its first).
 
     The rows are put in scan order once and split, not indexed per step: the backward of an
     index into an [M, ...] tensor allocates all of it, which would make the scan O(M^2).
@@ -115,27 +120,29 @@ def scan_chunks(
     if not layout.steps:
         raise ValueError("scan_chunks needs at least one chunk")
     if layout.rows:  # every row has the same chunks: step j reads column j of a [B, M / B] view
-        columns = [x.view(layout.B, -1, *x.shape[1:]).unbind(1) for x in per_chunk]
-        records = []
-        for rows in zip(*columns):
-            state, rec = step(state, *rows)
-            records.append(rec)
+        columns = list(zip(*(x.view(layout.B, -1, *x.shape[1:]).unbind(1) for x in per_chunk)))
+        records = [None] * len(columns)
+        for j in _walk(len(columns), reverse):
+            state, records[j] = step(state, *columns[j])
         return _gather(records, lambda rs: torch.stack(rs, 1).flatten(0, 1)), state
     order = torch.cat([chunk_ids for chunk_ids, _ in layout.steps])
     sizes = [len(chunk_ids) for chunk_ids, _ in layout.steps]
     pieces = [x[order].split(sizes) for x in per_chunk]
-    records = []
-    for j, (_, seq_ids) in enumerate(layout.steps):
-        rows = [p[j] for p in pieces]
+    records = [None] * len(sizes)
+    for j in _walk(len(sizes), reverse):
+        seq_ids, rows = layout.steps[j][1], [p[j] for p in pieces]
         if len(seq_ids) == layout.N:  # every sequence active: no gather, no scatter
-            state, rec = step(state, *rows)
+            state, records[j] = step(state, *rows)
         else:
-            new, rec = step(state[seq_ids], *rows)
+            new, records[j] = step(state[seq_ids], *rows)
             state = state.index_copy(0, seq_ids, new)
-        records.append(rec)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=order.device)
     return _gather(records, lambda rs: torch.cat(rs)[inverse]), state
+
+
+def _walk(n: int, reverse: bool) -> range:
+    return range(n - 1, -1, -1) if reverse else range(n)
 
 
 def _gather(records: list, put_in_order: Callable):

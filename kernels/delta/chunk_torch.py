@@ -11,6 +11,15 @@ s <= r (else 0), and S the entering state:
   6. S_next = exp(b_C) S + (exp(b_C - b) * K)^T U'
 Steps 1-3 and the intra-chunk part of 5 need no state and run for all chunks at once; 4 and 6
 run in the scan over chunks. Gates accumulate in fp32 or wider.
+
+`ChunkDeltaRule` saves only the chunked inputs and the entering states S_in [M, H, K, V]. Its
+backward solves each chunk's triangle once more and uses it for W, U, U' = U - W S_in and the
+gradients; the only sequential part is the reverse scan of the state gradient dS (from the
+final state's gradient back to the initial state's), which also yields dU' for every chunk:
+  dU' = scale tril(Q K^T * Gamma)^T dO + (exp(b_C - b) * K) dS_next
+  dS  = exp(b_C) dS_next + scale (exp(b) * Q)^T dO - W^T dU'
+Then dW = -dU' S^T, dU = dU', and the WY step back through T (`_wy_grads`), a block of
+chunks at a time (`chunk_blocks`), so the C x C transients stay small.
 """
 
 from __future__ import annotations
@@ -18,19 +27,113 @@ from __future__ import annotations
 import torch
 
 from rnnscale.kernels.common.checks import check_linear_attention
+from rnnscale.kernels.common.chunk_autograd import causal_mask, chunk_blocks
 from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, scan_chunks, to_chunks
 
 
-def _wy(kc, vc, bc, b, gamma):
+def _gamma(b):
+    """Gamma_rs = exp(b_r - b_s) for s <= r, else 0: (M, H, C) -> (M, H, C, C)."""
+    diff = b[..., :, None] - b[..., None, :]
+    return torch.where(causal_mask(b.shape[-1], b.device), diff, float("-inf")).exp()
+
+
+def _wy(k, v, b, beta, gamma):
     """Steps 1-3, the WY representation of a chunk's C Householder-like updates:
-    `T = (I + L)^-1 diag(beta)`, `W = T (exp(b) * K)`, `U = T V`."""
-    C = kc.shape[-2]
-    L = (bc[..., None] * (kc @ kc.transpose(-1, -2)) * gamma).tril(-1)  # (M, H, C, C)
-    eye = torch.eye(C, dtype=kc.dtype, device=kc.device)
-    Tm = torch.linalg.solve_triangular(
-        eye + L, torch.diag_embed(bc), upper=False, unitriangular=True
-    )  # (M, H, C, C)
-    return Tm @ (kc * b.exp()[..., None]), Tm @ vc
+    `(Ti = (I + L)^-1, W = Ti (beta exp(b) * K), U = Ti (beta * V))`, so that T = Ti diag(beta)."""
+    C = k.shape[-2]
+    L = (beta[..., None] * (k @ k.transpose(-1, -2)) * gamma).tril(-1)  # (M, H, C, C)
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    Ti = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
+    return Ti, Ti @ (k * (beta * b.exp())[..., None]), Ti @ (v * beta[..., None])
+
+
+def _wy_grads(dW, dU, k, v, b, beta, gamma, Ti):
+    """`(dk, dv, dbeta, db)` through `W = Ti (beta exp(b) K)`, `U = Ti (beta V)`,
+    `Ti = (I + L)^-1` (so `dL = -Ti^T dTi Ti^T` below the diagonal) and
+    `L = tril(beta_r (k_r . k_s) Gamma_rs, -1)`."""
+    Ke, Vb = k * (beta * b.exp())[..., None], v * beta[..., None]  # (M, H, C, K), (M, H, C, V)
+    dKe, dVb = Ti.transpose(-1, -2) @ dW, Ti.transpose(-1, -2) @ dU
+    dTi = dW @ Ke.transpose(-1, -2) + dU @ Vb.transpose(-1, -2)  # (M, H, C, C)
+    dL = -(Ti.transpose(-1, -2) @ dTi @ Ti.transpose(-1, -2)).tril(-1)
+    KK = (k @ k.transpose(-1, -2)) * gamma  # (M, H, C, C)
+    P = dL * KK * beta[..., None]  # dL * L
+    E = dL * gamma * beta[..., None]
+    dk = (beta * b.exp())[..., None] * dKe + E @ k + E.transpose(-1, -2) @ k
+    dbeta = (v * dVb).sum(-1) + (k * b.exp()[..., None] * dKe).sum(-1) + (dL * KK).sum(-1)
+    db = (Ke * dKe).sum(-1) + P.sum(-1) - P.sum(-2)
+    return dk, beta[..., None] * dVb, dbeta, db
+
+
+class ChunkDeltaRule(torch.autograd.Function):
+    """`(o [M, H, C, V], final [N, H, K, V])` from chunked `q, k [M, H, C, K]`, `v [M, H, C, V]`,
+    cumulative gates `b [M, H, C]`, `beta [M, H, C]` and initial states `S0 [N, H, K, V]`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, b, beta, S0, layout, scale):
+        gamma = _gamma(b)  # (M, H, C, C)
+        _, W, U = _wy(k, v, b, beta, gamma)  # 1-3: (M, H, C, K), (M, H, C, V)
+        b_last = b[..., -1:]  # (M, H, 1)
+        k_decay = k * (b_last - b).exp()[..., None]  # (M, H, C, K)
+
+        def step(S, U, W, decay, k_decay):  # 4 + 6
+            u_new = U - W @ S  # (n, H, C, V)
+            return decay * S + k_decay.transpose(-1, -2) @ u_new, (S, u_new)
+
+        (S_in, u_new), final = scan_chunks(
+            layout, S0, step, (U, W, b_last.exp()[..., None], k_decay)
+        )  # (M, H, K, V), (M, H, C, V)
+        A = (q @ k.transpose(-1, -2)) * gamma  # (M, H, C, C), tril through gamma
+        o = scale * ((q * b.exp()[..., None]) @ S_in + A @ u_new)  # 5
+        ctx.save_for_backward(q, k, v, b, beta, S_in)
+        ctx.layout, ctx.scale = layout, scale
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, b, beta, S_in = ctx.saved_tensors
+        do = ctx.scale * do  # (M, H, C, V)
+        gamma = _gamma(b)
+        Ti, W, U = _wy(k, v, b, beta, gamma)  # the one solve of the backward, kept for 9
+        u_new = U - W @ S_in  # (M, H, C, V)
+        b_last = b[..., -1:]  # (M, H, 1)
+        du_intra = ((q @ k.transpose(-1, -2)) * gamma).transpose(-1, -2) @ do  # (M, H, C, V)
+        del gamma, U
+
+        def step(dS, decay, x, W, k_decay, du_intra):
+            du = du_intra + k_decay @ dS  # (n, H, C, V)
+            return decay * dS + x - W.transpose(-1, -2) @ du, (dS, du)
+
+        x = (q * b.exp()[..., None]).transpose(-1, -2) @ do  # (M, H, K, V)
+        k_decay = k * (b_last - b).exp()[..., None]
+        (dS_out, du), dS0 = scan_chunks(
+            ctx.layout, dfinal, step, (b_last.exp()[..., None], x, W, k_decay, du_intra), True
+        )  # (M, H, K, V), (M, H, C, V), (N, H, K, V)
+        del x, W, k_decay, du_intra
+        grads = tuple(torch.empty_like(t) for t in (q, k, v, b, beta))  # dq, dk, dv, db, dbeta
+        _, H, C, K = q.shape
+        for sl in chunk_blocks(q.shape[0], H * C * max(C, K, v.shape[-1])):
+            rows = (do, q, k, v, b, beta, S_in, dS_out, du, u_new, Ti)
+            for grad, part in zip(grads, _chunk_grads(*(t[sl] for t in rows))):
+                grad[sl] = part
+        return *grads, dS0, None, None
+
+
+def _chunk_grads(do, q, k, v, b, beta, S_in, dS_out, du, u_new, Ti):
+    """`(dq, dk, dv, db, dbeta)` of some chunks from the scaled output gradient, the states
+    entering them, the gradients of the states leaving them and of U' (du)."""
+    gamma, b_last = _gamma(b), b[..., -1:]  # (m, H, C, C), (m, H, 1)
+    q_decay, k_decay = b.exp()[..., None], (b_last - b).exp()[..., None]  # (m, H, C, 1)
+    dA = (do @ u_new.transpose(-1, -2)) * gamma  # (m, H, C, C)
+    dq_inter = (do @ S_in.transpose(-1, -2)) * q_decay
+    dk_state = (u_new @ dS_out.transpose(-1, -2)) * k_decay  # (m, H, C, K)
+    dk, dv, dbeta, db = _wy_grads(-du @ S_in.transpose(-1, -2), du, k, v, b, beta, gamma, Ti)
+    P = dA * (q @ k.transpose(-1, -2))
+    t = (k * dk_state).sum(-1)  # (m, H, C)
+    db = db + (q * dq_inter).sum(-1) + P.sum(-1) - P.sum(-2) - t
+    db[..., -1] += t.sum(-1) + (S_in * dS_out).sum((-1, -2)) * b_last[..., 0].exp()
+    dq = dq_inter + dA @ k
+    dk = dk + dA.transpose(-1, -2) @ q + dk_state
+    return dq, dk, dv, db, dbeta
 
 
 def chunk_gated_delta_rule(
@@ -66,27 +169,7 @@ def chunk_gated_delta_rule(
     qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v))
     b = to_chunks(g, layout, acc).transpose(1, 2).cumsum(dim=-1)  # (M, H, C)
     bc = to_chunks(beta, layout, acc).transpose(1, 2)  # (M, H, C), 0 on padding
-    b_last = b[..., -1:]  # (M, H, 1)
-    C = chunk_size
-    lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    gamma = torch.where(lower, b[..., :, None] - b[..., None, :], float("-inf")).exp()  # (M,H,C,C)
-
-    W, U = _wy(kc, vc, bc, b, gamma)  # 1-3: (M, H, C, K), (M, H, C, V)
-    A = (qc @ kc.transpose(-1, -2)) * gamma  # (M, H, C, C), tril through gamma
-    k_decay = kc * (b_last - b).exp()[..., None]  # (M, H, C, K)
-    chunk_decay = b_last.exp()[..., None]  # (M, H, 1, 1)
-
-    # 4 + 6. the scan over chunks carries S and records (S entering, U') per chunk
-    def step(S, U, W, decay, k_decay):
-        u_new = U - W @ S  # (n, H, C, V)
-        S_next = decay * S + k_decay.transpose(-1, -2) @ u_new
-        return S_next, (S, u_new)
-
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
-    (S_in, u_new), final = scan_chunks(layout, S0.to(acc), step, (U, W, chunk_decay, k_decay))
-    # S_in: (M, H, K, V), u_new: (M, H, C, V)
-
-    # 5. outputs
-    o = scale * ((qc * b.exp()[..., None]) @ S_in + A @ u_new)  # (M, H, C, V)
+    o, final = ChunkDeltaRule.apply(qc, kc, vc, b, bc, S0.to(acc), layout, scale)
     o = from_chunks(o.transpose(1, 2), layout)  # (B, T, H, V)
     return o.to(v.dtype), (final if output_final_state else None)

@@ -11,9 +11,9 @@ log-gates b_r = g_1 + ... + g_r (a K-vector per row):
 Step 1 is two matmuls in the factorised form `(q exp(b - b_m)) (k exp(b_m - b))^T` around the
 chunk's middle row m wherever the chunk's gates span at most SAFE_SPAN (60) in log space, and
 the C x C x K tensor of pairwise differences (every exponent <= 0: no overflow at any decay)
-in the chunks where they span more. Gates accumulate in fp32 or wider. Gradients come from
-autograd, except through the pairwise scores: `PairwiseScores` recomputes their decays in its
-backward instead of keeping the C x C x K tensors alive.
+in the chunks where they span more. Gates accumulate in fp32 or wider. Steps 2-4 and every
+gradient are `ChunkLinearAttention` (kernels/common/chunk_autograd.py): the backward keeps only
+the inputs and the entering states and recomputes the scores (`PerKeyDecayScores.grads`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from rnnscale.kernels.common.checks import check_linear_attention
-from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, scan_chunks, to_chunks
+from rnnscale.kernels.common.chunk_autograd import ChunkLinearAttention
+from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, to_chunks
 
 
 def _pairwise_decay(b: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
@@ -43,10 +44,16 @@ class PairwiseScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dA):
         q, k, b, causal = ctx.saved_tensors
-        decay = _pairwise_decay(b, causal)
-        dq = torch.einsum("mhrs,mhsk,mhrsk->mhrk", dA, k, decay)
-        dk = torch.einsum("mhrs,mhrk,mhrsk->mhsk", dA, q, decay)
+        dq, dk = pairwise_grads(dA, q, k, b, causal)
         return dq, dk, q * dq - k * dk, None
+
+
+def pairwise_grads(dA, q, k, b, causal):
+    """`(dq, dk)` of the pairwise scores, their C x C x K decays recomputed."""
+    decay = _pairwise_decay(b, causal)
+    dq = torch.einsum("mhrs,mhsk,mhrsk->mhrk", dA, k, decay)
+    dk = torch.einsum("mhrs,mhrk,mhrsk->mhsk", dA, q, decay)
+    return dq, dk
 
 
 # Largest in-chunk gate span (max over keys of b_1 - b_C) scored in factorised form: its factors
@@ -55,22 +62,40 @@ class PairwiseScores(torch.autograd.Function):
 SAFE_SPAN = 60.0
 
 
-def intra_chunk_scores(q, k, b, causal):
+class PerKeyDecayScores:
     """Step 1 for (M, H, C, K) chunks. Where a chunk's gates span at most SAFE_SPAN, the
     factorised `(q exp(b - b_m)) (k exp(b_m - b))^T` around its middle row m is exact up to
     rounding and is two matmuls; only the other chunks (strong decay) form the pairwise
-    C x C x K tensor. Exponents are clamped to +-SAFE_SPAN so the discarded factorised scores
-    of those chunks stay finite (and so do their zero gradients)."""
-    C = q.shape[2]
-    span = (b[:, :, 0] - b[:, :, -1]).amax(-1)  # (M, H)
-    ref = b[:, :, C // 2 : C // 2 + 1]  # (M, H, 1, K)
-    up = (b - ref).clamp(-SAFE_SPAN, SAFE_SPAN)
-    A = ((q * up.exp()) @ (k * (-up).exp()).transpose(-1, -2)) * causal  # (M, H, C, C)
-    strong = (span > SAFE_SPAN).nonzero(as_tuple=True)
+    C x C x K tensor, in the forward and again in the backward. Exponents are clamped to
+    +-SAFE_SPAN so the factorised scores of those chunks, discarded, stay finite."""
+
+    @staticmethod
+    def scores(q, k, b, causal):
+        return _scores(q, k, b, causal)[0]
+
+    @staticmethod
+    def grads(dA, q, k, b, causal):
+        A, up, strong = _scores(q, k, b, causal)
+        dq = (dA @ (k * (-up).exp())) * up.exp()  # (M, H, C, K)
+        dk = (dA.transpose(-1, -2) @ (q * up.exp())) * (-up).exp()
+        if strong[0].numel():
+            dq_s, dk_s = pairwise_grads(*(x[strong][:, None] for x in (dA, q, k, b)), causal)
+            dq.index_put_(strong, dq_s[:, 0])
+            dk.index_put_(strong, dk_s[:, 0])
+        return A, dq, dk
+
+
+def _scores(q, k, b, causal):
+    """`(A (M, H, C, C), the clamped exponents up = b - b_m (M, H, C, K), the (m, h) indices of
+    the chunks whose gates span more than SAFE_SPAN)`."""
+    C = b.shape[2]
+    up = (b - b[:, :, C // 2 : C // 2 + 1]).clamp(-SAFE_SPAN, SAFE_SPAN)
+    A = ((q * up.exp()) @ (k * (-up).exp()).transpose(-1, -2)) * causal
+    strong = ((b[:, :, 0] - b[:, :, -1]).amax(-1) > SAFE_SPAN).nonzero(as_tuple=True)
     if strong[0].numel():
         pairwise = PairwiseScores.apply(*(x[strong][:, None] for x in (q, k, b)), causal)
-        A = A.index_put(strong, pairwise[:, 0])
-    return A
+        A.index_put_(strong, pairwise[:, 0])
+    return A, up, strong
 
 
 def chunk_gla(
@@ -109,24 +134,9 @@ def chunk_gla(
     # (M, H, C, D): padded keys are 0 and padded gates 0 (decay 1), so the state passes unchanged
     qc, kc, vc, gc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v, g))
     b = gc.cumsum(dim=2)  # (M, H, C, K) in-chunk cumulative log-gates
-    b_last = b[:, :, -1:]  # (M, H, 1, K)
-
-    # 1. intra-chunk scores with pairwise differences: every exponent <= 0 on and below the diagonal
-    C = chunk_size
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    A = intra_chunk_scores(qc, kc, b, causal)  # (M, H, C, C)
-
-    # 2. chunk-local states and chunk decays
-    dS = (kc * (b_last - b).exp()).transpose(-1, -2) @ vc  # (M, H, K, V)
-    chunk_decay = b_last.squeeze(2).exp()[..., None]  # (M, H, K, 1)
-
-    # 3. scan: the state entering every chunk, and the final state of every sequence
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
-    S_in, final = scan_chunks(
-        layout, S0.to(acc), lambda S, decay, dS: (decay * S + dS, S), (chunk_decay, dS)
-    )  # S_in: (M, H, K, V)
-
-    # 4. outputs: inter-chunk through the entering state plus intra-chunk
-    o = scale * ((qc * b.exp()) @ S_in + A @ vc)  # (M, H, C, V)
+    o, final = ChunkLinearAttention.apply(
+        qc, kc, vc, b, S0.to(acc), layout, scale, PerKeyDecayScores
+    )  # (M, H, C, V), (N, H, K, V)
     o = from_chunks(o.transpose(1, 2), layout)  # (B, T, H, V)
     return o.to(v.dtype), (final if output_final_state else None)

@@ -7,6 +7,10 @@ Legend: B batch, T time, D channels, N sequences, C chunk size, M chunks.
   3. h_r = hloc_r + P_r * h_in
 C + (chunks per sequence) sequential steps instead of T. Products are taken step by step, never
 divided, so a gate of 0 (a reset) is exact. Computes in fp32 or wider.
+
+`ChunkScan` saves a, b and the entering h_in [M, D] only. Its backward is the same scan run in
+reverse on the output gradient, with a shifted by one step: dh_r = dout_r + a_{r+1} dh_{r+1};
+then db = dh and da_r = dh_r h_{r-1}, h recomputed from steps 1 and 3.
 """
 
 from __future__ import annotations
@@ -52,22 +56,55 @@ def linear_scan(
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, b.device)
     ac = to_chunks(a, layout, acc, fill=1.0)  # (M, C, D): padding keeps h (a = 1, b = 0)
     bc = to_chunks(b, layout, acc)  # (M, C, D)
-
-    # 1. in-chunk scan from zero, all chunks at once
-    hloc, prod = [], []
-    h, P = torch.zeros_like(bc[:, 0]), torch.ones_like(ac[:, 0])  # (M, D)
-    for r in range(chunk_size):
-        h, P = ac[:, r] * h + bc[:, r], P * ac[:, r]
-        hloc.append(h)
-        prod.append(P)
-    hloc, prod = torch.stack(hloc, 1), torch.stack(prod, 1)  # (M, C, D)
-
-    # 2. scan over chunks
     h0 = b.new_zeros(N, D, dtype=acc) if initial_state is None else initial_state.to(acc)
-    h_in, final = scan_chunks(
-        layout, h0, lambda h, hl, p: (hl + p * h, h), (hloc[:, -1], prod[:, -1])
-    )
-
-    # 3. outputs
-    out = from_chunks(hloc + prod * h_in[:, None], layout)  # (B, T, D)
+    out, final = ChunkScan.apply(ac, bc, h0, layout)
+    out = from_chunks(out, layout)  # (B, T, D)
     return out.to(b.dtype), (final if output_final_state else None)
+
+
+def _local_scan(ac, bc):
+    """Step 1: `(hloc, P)`, both (M, C, D), C steps from a zero state in every chunk at once."""
+    hloc, prod = torch.empty_like(bc), torch.empty_like(ac)
+    h, P = torch.zeros_like(bc[:, 0]), torch.ones_like(ac[:, 0])  # (M, D)
+    for r in range(ac.shape[1]):
+        h, P = ac[:, r] * h + bc[:, r], P * ac[:, r]
+        hloc[:, r], prod[:, r] = h, P
+    return hloc, prod
+
+
+def _step(h, hl, p):
+    return hl + p * h, h
+
+
+class ChunkScan(torch.autograd.Function):
+    """`(h [M, C, D], final [N, D])` from chunked `a, b [M, C, D]` and `h0 [N, D]`."""
+
+    @staticmethod
+    def forward(ctx, ac, bc, h0, layout):
+        hloc, prod = _local_scan(ac, bc)
+        h_in, final = scan_chunks(layout, h0, _step, (hloc[:, -1], prod[:, -1]))  # 2: (M, D)
+        ctx.save_for_backward(ac, bc, h_in)
+        ctx.layout = layout
+        return hloc + prod * h_in[:, None], final  # 3
+
+    @staticmethod
+    def backward(ctx, dh, dfinal):
+        ac, bc, h_in = ctx.saved_tensors
+        # in-chunk reverse scan from zero: dloc_r = dh_r + a_{r+1} dloc_{r+1}, and the product
+        # of the gates after r, Q_r = a_{r+1} ... a_C
+        dloc, after = torch.empty_like(dh), torch.empty_like(ac)  # (M, C, D)
+        d, Q = torch.zeros_like(dh[:, 0]), torch.ones_like(ac[:, 0])  # (M, D)
+        for r in range(ac.shape[1] - 1, -1, -1):
+            d = dh[:, r] + d
+            dloc[:, r], after[:, r] = d, Q
+            d, Q = d * ac[:, r], Q * ac[:, r]
+        # the gradient of the h leaving each chunk, from the later chunks and the final state
+        dh_out, dh0 = scan_chunks(ctx.layout, dfinal, _step, (d, Q), reverse=True)  # (M, D)
+        db = after.mul_(dh_out[:, None]).add_(dloc)  # (M, C, D); in place: peak memory
+        del dloc
+        hloc, prod = _local_scan(ac, bc)
+        h = hloc.addcmul_(prod, h_in[:, None])
+        del prod
+        h_prev = torch.cat([h_in[:, None], h[:, :-1]], dim=1)  # (M, C, D)
+        del h, hloc
+        return h_prev.mul_(db), db, dh0, None

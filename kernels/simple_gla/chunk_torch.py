@@ -8,6 +8,8 @@ per head and row) and Gamma_rs = exp(b_r - b_s) for s <= r, else 0:
   3. states entering each chunk: S_next = exp(b_C) S + dS (the scan over chunks)
   4. O = scale * ((exp(b) * Q) S + A V)
 Every exponent is a difference of cumulative gates inside one chunk (<= 0): nothing overflows.
+Steps 2-4 and their gradients are `ChunkLinearAttention` (kernels/common/chunk_autograd.py):
+the backward keeps only the inputs and the entering states, and recomputes A and Gamma.
 """
 
 from __future__ import annotations
@@ -15,7 +17,27 @@ from __future__ import annotations
 import torch
 
 from rnnscale.kernels.common.checks import check_linear_attention
-from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, scan_chunks, to_chunks
+from rnnscale.kernels.common.chunk_autograd import ChunkLinearAttention
+from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, to_chunks
+
+
+class ScalarDecayScores:
+    """Step 1 and its gradients: `dq = [dA * Gamma] K`, `dk = [dA * Gamma]^T Q`."""
+
+    @staticmethod
+    def scores(q, k, b, causal):
+        return (q @ k.transpose(-1, -2)) * _gamma(b, causal)  # (M, H, C, C)
+
+    @staticmethod
+    def grads(dA, q, k, b, causal):
+        gamma = _gamma(b, causal)
+        dA = dA * gamma
+        return (q @ k.transpose(-1, -2)) * gamma, dA @ k, dA.transpose(-1, -2) @ q
+
+
+def _gamma(b, causal):
+    """Gamma_rs = exp(b_r - b_s) for s <= r, else 0: (M, H, C, 1) -> (M, H, C, C)."""
+    return torch.where(causal, b - b.transpose(-1, -2), float("-inf")).exp()
 
 
 def chunk_simple_gla(
@@ -47,26 +69,10 @@ def chunk_simple_gla(
     acc = torch.promote_types(q.dtype, torch.float32)
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, q.device)
     qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v))
-    b = to_chunks(g, layout, acc).transpose(1, 2).cumsum(dim=-1)  # (M, H, C)
-    b_last = b[..., -1:]  # (M, H, 1)
-
-    # 1. intra-chunk scores
-    C = chunk_size
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    gamma = torch.where(causal, b[..., :, None] - b[..., None, :], float("-inf")).exp()
-    A = (qc @ kc.transpose(-1, -2)) * gamma  # (M, H, C, C)
-
-    # 2. chunk-local states and decays
-    dS = (kc * (b_last - b).exp()[..., None]).transpose(-1, -2) @ vc  # (M, H, K, V)
-    chunk_decay = b_last.exp()[..., None]  # (M, H, 1, 1)
-
-    # 3. scan over chunks
+    b = to_chunks(g, layout, acc).transpose(1, 2).cumsum(dim=-1)[..., None]  # (M, H, C, 1)
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
-    S_in, final = scan_chunks(
-        layout, S0.to(acc), lambda S, decay, dS: (decay * S + dS, S), (chunk_decay, dS)
-    )  # (M, H, K, V)
-
-    # 4. outputs
-    o = scale * ((qc * b.exp()[..., None]) @ S_in + A @ vc)  # (M, H, C, V)
+    o, final = ChunkLinearAttention.apply(
+        qc, kc, vc, b, S0.to(acc), layout, scale, ScalarDecayScores
+    )  # (M, H, C, V), (N, H, K, V)
     o = from_chunks(o.transpose(1, 2), layout)  # (B, T, H, V)
     return o.to(v.dtype), (final if output_final_state else None)

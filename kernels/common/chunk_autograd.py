@@ -1,0 +1,111 @@
+"""Chunkwise linear attention with decay as one autograd function that saves little.
+
+Legend: M chunks, H heads, C chunk size, K key width, V value width, N sequences, G gate width
+(1 for scalar decay per head, K for per-key decay). For one chunk with entering state S and
+in-chunk cumulative log-gates b (a G-vector per row, broadcast over K):
+  forward   o = scale ((q exp(b)) S + A v),  S_next = exp(b_C) S + (k exp(b_C - b))^T v
+  backward  the states are passed in reverse: dS = exp(b_C) dS_next + scale (q exp(b))^T do,
+            from the final state's gradient back to the initial state's; then, chunk by chunk,
+            dq = scale exp(b) (do S^T) + [dA]k,  dk = [dA]^T q + exp(b_C - b) (v dS_next^T),
+            dv = scale A^T do + (k exp(b_C - b)) dS_next, with dA = scale (do v^T) on and
+            below the diagonal, and db = q dq - k dk (q enters as q exp(b_r), k as
+            k exp(-b_s)) plus, on the last row, what exp(b_C) receives from the state.
+Saved for backward: the chunked inputs q, k, v, b and the states entering each chunk
+S_in [M, H, K, V]; the intra-chunk scores A [M, H, C, C] and every per-chunk product are
+recomputed. The family supplies A and its gradients (`Intra`): scalar decay scores
+`(q k^T) * Gamma`, per-key decay needs care for strong decay (kernels/gla/chunk_torch.py).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from rnnscale.kernels.common.chunks import ChunkLayout, scan_chunks
+
+
+class Intra(Protocol):
+    """A family's intra-chunk scores `A_rs = sum_k q_rk k_sk exp(b_r - b_s)` for s <= r."""
+
+    def scores(self, q, k, b, causal) -> torch.Tensor:
+        """(M, H, C, K) x2, (M, H, C, G), (C, C) bool -> A (M, H, C, C)."""
+
+    def grads(self, dA, q, k, b, causal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(A, dq, dk)` for the gradient dA of the scores (zero above the diagonal)."""
+
+
+def causal_mask(C: int, device) -> torch.Tensor:
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril()  # (C, C)
+
+
+def _sum_to(x: torch.Tensor, G: int) -> torch.Tensor:
+    """Sum the last dim of a per-key gradient down to the gate width G (1 or K)."""
+    return x if x.shape[-1] == G else x.sum(-1, keepdim=True)
+
+
+def chunk_blocks(M: int, per_chunk: int, budget: int = 2**18) -> list[slice]:
+    """Slices of the M chunks, each about `budget` elements of C x C (or C x K) work at
+    `per_chunk` elements a chunk: the backward's transients stay that size, not M times it."""
+    n = max(1, budget // max(per_chunk, 1))
+    return [slice(i, min(i + n, M)) for i in range(0, M, n)]
+
+
+def _chunk_grads(intra: Intra, do, q, k, v, b, S_in, dS_out):
+    """`(dq, dk, dv, db)` of some chunks, from the scaled output gradient `do`, the states
+    entering them and the gradients of the states leaving them."""
+    causal = causal_mask(q.shape[2], q.device)
+    b_last = b[:, :, -1:]  # (m, H, 1, G)
+    q_decay, k_decay = b.exp(), (b_last - b).exp()  # (m, H, C, G)
+    A, dq, dk = intra.grads((do @ v.transpose(-1, -2)) * causal, q, k, b, causal)
+    dq = dq + (do @ S_in.transpose(-1, -2)) * q_decay
+    dk_state = (v @ dS_out.transpose(-1, -2)) * k_decay  # (m, H, C, K)
+    dk = dk + dk_state
+    dv = A.transpose(-1, -2) @ do + (k * k_decay) @ dS_out
+    G = b.shape[-1]
+    db = _sum_to(q * dq - k * dk, G)  # (m, H, C, G)
+    into_last = (S_in * dS_out).sum(-1) * b_last[:, :, 0].exp() + (k * dk_state).sum(2)
+    db[:, :, -1] += _sum_to(into_last, G)  # (m, H, G): exp(b_C) of the state update
+    return dq, dk, dv, db
+
+
+class ChunkLinearAttention(torch.autograd.Function):
+    """`(o [M, H, C, V], final [N, H, K, V])` from chunked `q, k [M, H, C, K]`, `v [M, H, C, V]`,
+    cumulative gates `b [M, H, C, G]` and initial states `S0 [N, H, K, V]`, all in one float
+    dtype; `layout` orders the chunks, `intra` scores them. Gradients for q, k, v, b and S0."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, b, S0, layout: ChunkLayout, scale: float, intra: Intra):
+        b_last = b[:, :, -1:]  # (M, H, 1, G)
+        dS = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # (M, H, K, V)
+        chunk_decay = b_last.transpose(-1, -2).exp()  # (M, H, G, 1)
+        S_in, final = scan_chunks(
+            layout, S0, lambda S, decay, dS: (decay * S + dS, S), (chunk_decay, dS)
+        )  # (M, H, K, V), (N, H, K, V)
+        A = intra.scores(q, k, b, causal_mask(q.shape[2], q.device))  # (M, H, C, C)
+        o = scale * ((q * b.exp()) @ S_in + A @ v)  # (M, H, C, V)
+        ctx.save_for_backward(q, k, v, b, S_in)
+        ctx.layout, ctx.scale, ctx.intra = layout, scale, intra
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, b, S_in = ctx.saved_tensors
+        do = ctx.scale * do  # (M, H, C, V)
+        b_last = b[:, :, -1:]  # (M, H, 1, G)
+        chunk_decay = b_last.transpose(-1, -2).exp()  # (M, H, G, 1)
+        dS_out, dS0 = scan_chunks(
+            ctx.layout,
+            dfinal,
+            lambda dS, decay, x: (decay * dS + x, dS),
+            (chunk_decay, (q * b.exp()).transpose(-1, -2) @ do),
+            reverse=True,
+        )  # dS_out: gradient of the state leaving each chunk (M, H, K, V); dS0 (N, H, K, V)
+        grads = tuple(torch.empty_like(x) for x in (q, k, v, b))  # dq, dk, dv, db
+        _, H, C, K = q.shape
+        for sl in chunk_blocks(q.shape[0], H * C * max(C, K, v.shape[-1])):
+            parts = _chunk_grads(ctx.intra, *(x[sl] for x in (do, q, k, v, b, S_in, dS_out)))
+            for grad, part in zip(grads, parts):
+                grad[sl] = part
+        dq, dk, dv, db = grads
+        return dq, dk, dv, db, dS0, None, None, None
