@@ -62,8 +62,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
-# the tables and figures of docs/performance.md, each benchmark beside a peer in the same run
+# the tables and figures of docs/performance.md, each benchmark beside a peer in the same run;
+# the `bench` extra (fla-core: the kernel benchmark's second peer) with torch held at its pin
 bench: $(STAMP)
+	@$(PY) -c "import fla, einops" 2>/dev/null || $(PIP) install -c $(VENV)/constraints.txt -e ".[bench]"
 	$(PY) benchmarks/suite.py
 
 # on a GPU machine (the device's own python3 with torch, triton and transformers; no network,

@@ -1,11 +1,15 @@
-"""Scan kernels: the chunkwise PyTorch path against the step loop, forward + backward.
+"""Scan kernels: the chunkwise PyTorch path against two peers, forward + backward.
 
     .venv/bin/python benchmarks/kernels.py              # B=1, H=8, K=V=64 (scan D=1024)
     .venv/bin/python benchmarks/kernels.py --smoke      # tiny shapes, seconds (the test runs it)
     .venv/bin/python benchmarks/kernels.py --memory     # peak memory of fwd+bwd against T
 
-Both paths run in the same process on the same inputs (fp32), so the ratio is what to read;
-absolute times move with the machine's load. FLOPs count the chunkwise algorithm's matmuls
+The peers: each family's one-token step as a loop of linear cost (`step_loop` below, up to
+--loop-max-len), and flash-linear-attention's own PyTorch references (`fla.ops.*.naive`, when
+fla-core is installed: `pip install -e .[bench]`; its step loops only up to --fla-loop-max-len,
+their backward being quadratic in T). Every path and peer runs in the same process on the same
+inputs (fp32), timed by one function: one warm-up, then best of --repeats. The ratio is what to
+read; absolute times move with the machine's load. FLOPs count the chunkwise algorithm's matmuls
 (2 m n k each) forward and twice that backward; the peak is a square fp32 matmul measured in
 the same run. The scan family is elementwise (memory-bound): its GFLOP/s are not comparable to a
 matmul peak and are left out.
@@ -30,10 +34,10 @@ import time
 import torch
 from measure import matmul_peak_gflops, peak_rss_mb, rss_mb
 
-from rnnscale.kernels.delta import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
-from rnnscale.kernels.gla import chunk_gla, naive_recurrent_gla
-from rnnscale.kernels.scan import linear_scan, naive_linear_scan
-from rnnscale.kernels.simple_gla import chunk_simple_gla, naive_recurrent_simple_gla
+from rnnscale.kernels.delta import chunk_gated_delta_rule, gated_delta_rule_step
+from rnnscale.kernels.gla import chunk_gla, gla_step
+from rnnscale.kernels.scan import linear_scan, linear_scan_step
+from rnnscale.kernels.simple_gla import chunk_simple_gla, simple_gla_step
 
 
 def inputs(family: str, B: int, T: int, H: int, K: int, V: int) -> list[torch.Tensor]:
@@ -49,32 +53,96 @@ def inputs(family: str, B: int, T: int, H: int, K: int, V: int) -> list[torch.Te
     return [q, k, v, sig(r(B, T, H) + 3), torch.sigmoid(r(B, T, H))]
 
 
+def step_loop(step):
+    """The family's one-token `step` over T, as a peer of linear cost: the inputs are cut into
+    per-token views with `unbind(1)` (whose backward stacks the token gradients once), the outputs
+    stacked at the end. The package's `naive_recurrent_*` index `x[b, t]` instead, which is right
+    for a reference but writes a full-size gradient per token in the backward: quadratic in T."""
+
+    def loop(*xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if step is linear_scan_step:
+            state, extra = xs[1].new_zeros(xs[1].shape[0], xs[1].shape[2]), ()  # (B, D)
+        else:
+            (B, _, H, K), V = xs[0].shape, xs[2].shape[-1]
+            state, extra = xs[0].new_zeros(B, H, K, V), (K**-0.5,)  # (B, H, K, V)
+        outs = []
+        for x_t in zip(*(x.unbind(1) for x in xs)):
+            o, state = step(*x_t, state, *extra)
+            outs.append(o)
+        return torch.stack(outs, 1), state
+
+    return loop
+
+
 FAMILIES = {  # name: (chunkwise, step loop, chunk size, forward FLOPs per token and head)
-    "gla": (chunk_gla, naive_recurrent_gla, 32, lambda C, K, V: 2 * C * K + 2 * C * V + 4 * K * V),
+    "gla": (chunk_gla, step_loop(gla_step), 32, lambda C, K, V: 2 * C * K + 2 * C * V + 4 * K * V),
     "simple_gla": (
         chunk_simple_gla,
-        naive_recurrent_simple_gla,
+        step_loop(simple_gla_step),
         64,
         lambda C, K, V: 2 * C * K + 2 * C * V + 4 * K * V,
     ),
     "delta": (
         chunk_gated_delta_rule,
-        naive_recurrent_gated_delta_rule,
+        step_loop(gated_delta_rule_step),
         64,
         lambda C, K, V: 6 * C * K + 4 * C * V + 6 * K * V,
     ),
-    "scan": (linear_scan, naive_linear_scan, 32, None),
+    "scan": (linear_scan, step_loop(linear_scan_step), 32, None),
+}
+
+# flash-linear-attention's own PyTorch references (fla-core, `pip install -e .[bench]`): the
+# chunk form where fla has one that runs at any T, else its step loop. name: (module, function,
+# its inputs from ours, keyword arguments, a step loop: its backward is quadratic in T).
+FLA_REFERENCES = {
+    "gla": ("fla.ops.gla.naive", "naive_recurrent_gla", None, {}, True),
+    "simple_gla": (
+        "fla.ops.simple_gla.naive",
+        "naive_chunk_simple_gla",
+        None,
+        {"chunk_size": 64},
+        False,
+    ),  # fmt: skip
+    "delta": (
+        "fla.ops.gated_delta_rule.naive",
+        "naive_chunk_gated_delta_rule",
+        None,
+        {"chunk_size": 64},
+        False,
+    ),  # fmt: skip
+    # hgrn's recurrence h = exp(g) h + x is the scan's h = a h + b with g = log a
+    "scan": ("fla.ops.hgrn.naive", "naive_recurrent_hgrn", lambda a, b: [b, a.log()], {}, True),
 }
 
 
-def fwd_bwd_seconds(fn, xs, repeats: int, **kw) -> float:
+def fla_references() -> tuple[dict, str]:
+    """{family: (function, inputs, kwargs, is a step loop)} of fla's references, and why not
+    when fla is not installed."""
+    import importlib
+    import warnings
+
+    peers = {}
+    for name, (module, fn, convert, kw, loop) in FLA_REFERENCES.items():
+        try:
+            with warnings.catch_warnings():  # fla warns that Triton has no GPU here
+                warnings.simplefilter("ignore")
+                peers[name] = (getattr(importlib.import_module(module), fn), convert, kw, loop)
+        except ImportError as e:
+            return {}, f"fla not installed ({e.name}; `.venv/bin/pip install -e .[bench]`)"
+    return peers, ""
+
+
+def fwd_bwd_seconds(fn, xs, repeats: int, warmup: int = 1, **kw) -> float:
+    """Best of `repeats` forward + backward runs after `warmup` untimed ones: every path and peer
+    of the tables is timed by this one function with the same counts."""
     best = float("inf")
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
         leaves = [x.clone().requires_grad_() for x in xs]
         start = time.perf_counter()
         out, _ = fn(*leaves, **kw)
         out.sum().backward()
-        best = min(best, time.perf_counter() - start)
+        if i >= warmup:
+            best = min(best, time.perf_counter() - start)
     return best
 
 
@@ -147,13 +215,71 @@ def triton_vs_fla(lengths: list[int], H: int, K: int, V: int) -> None:
 
 def _cuda_ms(fn, xs, **kw) -> float:
     for _ in range(3):  # warm-up: compilation and the autotuner
-        fwd_bwd_seconds(fn, xs, 1, **kw)
+        fwd_bwd_seconds(fn, xs, 1, warmup=0, **kw)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(10):
-        fwd_bwd_seconds(fn, xs, 1, **kw)
+        fwd_bwd_seconds(fn, xs, 1, warmup=0, **kw)
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 100
+
+
+def check_peers(T: int = 100) -> None:
+    """Each peer computes what the chunkwise path does (fp32, relative RMS of the output)."""
+    fla, _ = fla_references()
+    for name, (chunk, loop, C, _) in FAMILIES.items():
+        xs = inputs(name, 1, T, 2, 16, 16)
+        want = chunk(*xs, chunk_size=C, backend="torch")[0]
+        outs = [loop(*xs)[0]]
+        if name in fla:
+            fn, convert, kw, _ = fla[name]
+            outs.append(fn(*(convert(*xs) if convert else xs), **kw)[0])
+        for out in outs:
+            err = ((out - want).norm() / want.norm()).item()
+            assert err < 1e-4, f"{name}: a peer's output differs from the chunkwise path by {err}"
+
+
+def speed_table(
+    lengths, H, K, V, repeats: int, loop_max_len: int, fla_loop_max_len: int, peak_n: int
+) -> None:
+    peak = matmul_peak_gflops(peak_n)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s"
+    )
+    fla, why = fla_references()
+    print(
+        "| family | T | chunkwise fwd+bwd s | peer: step loop fwd+bwd s | step loop / chunkwise | "
+        "peer: fla reference fwd+bwd s | fla reference / chunkwise | GFLOP/s | % of matmul peak |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (chunk, loop, C, flops) in FAMILIES.items():
+        for T in lengths:
+            xs = inputs(name, 1, T, H, K, V)
+            t_chunk = fwd_bwd_seconds(chunk, xs, repeats, chunk_size=C, backend="torch")
+            if T <= loop_max_len:
+                t_loop = fwd_bwd_seconds(loop, xs, repeats)
+                loop_cells = f"{t_loop:.3f} | {t_loop / t_chunk:.1f}x"
+            else:
+                loop_cells = f"not measured: step loop skipped above T = {loop_max_len} | -"
+            if name not in fla:
+                fla_cells = f"not measured: {why or 'fla has no reference of this family'} | -"
+            elif fla[name][3] and T > fla_loop_max_len:
+                fla_cells = (f"not measured: fla's step loop (quadratic backward) skipped above "
+                             f"T = {fla_loop_max_len} | -")  # fmt: skip
+            else:
+                fn, convert, kw, _ = fla[name]
+                t_fla = fwd_bwd_seconds(fn, convert(*xs) if convert else xs, repeats, **kw)
+                fla_cells = f"{t_fla:.3f} | {t_fla / t_chunk:.1f}x"
+            if flops:
+                gflops = 3 * flops(C, K, V) * T * H / t_chunk / 1e9
+                rate = f"{gflops:.1f} | {100 * gflops / peak:.1f}%"
+            else:
+                rate = "n/a (elementwise) | n/a"
+            print(f"| {name} | {T} | {t_chunk:.3f} | {loop_cells} | {fla_cells} | {rate} |",
+                  flush=True)  # fmt: skip
+    print("fla references: " + (why or ", ".join(
+        f"{n}: `{FLA_REFERENCES[n][1]}`" for n in FAMILIES if n in fla)))  # fmt: skip
 
 
 def main() -> None:
@@ -161,8 +287,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check it runs")
     parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 16384])
     parser.add_argument(
-        "--loop-max-len", type=int, default=4096, help="longest T for the step loop (it is slow)"
+        "--loop-max-len", type=int, default=4096, help="longest T for the step loop peer"
     )
+    parser.add_argument(
+        "--fla-loop-max-len", type=int, default=1024,
+        help="longest T for fla's step-loop references (their backward is quadratic in T)",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many, every path")
     parser.add_argument("--memory", action="store_true", help="peak memory against T instead")
     parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -174,35 +305,11 @@ def main() -> None:
     if args.memory:
         loop_max_len = 256 if args.smoke else args.loop_max_len
         return memory_table([256, 512] if args.smoke else lengths, H, K, V, loop_max_len)
-    repeats = 1 if args.smoke else 3
     torch.manual_seed(0)
-    peak = matmul_peak_gflops(256 if args.smoke else 1024)
-    print(
-        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s"
-    )
-    print(
-        "| family | T | chunkwise fwd+bwd s | peer: step loop fwd+bwd s | speed-up | GFLOP/s | "
-        "% of matmul peak |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, (chunk, loop, C, flops) in FAMILIES.items():
-        for T in lengths:
-            xs = inputs(name, 1, T, H, K, V)
-            t_chunk = fwd_bwd_seconds(chunk, xs, repeats, chunk_size=C, backend="torch")
-            t_loop = fwd_bwd_seconds(loop, xs, 1) if T <= args.loop_max_len else None
-            speedup = f"{t_loop / t_chunk:.0f}x" if t_loop else "-"
-            skipped = f"not measured: step loop skipped above T = {args.loop_max_len} (minutes)"
-            loop_s = f"{t_loop:.3f}" if t_loop else skipped
-            if flops:
-                gflops = 3 * flops(C, K, V) * T * H / t_chunk / 1e9
-                rate, share = f"{gflops:.1f}", f"{100 * gflops / peak:.1f}%"
-            else:
-                rate, share = "n/a (elementwise)", "n/a"
-            print(
-                f"| {name} | {T} | {t_chunk:.3f} | {loop_s} | {speedup} | {rate} | {share} |",
-                flush=True,
-            )
+    check_peers()
+    repeats = 1 if args.smoke else args.repeats
+    peak_n = 256 if args.smoke else 1024
+    speed_table(lengths, H, K, V, repeats, args.loop_max_len, args.fla_loop_max_len, peak_n)
     triton_vs_fla(lengths, H, K, V)
 
 

@@ -56,9 +56,10 @@ BENCHES = [
         "kernels",
         "benchmarks/kernels.py --lengths 1024 4096 16384",
         "benchmarks/kernels.py --smoke",
-        "the plain PyTorch step loop (`naive_recurrent_*`, up to T = 4096) on the same inputs, "
-        "and a square fp32 matmul for the peak; flash-linear-attention's Triton kernels only on "
-        "a CUDA device",
+        "the step loop of linear cost (each family's one-token step over `unbind(1)` slices, one "
+        "warm-up and best of 3 like the chunkwise path, up to T = 4096) and flash-linear-"
+        "attention's PyTorch references (fla-core 0.6.0) on the same inputs, and a square fp32 "
+        "matmul for the peak; flash-linear-attention's Triton kernels only on a CUDA device",
         3,
         "kernel throughput as a fraction of the fp32 matmul peak",
         "a square fp32 matmul's GFLOP/s, same run",
