@@ -39,6 +39,12 @@ def causal_mask(C: int, device) -> torch.Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril()  # (C, C)
 
 
+def decay_matrix(b: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """Gamma_rs = exp(b_r - b_s) for s <= r, else 0, from in-chunk cumulative scalar log-gates:
+    (..., C) -> (..., C, C). Every exponent kept is <= 0."""
+    return torch.where(causal, b[..., :, None] - b[..., None, :], float("-inf")).exp()
+
+
 def _sum_to(x: torch.Tensor, G: int) -> torch.Tensor:
     """Sum the last dim of a per-key gradient down to the gate width G (1 or K)."""
     return x if x.shape[-1] == G else x.sum(-1, keepdim=True)

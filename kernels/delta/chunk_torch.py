@@ -27,14 +27,13 @@ from __future__ import annotations
 import torch
 
 from rnnscale.kernels.common.checks import check_linear_attention
-from rnnscale.kernels.common.chunk_autograd import causal_mask, chunk_blocks
+from rnnscale.kernels.common.chunk_autograd import causal_mask, chunk_blocks, decay_matrix
 from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, scan_chunks, to_chunks
 
 
 def _gamma(b):
-    """Gamma_rs = exp(b_r - b_s) for s <= r, else 0: (M, H, C) -> (M, H, C, C)."""
-    diff = b[..., :, None] - b[..., None, :]
-    return torch.where(causal_mask(b.shape[-1], b.device), diff, float("-inf")).exp()
+    """Gamma (`decay_matrix`) of (M, H, C) gates: (M, H, C, C)."""
+    return decay_matrix(b, causal_mask(b.shape[-1], b.device))
 
 
 def _wy(k, v, b, beta, gamma):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from rnnscale.kernels.common.checks import check_linear_attention
-from rnnscale.kernels.common.chunk_autograd import ChunkLinearAttention
+from rnnscale.kernels.common.chunk_autograd import ChunkLinearAttention, decay_matrix
 from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, to_chunks
 
 
@@ -26,18 +26,13 @@ class ScalarDecayScores:
 
     @staticmethod
     def scores(q, k, b, causal):
-        return (q @ k.transpose(-1, -2)) * _gamma(b, causal)  # (M, H, C, C)
+        return (q @ k.transpose(-1, -2)) * decay_matrix(b[..., 0], causal)  # (M, H, C, C)
 
     @staticmethod
     def grads(dA, q, k, b, causal):
-        gamma = _gamma(b, causal)
+        gamma = decay_matrix(b[..., 0], causal)
         dA = dA * gamma
         return (q @ k.transpose(-1, -2)) * gamma, dA @ k, dA.transpose(-1, -2) @ q
-
-
-def _gamma(b, causal):
-    """Gamma_rs = exp(b_r - b_s) for s <= r, else 0: (M, H, C, 1) -> (M, H, C, C)."""
-    return torch.where(causal, b - b.transpose(-1, -2), float("-inf")).exp()
 
 
 def chunk_simple_gla(
