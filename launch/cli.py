@@ -212,6 +212,7 @@ def _train(cfg: RunConfig) -> int:
             return EXIT_PREEMPTED
         return 0
     from rnnscale.train import run
+    from rnnscale.train.distributed import leave_distributed
     from rnnscale.train.room import RunStopped
 
     try:
@@ -225,6 +226,8 @@ def _train(cfg: RunConfig) -> int:
     except Preempted as e:  # a checkpoint of the last step is committed: run it again
         print(f"rnnscale: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    finally:
+        leave_distributed()  # this process ends here: its gloo threads must not outlive it
     return 0
 
 

@@ -10,6 +10,7 @@ import sys
 
 from rnnscale.train import run
 from rnnscale.train.config import ConfigError, load_config
+from rnnscale.train.distributed import leave_distributed
 from rnnscale.train.preemption import EXIT_PREEMPTED, Preempted
 from rnnscale.train.room import RunStopped
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:  # a checkpoint of the last step is committed: run it again
         print(f"rnnscale: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    finally:
+        leave_distributed()  # this process ends here: its gloo threads must not outlive it
     return 0
 
 

@@ -40,6 +40,16 @@ def init_distributed(hang_timeout_s: float = 0.0) -> None:
                                **timeout)  # fmt: skip
 
 
+def leave_distributed() -> None:
+    """Destroy this process's process group before the interpreter shuts down. A process that
+    exits with its gloo group alive can abort at exit ("terminate called without an active
+    exception": gloo's worker threads outlive the interpreter), which turns a clean exit code
+    (2 for a bad config) into SIGABRT. The commands that own the process call it last; `run`
+    does not, so a second run in the same process (tests, notebooks) reuses the group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def process_group_backend(cuda: bool) -> str:
     """gloo on CPU; on GPUs NCCL for CUDA tensors and gloo for CPU ones: the step's metrics,
     the preemption flag, the loader's lock step and the checkpoint's agreement are small CPU
