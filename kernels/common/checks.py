@@ -44,18 +44,33 @@ def check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
+def repeat_groups(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Grouped q or k `[B, T, G, K]` repeated to v's H heads `[B, T, H, K]` (head h reads group
+    h // (H / G)), for the forms that take one q and k per head; unchanged when G = H. A G that
+    does not divide H is left for the kernel's check to name."""
+    G, H = x.shape[2], v.shape[2]
+    return x if G == H or H % G else x.repeat_interleave(H // G, dim=2)
+
+
 def _spell(shape: tuple) -> str:
     return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
 
 
 def check_linear_attention(
-    q, k, v, gates: dict, initial_state, cu_seqlens, chunk_size
+    q, k, v, gates: dict, initial_state, cu_seqlens, chunk_size, grouped: bool = False
 ) -> tuple[int, int, int, int]:
     """Checks for the q/k/v families; `gates` maps a name to (tensor, per_key): per-key gates are
-    `[B, T, H, K]`, per-head ones `[B, T, H]`. Returns (B, T, H, K)."""
+    `[B, T, H, K]`, per-head ones `[B, T, H]`. `grouped`: q and k may have G heads, each shared
+    by H / G consecutive heads of v (Mamba2's groups). Returns (B, T, H, K)."""
     check_shape("q", q, (None, None, None, None), "[B, T, H, K]")
     B, T, H, K = q.shape
-    check_shape("k", k, (B, T, H, K), "[B, T, H, K]")
+    check_shape("k", k, (B, T, H, K), "[B, T, G, K]" if grouped else "[B, T, H, K]")
+    if grouped:
+        check_shape("v", v, (B, T, None, None), "[B, T, H, V]")
+        if v.shape[2] % H:
+            raise ValueError(f"q and k have {H} heads (groups), which must divide v's "
+                             f"{v.shape[2]} heads: repeat them to H heads or regroup")  # fmt: skip
+        H = v.shape[2]
     check_shape("v", v, (B, T, H, None), "[B, T, H, V]")
     for name, (x, per_key) in gates.items():
         if per_key:

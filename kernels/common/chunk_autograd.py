@@ -1,8 +1,11 @@
 """Chunkwise linear attention with decay as one autograd function that saves little.
 
 Legend: M chunks, H heads, C chunk size, K key width, V value width, N sequences, G gate width
-(1 for scalar decay per head, K for per-key decay). For one chunk with entering state S and
-in-chunk cumulative log-gates b (a G-vector per row, broadcast over K):
+(1 for scalar decay per head, K for per-key decay). The head axis may be two, `(groups, R)`,
+with q and k of size 1 on R (R heads share them, as Mamba2's B and C): everything broadcasts,
+scores that need only q and k are formed once per group, and dq, dk sum over R.
+For one chunk with entering state S and in-chunk cumulative log-gates b (a G-vector per row,
+broadcast over K):
   forward   o = scale ((q exp(b)) S + A v),  S_next = exp(b_C) S + (k exp(b_C - b))^T v
   backward  the states are passed in reverse: dS = exp(b_C) dS_next + scale (q exp(b))^T do,
             from the final state's gradient back to the initial state's; then, chunk by chunk,
@@ -60,8 +63,8 @@ def chunk_blocks(M: int, per_chunk: int, budget: int = 2**18) -> list[slice]:
 def _chunk_grads(intra: Intra, do, q, k, v, b, S_in, dS_out):
     """`(dq, dk, dv, db)` of some chunks, from the scaled output gradient `do`, the states
     entering them and the gradients of the states leaving them."""
-    causal = causal_mask(q.shape[2], q.device)
-    b_last = b[:, :, -1:]  # (m, H, 1, G)
+    causal = causal_mask(q.shape[-2], q.device)
+    b_last = b[..., -1:, :]  # (m, H, 1, G)
     q_decay, k_decay = b.exp(), (b_last - b).exp()  # (m, H, C, G)
     A, dq, dk = intra.grads((do @ v.transpose(-1, -2)) * causal, q, k, b, causal)
     dq = dq + (do @ S_in.transpose(-1, -2)) * q_decay
@@ -70,9 +73,9 @@ def _chunk_grads(intra: Intra, do, q, k, v, b, S_in, dS_out):
     dv = A.transpose(-1, -2) @ do + (k * k_decay) @ dS_out
     G = b.shape[-1]
     db = _sum_to(q * dq - k * dk, G)  # (m, H, C, G)
-    into_last = (S_in * dS_out).sum(-1) * b_last[:, :, 0].exp() + (k * dk_state).sum(2)
-    db[:, :, -1] += _sum_to(into_last, G)  # (m, H, G): exp(b_C) of the state update
-    return dq, dk, dv, db
+    into_last = (S_in * dS_out).sum(-1) * b_last[..., 0, :].exp() + (k * dk_state).sum(-2)
+    db[..., -1, :] += _sum_to(into_last, G)  # (m, H, G): exp(b_C) of the state update
+    return dq.sum_to_size(q.shape), dk.sum_to_size(k.shape), dv, db  # shared q, k: sum over R
 
 
 class ChunkLinearAttention(torch.autograd.Function):
@@ -82,13 +85,13 @@ class ChunkLinearAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, b, S0, layout: ChunkLayout, scale: float, intra: Intra):
-        b_last = b[:, :, -1:]  # (M, H, 1, G)
+        b_last = b[..., -1:, :]  # (M, H, 1, G)
         dS = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # (M, H, K, V)
         chunk_decay = b_last.transpose(-1, -2).exp()  # (M, H, G, 1)
         S_in, final = scan_chunks(
             layout, S0, lambda S, decay, dS: (decay * S + dS, S), (chunk_decay, dS)
         )  # (M, H, K, V), (N, H, K, V)
-        A = intra.scores(q, k, b, causal_mask(q.shape[2], q.device))  # (M, H, C, C)
+        A = intra.scores(q, k, b, causal_mask(q.shape[-2], q.device))  # (M, H, C, C)
         o = scale * ((q * b.exp()) @ S_in + A @ v)  # (M, H, C, V)
         ctx.save_for_backward(q, k, v, b, S_in)
         ctx.layout, ctx.scale, ctx.intra = layout, scale, intra
@@ -98,7 +101,7 @@ class ChunkLinearAttention(torch.autograd.Function):
     def backward(ctx, do, dfinal):
         q, k, v, b, S_in = ctx.saved_tensors
         do = ctx.scale * do  # (M, H, C, V)
-        b_last = b[:, :, -1:]  # (M, H, 1, G)
+        b_last = b[..., -1:, :]  # (M, H, 1, G)
         chunk_decay = b_last.transpose(-1, -2).exp()  # (M, H, G, 1)
         dS_out, dS0 = scan_chunks(
             ctx.layout,
@@ -108,8 +111,8 @@ class ChunkLinearAttention(torch.autograd.Function):
             reverse=True,
         )  # dS_out: gradient of the state leaving each chunk (M, H, K, V); dS0 (N, H, K, V)
         grads = tuple(torch.empty_like(x) for x in (q, k, v, b))  # dq, dk, dv, db
-        _, H, C, K = q.shape
-        for sl in chunk_blocks(q.shape[0], H * C * max(C, K, v.shape[-1])):
+        C, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
+        for sl in chunk_blocks(v.shape[0], v[0].numel() // V * max(C, K, V)):
             parts = _chunk_grads(ctx.intra, *(x[sl] for x in (do, q, k, v, b, S_in, dS_out)))
             for grad, part in zip(grads, parts):
                 grad[sl] = part

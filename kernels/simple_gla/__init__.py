@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rnnscale.kernels.common.backend import dispatch
+from rnnscale.kernels.common.backend import dispatch, resolve_backend
+from rnnscale.kernels.common.checks import repeat_groups
 from rnnscale.kernels.simple_gla import chunk_torch
 from rnnscale.kernels.simple_gla.naive import naive_recurrent_simple_gla
 from rnnscale.kernels.simple_gla.recurrent import simple_gla_step
@@ -27,7 +28,11 @@ def chunk_simple_gla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scalar-decay linear attention, chunkwise; arguments and results as in
     `chunk_torch.chunk_simple_gla`, `backend` as in `rnnscale.kernels.gla.chunk_gla`.
-    chunk_size: None for the path's default (64 on both)."""
+    chunk_size: None for the path's default (64 on both). Grouped q and k (fewer heads than v)
+    are scored once per group on the PyTorch path; the Triton path gets them repeated to every
+    head (its kernels take one q and k per head)."""
+    if q.shape[2:3] != v.shape[2:3] and resolve_backend(backend, q) != "torch":
+        q, k = repeat_groups(q, v), repeat_groups(k, v)
     return dispatch(
         backend, q, chunk_torch.chunk_simple_gla,
         "rnnscale.kernels.simple_gla.chunk_triton:chunk_simple_gla_triton",

@@ -22,7 +22,8 @@ from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, to_chunks
 
 
 class ScalarDecayScores:
-    """Step 1 and its gradients: `dq = [dA * Gamma] K`, `dk = [dA * Gamma]^T Q`."""
+    """Step 1 and its gradients: `dq = [dA * Gamma] K`, `dk = [dA * Gamma]^T Q`. With q and k
+    shared by a group's heads, `q k^T` is one product per group broadcast over its heads."""
 
     @staticmethod
     def scores(q, k, b, causal):
@@ -50,7 +51,9 @@ def chunk_simple_gla(
     """Scalar-decay linear attention: `S_t = exp(g_t) S_{t-1} + k_t v_t^T`, `o_t = scale q_t^T S_t`.
 
     Args:
-        q, k: `[B, T, H, K]`. v: `[B, T, H, V]`.
+        q, k: `[B, T, H, K]`, or `[B, T, G, K]` shared by groups of H / G consecutive heads
+            (Mamba2's B and C): the scores `q k^T` are then formed once per group.
+        v: `[B, T, H, V]`.
         g: `[B, T, H]` log-space decay per head (<= 0), accumulated in fp32.
         scale, initial_state `[N, H, K, V]`, output_final_state, cu_seqlens, chunk_size: as in
             `rnnscale.kernels.gla.chunk_gla`.
@@ -58,16 +61,21 @@ def chunk_simple_gla(
         `(o [B, T, H, V] in the dtype of v, final_state [N, H, K, V] or None)`.
     """
     gates = {"g": (g, False)}
-    B, T, H, K = check_linear_attention(q, k, v, gates, initial_state, cu_seqlens, chunk_size)
-    V = v.shape[-1]
+    B, T, H, K = check_linear_attention(q, k, v, gates, initial_state, cu_seqlens, chunk_size,
+                                        grouped=True)  # fmt: skip
+    V, G = v.shape[-1], q.shape[2]
     scale = K**-0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, q.device)
     qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v))
     b = to_chunks(g, layout, acc).transpose(1, 2).cumsum(dim=-1)[..., None]  # (M, H, C, 1)
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
+    S0 = S0.to(acc)
+    if G != H:  # heads as (G, H / G): q and k broadcast over the second axis
+        qc, kc = qc[:, :, None], kc[:, :, None]  # (M, G, 1, C, K)
+        vc, b, S0 = vc.unflatten(1, (G, -1)), b.unflatten(1, (G, -1)), S0.unflatten(1, (G, -1))
     o, final = ChunkLinearAttention.apply(
-        qc, kc, vc, b, S0.to(acc), layout, scale, ScalarDecayScores
-    )  # (M, H, C, V), (N, H, K, V)
-    o = from_chunks(o.transpose(1, 2), layout)  # (B, T, H, V)
-    return o.to(v.dtype), (final if output_final_state else None)
+        qc, kc, vc, b, S0, layout, scale, ScalarDecayScores
+    )  # (M, H, C, V), (N, H, K, V); (M, G, H / G, ...) when grouped
+    o = from_chunks(o.flatten(1, -3).transpose(1, 2), layout)  # (B, T, H, V)
+    return o.to(v.dtype), (final.flatten(1, -3) if output_final_state else None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rnnscale.kernels.common.checks import repeat_groups
 from rnnscale.kernels.delta import (
     chunk_gated_delta_rule,
     gated_delta_rule_step,
@@ -98,3 +99,18 @@ FAMILIES = [
         has_scale=False,
     ),
 ]
+
+
+def grouped_simple_gla(groups: int) -> Family:
+    """simple_gla with q and k shared by groups of H / `groups` heads (Mamba2's B and C); the
+    step-loop reference reads them repeated to every head."""
+
+    def make(B, T, H, K, V, gen):
+        q, k, v, g = _simple_gla(B, T, H, K, V, gen)
+        return [q[:, :, :groups].contiguous(), k[:, :, :groups].contiguous(), v, g]
+
+    def naive(q, k, v, g, **kw):
+        return naive_recurrent_simple_gla(repeat_groups(q, v), repeat_groups(k, v), v, g, **kw)
+
+    return Family(f"simple_gla_{groups}_groups", chunk_simple_gla, naive, simple_gla_step, make,
+                  lambda N, H, K, V: (N, H, K, V))  # fmt: skip

@@ -9,7 +9,7 @@ and bf16; the interpreter runs every program in NumPy, so its shapes stay tiny."
 import pytest
 import torch
 
-from .families import FAMILIES
+from .families import FAMILIES, grouped_simple_gla
 
 # Relative-RMS error allowed, one row per comparison, with its reason.
 TOLERANCE = {
@@ -285,3 +285,22 @@ def test_delta_rule_on_triton_holds_wide_heads_and_refuses_wider():
     xs = [x.float() for x in fam.make(1, 8, 1, 8, 8, gen)]
     with pytest.raises(ValueError, match=r"^chunk_size must be 16, 32 or 64 for the delta"):
         fam.chunk(*xs, backend="triton", chunk_size=128)
+
+
+@pytest.mark.parametrize(
+    "groups,H,backend,dtype,cu_seqlens",
+    [(g, H, "torch", torch.float64, cu) for g, H in ((1, 3), (2, 4)) for cu in (None, PACKED)]
+    + [(2, 4, "triton", torch.float32, None)],  # the interpreter is slow: one case
+)  # fmt: skip
+def test_grouped_q_and_k(groups, H, backend, dtype, cu_seqlens):
+    """simple_gla with q and k shared by groups of heads (Mamba2): the PyTorch path scores once
+    per group and sums their gradients over the group; Triton reads them repeated."""
+    B = 2 if cu_seqlens is None else 1
+    run_case(grouped_simple_gla(groups), B=B, T=63, H=H, K=8, V=12, dtype=dtype, with_state=True,
+             cu_seqlens=cu_seqlens, backend=backend)  # fmt: skip
+
+
+def test_grouped_q_and_k_must_divide_the_heads():
+    q, k, v, g = grouped_simple_gla(2).make(1, 8, 3, 4, 4, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="q and k have 2 heads .groups., which must divide v's 3"):
+        FAMILIES[1].chunk(q, k, v, g, backend="torch")

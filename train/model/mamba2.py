@@ -95,8 +95,7 @@ class Mamba2(nn.Module):
         xbc, conv_state = self.conv(xbc, cu_seqlens=cu_seqlens, state=conv_state, shard=shard)
         xs, b, c = xbc.split([e, G * N, G * N], dim=-1)
         xs = xs.view(B, T, H, P)  # (B, T, H, P)
-        k = b.view(B, T, G, N).repeat_interleave(H // G, dim=2)  # (B, T, H, N)
-        q = c.view(B, T, G, N).repeat_interleave(H // G, dim=2)  # (B, T, H, N)
+        k, q = b.view(B, T, G, N), c.view(B, T, G, N)  # shared by H / G heads: scored once
         acc = torch.promote_types(x.dtype, torch.float32)  # dt, A and the decay in fp32 or better
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, T, H)
         g = dt * -self.A_log.to(acc).exp()  # (B, T, H), log of the decay exp(dt A)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rnnscale.kernels.common.checks import repeat_groups
 from rnnscale.kernels.delta import chunk_delta_product, chunk_gated_delta_rule
 from rnnscale.kernels.delta.recurrent import gated_delta_rule_step
 from rnnscale.kernels.gla import chunk_gla
@@ -109,12 +110,18 @@ DEFAULT = ScanSettings()
 def scan(family: str, *inputs: torch.Tensor, state=None, cu_seqlens=None,
          settings: ScanSettings = DEFAULT, shard=None, scale: float | None = None):  # fmt: skip
     """Run `family`'s recurrence over `inputs` (the kernel's tensors, `[B, T, ...]`) from
-    `state`, in the form that fits: see the module docstring. Returns `(out, final_state)`."""
+    `state`, in the form that fits: see the module docstring. Returns `(out, final_state)`.
+    q and k may have fewer heads than v, each shared by a group of consecutive heads (Mamba2):
+    simple_gla's chunkwise op scores them once per group; every other form gets them repeated."""
     f = SCANS[family]
     if f.scaled and scale is None:
         scale = inputs[0].shape[-1] ** -0.5  # the kernels' default: K ** -0.5
     options = {"scale": scale} if f.scaled else {}
     T = inputs[-1].shape[1]
+    chunkwise = shard is None and not (T == 1 and cu_seqlens is None)
+    if f.scaled and not (chunkwise and family == "simple_gla"):  # grouped q, k: one per head
+        q, k, v, *rest = inputs
+        inputs = (repeat_groups(q, v), repeat_groups(k, v), v, *rest)
     if shard is not None:
         return f.sequence_parallel(*inputs, shard=shard, initial_state=state,
                                    cu_seqlens=cu_seqlens, chunk_size=settings.chunk_size,
