@@ -88,3 +88,14 @@ def test_norms_match_float64_formula(dtype, tol):
         gated_rms_norm(x, gate[..., :3], w)
     with pytest.raises(ValueError, match=r"^weight must have shape \[24\]"):
         rms_norm(x, w[:3])
+
+
+def test_short_conv_keeps_its_input_not_its_windows():
+    """Autograd of the gathered windows would keep W copies of the input; the convolution keeps
+    the input (with the carried states) and the tap indices."""
+    from .test_chunk_autograd import saved_tensors
+
+    x, w = torch.randn(2, 64, 8, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    saved = saved_tensors(causal_conv1d, x, w, activation="silu")
+    floats = sum(t.numel() for t in saved if t.is_floating_point())
+    assert floats <= 2 * x.numel() + 2 * 3 * 8 + 8 + w.numel(), [t.shape for t in saved]
