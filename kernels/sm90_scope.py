@@ -196,7 +196,10 @@ def _recording_scans():
             b = inputs[1]  # (B, T, D)
             calls.append(("scan", 1, b.shape[-1], b.shape[-1], C, dtypes[b.dtype]))
             return torch.empty_like(b), b.new_empty(B, b.shape[-1])
-        (H, K), v = inputs[0].shape[2:4], inputs[2]  # q (B, T, H, K), v (B, T, [n,] H, V)
+        # q (B, T, H or G groups, K), v (B, T, [n,] H, V): the kernels see H heads (Triton
+        # gets grouped q and k repeated to every head)
+        K, v = inputs[0].shape[3], inputs[2]
+        H = v.shape[-2]
         calls.append((KERNEL_FAMILY.get(family, family), H, K, v.shape[-1], C, dtypes[v.dtype]))
         return v.new_empty(B, T, H, v.shape[-1]), v.new_empty(B, H, K, v.shape[-1])
 
