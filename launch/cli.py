@@ -212,9 +212,10 @@ def _train(cfg: RunConfig) -> int:
             return EXIT_PREEMPTED
         return 0
     from rnnscale.train import run
-    from rnnscale.train.distributed import leave_distributed
+    from rnnscale.train.distributed import leave_distributed_at_exit
     from rnnscale.train.room import RunStopped
 
+    leave_distributed_at_exit()  # gloo's threads must not outlive the interpreter
     try:
         run(cfg)
     except ConfigError as e:  # found once the run looks at its inputs (e.g. the tokenizer)
@@ -226,8 +227,6 @@ def _train(cfg: RunConfig) -> int:
     except Preempted as e:  # a checkpoint of the last step is committed: run it again
         print(f"rnnscale: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
-    finally:
-        leave_distributed()  # this process ends here: its gloo threads must not outlive it
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 
 from rnnscale.train import run
 from rnnscale.train.config import ConfigError, load_config
-from rnnscale.train.distributed import leave_distributed
+from rnnscale.train.distributed import leave_distributed_at_exit
 from rnnscale.train.preemption import EXIT_PREEMPTED, Preempted
 from rnnscale.train.room import RunStopped
 
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m rnnscale.train CONFIG [key=value ...]")
         return 0 if argv else 2
+    leave_distributed_at_exit()  # gloo's threads must not outlive the interpreter
     try:
         run(load_config(argv[0], argv[1:]))
     except ConfigError as e:  # also what the run finds at its start (world size, tokenizer)
@@ -33,8 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:  # a checkpoint of the last step is committed: run it again
         print(f"rnnscale: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
-    finally:
-        leave_distributed()  # this process ends here: its gloo threads must not outlive it
     return 0
 
 

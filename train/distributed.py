@@ -3,6 +3,7 @@ before it builds anything."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import socket
@@ -40,12 +41,23 @@ def init_distributed(hang_timeout_s: float = 0.0) -> None:
                                **timeout)  # fmt: skip
 
 
-def leave_distributed() -> None:
-    """Destroy this process's process group before the interpreter shuts down. A process that
-    exits with its gloo group alive can abort at exit ("terminate called without an active
-    exception": gloo's worker threads outlive the interpreter), which turns a clean exit code
-    (2 for a bad config) into SIGABRT. The commands that own the process call it last; `run`
-    does not, so a second run in the same process (tests, notebooks) reuses the group."""
+def leave_distributed_at_exit() -> None:
+    """Destroy this process's process group when the interpreter exits, before it shuts down.
+    A process that exits with its gloo group alive can abort at exit ("terminate called
+    without an active exception": gloo's worker threads outlive the interpreter), which turns
+    a clean exit code (2 for a bad config) into SIGABRT. The commands call it; it destroys
+    nothing while the process lives, so a later run in the same process (tests, notebooks)
+    still finds the group DeepSpeed cached."""
+    global _LEAVING
+    if not _LEAVING:
+        _LEAVING = True
+        atexit.register(_leave)
+
+
+_LEAVING = False
+
+
+def _leave() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
