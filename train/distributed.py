@@ -4,6 +4,7 @@ before it builds anything."""
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import random
 import socket
@@ -41,6 +42,7 @@ def init_distributed(hang_timeout_s: float = 0.0) -> None:
                                **timeout)  # fmt: skip
 
 
+@functools.cache  # once per process
 def leave_distributed_at_exit() -> None:
     """Destroy this process's process group when the interpreter exits, before it shuts down.
     A process that exits with its gloo group alive can abort at exit ("terminate called
@@ -48,13 +50,7 @@ def leave_distributed_at_exit() -> None:
     a clean exit code (2 for a bad config) into SIGABRT. The commands call it; it destroys
     nothing while the process lives, so a later run in the same process (tests, notebooks)
     still finds the group DeepSpeed cached."""
-    global _LEAVING
-    if not _LEAVING:
-        _LEAVING = True
-        atexit.register(_leave)
-
-
-_LEAVING = False
+    atexit.register(_leave)
 
 
 def _leave() -> None:
