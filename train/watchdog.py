@@ -9,8 +9,11 @@ torchrun ends the job, to be run again.
 
 Which ranks are behind: every rank publishes its last beat (step, phase, time) to the process
 group's key-value store at most every `timeout / 4` seconds, from the watchdog thread (so the
-cost does not grow with the step rate); the watchdog that fires reads all of them. A stopped
-rank's own watchdog is stopped with it: the ranks waiting for it name it.
+cost does not grow with the step rate); the watchdog that fires reads all of them and names
+the ranks behind the furthest: by their step, by their phase at the same step, or silent (no
+beat for two intervals: a stopped or dead rank's watchdog stops with it, while a rank waiting
+in a collective keeps publishing). Silence is judged by the hosts' clocks, which need to agree
+within a publishing interval (NTP does).
 
 The first step is not watched (it compiles and autotunes kernels on a GPU, which may take
 minutes); from its end on, each step, each save and each evaluation must take less than
@@ -63,7 +66,7 @@ class Watchdog:
         self.store = None
 
     def _watch(self) -> None:
-        every = min(self.timeout_s / 4, 10.0)
+        every = self._every()
         if self.store is not None:
             self._publish()
             self.published = time.monotonic()
@@ -82,8 +85,10 @@ class Watchdog:
             pass
 
     def _behind(self) -> str:
-        """The ranks whose last published step is behind the furthest one's, with their
-        step and phase and how long ago they said it."""
+        """The ranks behind the furthest one, with their step and phase and how long ago
+        they said it: behind by their step, or at the same step in an earlier phase (its
+        evaluation, logging and checkpoint come before the next step), or silent (no beat
+        published for two intervals: a stopped or dead process, whose watchdog is gone)."""
         if self.store is None:
             return ""
         beats, now = {}, time.time()
@@ -91,17 +96,22 @@ class Watchdog:
             key = f"{STORE_KEY}{rank}"
             try:
                 if self.store.check([key]):
-                    text = self.store.get(key).decode()
-                    where, at = text.rsplit("|", 1)
-                    beats[rank] = (int(where.split()[0]), where, now - float(at))
+                    where, at = self.store.get(key).decode().rsplit("|", 1)
+                    step, phase = where.split(" ", 1)
+                    beats[rank] = ((int(step), phase.startswith("step ")), where, now - float(at))
             except Exception:
                 continue
-        furthest = max((step for step, _, _ in beats.values()), default=0)
+        furthest = max((at for at, _, _ in beats.values()), default=(0, False))
+        silent = 2 * self._every()
         behind = [f"rank {r} (step {w.split(' ', 1)[0]}, in {w.split(' ', 1)[1]}, "
-                  f"{ago:.0f} s ago)" for r, (s, w, ago) in sorted(beats.items())
-                  if s < furthest]  # fmt: skip
+                  f"{ago:.0f} s ago)" for r, (at, w, ago) in sorted(beats.items())
+                  if at < furthest or ago > silent]  # fmt: skip
         behind += [f"rank {r} (no beat published)" for r in range(self.world) if r not in beats]
-        return "; ranks behind: " + (", ".join(behind) if behind else "none by their step")
+        return "; ranks behind: " + (", ".join(behind) if behind else "none found")
+
+    def _every(self) -> float:
+        """How often each rank publishes its beat."""
+        return min(self.timeout_s / 4, 10.0)
 
     def _fire(self, quiet_s: float) -> None:
         behind = self._behind()
