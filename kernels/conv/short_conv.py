@@ -46,35 +46,43 @@ def causal_conv1d(
     else:
         past = initial_state.to(x.dtype).transpose(1, 2).reshape(N * (W - 1), D)
     buf = torch.cat([x.reshape(B * T, D), past, x.new_zeros(1, D)])  # (B*T + N*(W-1) + 1, D)
-    y = _Taps.apply(buf, taps, weight.to(x.dtype))  # (B*T, D)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    if activation == "silu":
-        y = F.silu(y)
+    bias = None if bias is None else bias.to(x.dtype)
+    y = _Taps.apply(buf, taps, weight.to(x.dtype), bias, activation == "silu")  # (B*T, D)
     final = buf[tail].permute(0, 2, 1) if output_final_state else None  # (N, D, W-1)
     return y.view(B, T, D), final
 
 
 class _Taps(torch.autograd.Function):
-    """`y_t = sum_j w_j * buf[taps_tj]` per channel. Autograd of the gathered windows would keep
-    them, W copies of the input; this keeps the buffer and the indices, one tap at a time."""
+    """`y_t = act(sum_j w_j * buf[taps_tj] + bias)` per channel. Autograd of the gathered
+    windows would keep them, W copies of the input, and the SiLU its input; this keeps the
+    buffer and the indices, one tap at a time, and recomputes the sum in the backward."""
 
     @staticmethod
-    def forward(ctx, buf, taps, weight):  # (R, D), (B*T, W) long, (D, W)
+    def forward(ctx, buf, taps, weight, bias, silu):  # (R, D), (B*T, W) long, (D, W), (D,)
+        y = _Taps.sum(buf, taps, weight, bias)
+        ctx.save_for_backward(buf, taps, weight, bias)
+        ctx.silu = silu
+        return F.silu(y) if silu else y  # (B*T, D)
+
+    @staticmethod
+    def sum(buf, taps, weight, bias):
         y = buf[taps[:, 0]] * weight[:, 0]
         for j in range(1, taps.shape[1]):
             y = y.addcmul_(buf[taps[:, j]], weight[:, j])
-        ctx.save_for_backward(buf, taps, weight)
-        return y  # (B*T, D)
+        return y if bias is None else y.add_(bias)
 
     @staticmethod
     def backward(ctx, dy):
-        buf, taps, weight = ctx.saved_tensors
+        buf, taps, weight, bias = ctx.saved_tensors
+        if ctx.silu:  # silu'(y) = sigmoid(y) (1 + y (1 - sigmoid(y)))
+            y = _Taps.sum(buf, taps, weight, bias)
+            sig = torch.sigmoid(y)
+            dy = dy * sig * (1 + y * (1 - sig))
         dbuf, dw = torch.zeros_like(buf), torch.empty_like(weight)
         for j in range(taps.shape[1]):  # one tap's rows are distinct: exact adds on GPUs too
             dbuf.index_add_(0, taps[:, j], dy * weight[:, j])
             dw[:, j] = (dy * buf[taps[:, j]]).sum(0)
-        return dbuf, None, dw
+        return dbuf, None, dw, None if bias is None else dy.sum(0), None
 
 
 def _sources(B, T, W, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:

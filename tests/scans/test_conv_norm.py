@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnscale.kernels.conv import causal_conv1d, naive_causal_conv1d
-from rnnscale.kernels.norm import gated_rms_norm, rms_norm
+from rnnscale.kernels.norm import gated_rms_norm, l2_normalize, rms_norm
 
 from .test_families import assert_close
 
@@ -90,12 +90,47 @@ def test_norms_match_float64_formula(dtype, tol):
         rms_norm(x, w[:3])
 
 
+@pytest.mark.parametrize("groups,before", [(1, True), (2, True), (3, False)])
+def test_norm_gradients_match_the_formulas(groups, before):
+    """The norms' own backward against autograd of their float64 formulas (every input's
+    gradient); and they keep the inputs and one scale per row and group, nothing of x's size."""
+    from .test_chunk_autograd import saved_tensors
+
+    gen = torch.Generator().manual_seed(groups)
+    x, gate = (torch.randn(2, 5, 12, generator=gen, dtype=torch.float64) for _ in range(2))
+    w = torch.rand(12, generator=gen, dtype=torch.float64) + 0.5
+    x, gate, w = (t.requires_grad_() for t in (x, gate, w))
+
+    def formula(x, gate, w):
+        u = x if before else x * F.silu(gate)
+        ug = u.unflatten(-1, (groups, -1))
+        n = (ug / (ug.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()).flatten(-2) * w
+        return n * F.silu(gate) if before else n
+
+    dy = torch.randn(2, 5, 12, generator=gen, dtype=torch.float64)
+    got = gated_rms_norm(x, gate, w, groups=groups, norm_before_gate=before)
+    want = formula(x, gate, w)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got, (x, gate, w), dy)
+    for g, ref in zip(grads, torch.autograd.grad(want, (x, gate, w), dy)):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-10)
+    plain = torch.autograd.grad(rms_norm(x, w), (x, w), dy)
+    ref = torch.autograd.grad(x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w, (x, w), dy)
+    for g, r in zip(plain, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    unit = torch.autograd.grad(l2_normalize(x), x, dy)[0]
+    ref = torch.autograd.grad(x / (x.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt(), x, dy)[0]
+    torch.testing.assert_close(unit, ref, rtol=1e-10, atol=1e-10)
+    kept = saved_tensors(gated_rms_norm, x, gate, w, groups=groups, norm_before_gate=before)
+    assert sum(t.numel() for t in kept) == 2 * x.numel() + w.numel() + 10 * groups, kept
+
+
 def test_short_conv_keeps_its_input_not_its_windows():
-    """Autograd of the gathered windows would keep W copies of the input; the convolution keeps
-    the input (with the carried states) and the tap indices."""
+    """Autograd of the gathered windows would keep W copies of the input, and the SiLU its
+    input; the convolution keeps the input (with the carried states) and the tap indices."""
     from .test_chunk_autograd import saved_tensors
 
     x, w = torch.randn(2, 64, 8, requires_grad=True), torch.randn(8, 4, requires_grad=True)
     saved = saved_tensors(causal_conv1d, x, w, activation="silu")
     floats = sum(t.numel() for t in saved if t.is_floating_point())
-    assert floats <= 2 * x.numel() + 2 * 3 * 8 + 8 + w.numel(), [t.shape for t in saved]
+    assert floats <= x.numel() + 2 * 3 * 8 + 8 + w.numel(), [t.shape for t in saved]

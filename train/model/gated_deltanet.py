@@ -27,15 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rnnscale.kernels.norm import l2_normalize
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import GatedRMSNorm, MixerDims, ShortConvolution
 from rnnscale.train.model.scan import scan
-
-
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """`x / sqrt(sum(x^2) + eps)` over the last dim (fla's l2norm), in fp32 or wider."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class GatedDeltaNet(nn.Module):

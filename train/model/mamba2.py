@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rnnscale.kernels.norm import rms_norm
+from rnnscale.kernels.norm import gated_rms_norm
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import MixerDims, ShortConvolution
 from rnnscale.train.model.scan import scan
@@ -113,7 +113,7 @@ class Mamba2(nn.Module):
             scale=1.0,
         )  # y: (B, T, H, P)
         y = y.to(acc) + self.D.to(acc)[:, None] * xs.to(acc)
-        y = y.reshape(B, T, e) * F.silu(z.to(acc))  # (B, T, e), gated before the norm
-        unit = y.new_ones(e // G)  # each group normalised alone, then the full-width weight
-        y = rms_norm(y.unflatten(-1, (G, -1)), unit, self.eps).flatten(-2) * self.norm_weight
+        # gated before the norm, each group normalised alone, then the full-width weight
+        y = gated_rms_norm(y.reshape(B, T, e), z.to(acc), self.norm_weight, self.eps,
+                           groups=G, norm_before_gate=False)  # fmt: skip
         return self.out_proj(y.to(x.dtype)), (conv_state, h)
