@@ -52,10 +52,11 @@ def export_from_engine(engine, cfg: RunConfig) -> None:
     if rank == 0:
         with torch.device("meta"):
             copy = build_model(cfg.model, cfg.kernels)
-        copy.load_state_dict(
-            {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()},
-            assign=True,
-        )
+        # one tensor at a time, each gathered one dropped once copied: the full model is held
+        # once, not twice (a 1B model is 4 GB of fp32 beside rank 0's training state)
+        weights = {k: state.pop(k).detach().to("cpu", torch.float32, copy=True)
+                   for k in list(state)}  # fmt: skip
+        copy.load_state_dict(weights, assign=True)
         if cfg.model.tie_embeddings:
             copy.head.weight = copy.embed.weight
         try:
