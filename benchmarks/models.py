@@ -145,6 +145,32 @@ def row(name: str, T: int, results: dict[str, dict | str], peak: float) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def saved_mib(loss_fn, ids) -> float:
+    kept = {}
+
+    def pack(t):
+        kept[(t.data_ptr(), tuple(t.shape), t.stride())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(ids)
+    return sum(kept.values()) / 2**20
+
+
+def saved_table(T: int) -> None:
+    """MiB of the tensors one forward of each model keeps for its backward (each storage view
+    counted once), at d_model 512, 4 layers, vocab 8192, one row of T tokens, fp32."""
+    print(f"saved for the backward, T = {T}, d_model 512, 4 layers, vocab 8192, fp32\n")
+    print("| model | saved MiB | peer: Llama (sdpa), saved MiB |\n|---|---|---|")
+    sizes = {}
+    for name in [*OURS, "transformers Llama (sdpa)"]:
+        torch.manual_seed(0)
+        model, loss_fn, _ = build(name, 512, 4, 8192)
+        sizes[name] = saved_mib(loss_fn, torch.randint(0, 8192, (1, T + 1)))
+    for name in OURS:
+        print(f"| {name} | {sizes[name]:.0f} | {sizes['transformers Llama (sdpa)']:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check it runs")
@@ -155,8 +181,12 @@ def main() -> None:
         "--mamba2-max-len", type=int, default=None,
         help="longest T for transformers' Mamba2 (about 100 s a step at T = 2048 here)",
     )  # fmt: skip
+    parser.add_argument("--saved", type=int, metavar="T", default=None,
+                        help="what one forward at T keeps for the backward, per model")  # fmt: skip
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.saved:
+        return saved_table(args.saved)
     if args.child:
         name, *dims = args.child
         return child(name, *map(int, dims))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,29 +26,37 @@ SHORT = ["parallel.zero_stage=3", "train.seq_len=64", "train.micro_batch_size=1"
          "log.tensorboard=false", "schedule.warmup_steps=0"]  # fmt: skip
 
 
+def run_row(recipe: str, overrides: list[str]) -> tuple[int, str, list[dict], str]:
+    """One 2-rank ZeRO-3 run of RECIPE: (exit code, "N parameters" from the start banner,
+    the metrics records, the end of stderr)."""
+    with tempfile.TemporaryDirectory(prefix="rnnscale-zero3-") as tmp:
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
+               "2", "-m", "rnnscale.train", recipe, *SHORT, f"run.dir={tmp}/run",
+               *overrides]  # fmt: skip
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        metrics = Path(tmp) / "run" / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.open()] if metrics.exists() else []
+        found = re.search(r"([\d,]+) parameters", r.stdout)
+        params = f"{found.group(1)} parameters" if found else "parameters: not printed"
+        killed = r.returncode < 0 or "SIGKILL" in r.stderr
+        return (-9 if killed else r.returncode), params, records, r.stderr[-2000:]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="rnnscale-zero3-") as tmp:
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
-               "2", "-m", "rnnscale.train", args.recipe, *SHORT, f"run.dir={tmp}/run",
-               *args.overrides]  # fmt: skip
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        metrics = Path(tmp) / "run" / "metrics.jsonl"
-        records = [json.loads(line) for line in metrics.open()] if metrics.exists() else []
-        params = next((ln for ln in r.stdout.splitlines() if ln.startswith("parameters:")), "")
-        print(f"recipe: {args.recipe} {' '.join(args.overrides)}; {params}")
-        print(f"exit code: {r.returncode}" + (" (killed: out of memory?)" if r.returncode < 0
-                                               or "SIGKILL" in r.stderr else ""))  # fmt: skip
-        for rec in records:
-            print(
-                f"step {rec['step']}: loss {rec['loss']:.4f}, {rec['step_time_s']:.1f} s, "
-                f"peak resident memory of rank 0 {rec['peak_memory_gb']:.2f} GiB"
-            )
-        if r.returncode != 0:
-            print(r.stderr[-2000:])
+    code, params, records, stderr = run_row(args.recipe, args.overrides)
+    print(f"recipe: {args.recipe} {' '.join(args.overrides)}; {params}")
+    print(f"exit code: {code}" + (" (killed: out of memory?)" if code == -9 else ""))
+    for rec in records:
+        print(
+            f"step {rec['step']}: loss {rec['loss']:.4f}, {rec['step_time_s']:.1f} s, "
+            f"peak resident memory of rank 0 {rec['peak_memory_gb']:.2f} GiB"
+        )
+    if code != 0:
+        print(stderr)
     return 0 if records else 1
 
 

@@ -41,6 +41,7 @@ def deepspeed_config(train, optim, parallel, layout: ParallelLayout) -> dict:
             stage3_prefetch_bucket_size=parallel.stage3_prefetch_bucket_size,
             stage3_param_persistence_threshold=parallel.stage3_param_persistence_threshold,
             stage3_max_live_parameters=parallel.stage3_max_live_parameters,
+            sub_group_size=parallel.sub_group_size,
             stage3_gather_16bit_weights_on_model_save=True,
         )
     zero.update(offload_config(parallel))
@@ -67,7 +68,8 @@ def deepspeed_config(train, optim, parallel, layout: ParallelLayout) -> dict:
 def offload_config(parallel) -> dict:
     """ZeRO-Offload / ZeRO-Infinity: `offload_optimizer` and `offload_param` of DeepSpeed's
     `zero_optimization`, from parallel.offload_optimizer, offload_params (none, cpu, nvme) and
-    offload_nvme_path; empty when nothing is offloaded. Pinned host memory is off: it is
+    offload_nvme_path (and, for parameters on NVMe, offload_params_max_in_cpu, _buffer_size and
+    _buffer_count); empty when nothing is offloaded. Pinned host memory is off: it is
     locked per rank, and on CPU-only machines there is nothing to copy to."""
     zero = {}
     for key, how in (("offload_optimizer", parallel.offload_optimizer),
@@ -77,4 +79,8 @@ def offload_config(parallel) -> dict:
         zero[key] = {"device": how, "pin_memory": False}
         if how == "nvme":
             zero[key]["nvme_path"] = parallel.offload_nvme_path
+    if parallel.offload_params == "nvme":
+        zero["offload_param"].update(max_in_cpu=parallel.offload_params_max_in_cpu,
+                                     buffer_size=parallel.offload_params_buffer_size,
+                                     buffer_count=parallel.offload_params_buffer_count)  # fmt: skip
     return zero

@@ -26,9 +26,12 @@ def config(repo_root, *overrides):
         ),
         (
             ["parallel.zero_stage=3", "parallel.offload_optimizer=cpu",
-             "parallel.offload_params=nvme", "parallel.offload_nvme_path=/nvme"],
+             "parallel.offload_params=nvme", "parallel.offload_nvme_path=/nvme",
+             "parallel.sub_group_size=100000000"],
             {"offload_optimizer": {"device": "cpu", "pin_memory": False},
-             "offload_param": {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}},
+             "offload_param": {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme",
+                               "max_in_cpu": 1_000_000_000, "buffer_size": 100_000_000,
+                               "buffer_count": 5}},
         ),
     ],
 )  # fmt: skip
@@ -37,6 +40,8 @@ def test_offload_maps_onto_zero_optimization(repo_root, overrides, want):
     assert offload_config(cfg.parallel) == want
     ds = deepspeed_config(cfg.train, cfg.optim, cfg.parallel, ParallelLayout(2, 1, 0))
     assert {k: ds["zero_optimization"][k] for k in want} == want
+    if cfg.parallel.zero_stage == 3:  # the unit an offloaded optimizer is swapped in
+        assert ds["zero_optimization"]["sub_group_size"] == cfg.parallel.sub_group_size
     # our torch AdamW steps the offloaded partitions: DeepSpeed must be told to accept it
     assert ds.get("zero_force_ds_cpu_optimizer", True) is not ("offload_optimizer" in want)
 

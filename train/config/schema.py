@@ -248,6 +248,13 @@ class ParallelSection:
     stage3_max_live_parameters: int = doc(
         1_000_000_000, "ZeRO-3: most gathered parameter elements kept at once.", gt=0
     )
+    sub_group_size: int = doc(
+        1_000_000_000,
+        "ZeRO-3: parameter elements per optimizer sub-group (sub_group_size), the unit in which "
+        "an offloaded optimizer is stepped and swapped; with offload_optimizer=nvme each rank "
+        "holds 4 buffers of one sub-group's fp32 state: lower it when host memory is short.",
+        gt=0,
+    )
     offload_optimizer: Literal["none", "cpu", "nvme"] = doc(
         "none",
         "ZeRO-Offload: keep the optimizer states in host memory (cpu) or on an NVMe drive "
@@ -261,6 +268,25 @@ class ParallelSection:
     )
     offload_nvme_path: str = doc(
         "", "A directory on a fast local NVMe drive, for offload to nvme (one per node)."
+    )
+    offload_params_max_in_cpu: int = doc(
+        1_000_000_000,
+        "offload_params=nvme: parameter elements a rank keeps in host memory (max_in_cpu); the "
+        "rest live on NVMe only. 0: all on NVMe.",
+        ge=0,
+    )
+    offload_params_buffer_size: int = doc(
+        100_000_000,
+        "offload_params=nvme: elements of each host buffer parameters are read into "
+        "(buffer_size); at least the largest parameter's shard.",
+        gt=0,
+    )
+    offload_params_buffer_count: int = doc(
+        5,
+        "offload_params=nvme: host buffers for parameters read from NVMe (buffer_count); at "
+        "least the parameters in use and prefetched at once (DeepSpeed stops with 'Not enough "
+        "buffers' otherwise).",
+        gt=0,
     )
 
     def check(self, path: str) -> None:
