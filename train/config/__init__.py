@@ -30,6 +30,7 @@ from rnnscale.train.config.architecture import (
     SWASection,
 )
 from rnnscale.train.config.fields import ConfigError
+from rnnscale.train.config.launch_section import LaunchSection
 from rnnscale.train.config.loading import (
     MOVED,
     apply_override,
@@ -40,14 +41,13 @@ from rnnscale.train.config.loading import (
     model_architecture,
     to_dict,
 )
+from rnnscale.train.config.parallel_section import ParallelSection
 from rnnscale.train.config.reference import reference_markdown
 from rnnscale.train.config.schema import (
     CheckpointSection,
     DataSection,
-    LaunchSection,
     LogSection,
     OptimSection,
-    ParallelSection,
     RunConfig,
     RunSection,
     ScheduleSection,

@@ -15,8 +15,9 @@ def reference_markdown() -> str:
     lines = [
         "# Config reference",
         "",
-        "Generated from the dataclasses in `train/config/schema.py` and `architecture.py`",
-        "(tests/test_config.py checks it is current; regenerate with `RNNSCALE_UPDATE_DOCS=1",
+        "Generated from the dataclasses in `train/config/` (`schema.py`, `architecture.py`,",
+        "`launch_section.py`, `parallel_section.py`; tests/test_config.py checks it is",
+        "current; regenerate with `RNNSCALE_UPDATE_DOCS=1",
         ".venv/bin/python -m pytest tests/test_config.py`). Set any field from the command line",
         "as a dotted override:",
         "`rnnscale train CONFIG optim.lr=3e-4 model.mixer_pattern=[gla,attn]`. A value outside",
