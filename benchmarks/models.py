@@ -145,11 +145,15 @@ def row(name: str, T: int, results: dict[str, dict | str], peak: float) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def saved_mib(loss_fn, ids) -> float:
+def saved_mib(model, loss_fn, ids) -> float:
+    """MiB of the activations one forward keeps for its backward: each storage counted once
+    and whole (a saved view keeps all of it), the parameters' storages left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
     def pack(t):
-        kept[(t.data_ptr(), tuple(t.shape), t.stride())] = t.numel() * t.element_size()
+        if (ptr := t.untyped_storage().data_ptr()) not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -158,15 +162,14 @@ def saved_mib(loss_fn, ids) -> float:
 
 
 def saved_table(T: int) -> None:
-    """MiB of the tensors one forward of each model keeps for its backward (each storage view
-    counted once), at d_model 512, 4 layers, vocab 8192, one row of T tokens, fp32."""
-    print(f"saved for the backward, T = {T}, d_model 512, 4 layers, vocab 8192, fp32\n")
+    """`saved_mib` of each model at d_model 512, 4 layers, vocab 8192, one row of T tokens."""
+    print(f"activations saved for the backward, T = {T}, d_model 512, 4 layers, vocab 8192, fp32\n")
     print("| model | saved MiB | peer: Llama (sdpa), saved MiB |\n|---|---|---|")
     sizes = {}
     for name in [*OURS, "transformers Llama (sdpa)"]:
         torch.manual_seed(0)
         model, loss_fn, _ = build(name, 512, 4, 8192)
-        sizes[name] = saved_mib(loss_fn, torch.randint(0, 8192, (1, T + 1)))
+        sizes[name] = saved_mib(model, loss_fn, torch.randint(0, 8192, (1, T + 1)))
     for name in OURS:
         print(f"| {name} | {sizes[name]:.0f} | {sizes['transformers Llama (sdpa)']:.0f} |")
 

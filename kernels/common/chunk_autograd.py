@@ -13,9 +13,10 @@ broadcast over K):
             dv = scale A^T do + (k exp(b_C - b)) dS_next, with dA = scale (do v^T) on and
             below the diagonal, and db = q dq - k dk (q enters as q exp(b_r), k as
             k exp(-b_s)) plus, on the last row, what exp(b_C) receives from the state.
-Saved for backward: the chunked inputs q, k, v, b and the states entering each chunk
-S_in [M, H, K, V]; the intra-chunk scores A [M, H, C, C] and every per-chunk product are
-recomputed. The family supplies A and its gradients (`Intra`): scalar decay scores
+Saved for backward: the chunked inputs q, k, v, b and the initial states S0 [N, H, K, V];
+the states entering each chunk S_in [M, H, K, V] (one more pass of the chunk recurrence, as
+fla's chunk kernels recompute h), the intra-chunk scores A [M, H, C, C] and every per-chunk
+product are recomputed. The family supplies A and its gradients (`Intra`): scalar decay scores
 `(q k^T) * Gamma`, per-key decay needs care for strong decay (kernels/gla/chunk_torch.py).
 """
 
@@ -78,6 +79,15 @@ def _chunk_grads(intra: Intra, do, q, k, v, b, S_in, dS_out):
     return dq.sum_to_size(q.shape), dk.sum_to_size(k.shape), dv, db  # shared q, k: sum over R
 
 
+def _entering_states(k, v, b, S0, layout: ChunkLayout):
+    """`(S_in [M, H, K, V], final [N, H, K, V])`: the state entering each chunk, and each
+    sequence's last, from the chunk-local updates `(k exp(b_C - b))^T v` and decays exp(b_C)."""
+    b_last = b[..., -1:, :]  # (M, H, 1, G)
+    dS = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # (M, H, K, V)
+    chunk_decay = b_last.transpose(-1, -2).exp()  # (M, H, G, 1)
+    return scan_chunks(layout, S0, lambda S, decay, dS: (decay * S + dS, S), (chunk_decay, dS))
+
+
 class ChunkLinearAttention(torch.autograd.Function):
     """`(o [M, H, C, V], final [N, H, K, V])` from chunked `q, k [M, H, C, K]`, `v [M, H, C, V]`,
     cumulative gates `b [M, H, C, G]` and initial states `S0 [N, H, K, V]`, all in one float
@@ -85,24 +95,19 @@ class ChunkLinearAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, b, S0, layout: ChunkLayout, scale: float, intra: Intra):
-        b_last = b[..., -1:, :]  # (M, H, 1, G)
-        dS = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # (M, H, K, V)
-        chunk_decay = b_last.transpose(-1, -2).exp()  # (M, H, G, 1)
-        S_in, final = scan_chunks(
-            layout, S0, lambda S, decay, dS: (decay * S + dS, S), (chunk_decay, dS)
-        )  # (M, H, K, V), (N, H, K, V)
+        S_in, final = _entering_states(k, v, b, S0, layout)  # (M, H, K, V), (N, H, K, V)
         A = intra.scores(q, k, b, causal_mask(q.shape[-2], q.device))  # (M, H, C, C)
         o = scale * ((q * b.exp()) @ S_in + A @ v)  # (M, H, C, V)
-        ctx.save_for_backward(q, k, v, b, S_in)
+        ctx.save_for_backward(q, k, v, b, S0)
         ctx.layout, ctx.scale, ctx.intra = layout, scale, intra
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, b, S_in = ctx.saved_tensors
+        q, k, v, b, S0 = ctx.saved_tensors
+        S_in, _ = _entering_states(k, v, b, S0, ctx.layout)
         do = ctx.scale * do  # (M, H, C, V)
-        b_last = b[..., -1:, :]  # (M, H, 1, G)
-        chunk_decay = b_last.transpose(-1, -2).exp()  # (M, H, G, 1)
+        chunk_decay = b[..., -1:, :].transpose(-1, -2).exp()  # (M, H, G, 1)
         dS_out, dS0 = scan_chunks(
             ctx.layout,
             dfinal,

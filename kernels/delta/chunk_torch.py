@@ -12,9 +12,10 @@ s <= r (else 0), and S the entering state:
 Steps 1-3 and the intra-chunk part of 5 need no state and run for all chunks at once; 4 and 6
 run in the scan over chunks. Gates accumulate in fp32 or wider.
 
-`ChunkDeltaRule` saves only the chunked inputs and the entering states S_in [M, H, K, V]. Its
-backward solves each chunk's triangle once more and uses it for W, U, U' = U - W S_in and the
-gradients; the only sequential part is the reverse scan of the state gradient dS (from the
+`ChunkDeltaRule` saves only the chunked inputs and the initial states S0 [N, H, K, V]. Its
+backward solves each chunk's triangle once more and uses it for W, U, and, running steps 4 and 6
+again (as fla's chunk kernels recompute h), the entering states S_in and U' = U - W S_in, and
+for the gradients; the only sequential part is the reverse scan of the state gradient dS (from the
 final state's gradient back to the initial state's), which also yields dU' for every chunk:
   dU' = scale tril(Q K^T * Gamma)^T dO + (exp(b_C - b) * K) dS_next
   dS  = exp(b_C) dS_next + scale (exp(b) * Q)^T dO - W^T dU'
@@ -63,6 +64,19 @@ def _wy_grads(dW, dU, k, v, b, beta, gamma, Ti):
     return dk, beta[..., None] * dVb, dbeta, db
 
 
+def _scan_states(layout, S0, k, W, U, b):
+    """Steps 4 and 6 over the chunks: `((S_in [M, H, K, V], U' [M, H, C, V]), final [N, H, K,
+    V])`, the states entering the chunks and the delta-corrected values."""
+    b_last = b[..., -1:]  # (M, H, 1)
+    k_decay = k * (b_last - b).exp()[..., None]  # (M, H, C, K)
+
+    def step(S, U, W, decay, k_decay):
+        u_new = U - W @ S  # (n, H, C, V)
+        return decay * S + k_decay.transpose(-1, -2) @ u_new, (S, u_new)
+
+    return scan_chunks(layout, S0, step, (U, W, b_last.exp()[..., None], k_decay))
+
+
 class ChunkDeltaRule(torch.autograd.Function):
     """`(o [M, H, C, V], final [N, H, K, V])` from chunked `q, k [M, H, C, K]`, `v [M, H, C, V]`,
     cumulative gates `b [M, H, C]`, `beta [M, H, C]` and initial states `S0 [N, H, K, V]`."""
@@ -71,29 +85,20 @@ class ChunkDeltaRule(torch.autograd.Function):
     def forward(ctx, q, k, v, b, beta, S0, layout, scale):
         gamma = _gamma(b)  # (M, H, C, C)
         _, W, U = _wy(k, v, b, beta, gamma)  # 1-3: (M, H, C, K), (M, H, C, V)
-        b_last = b[..., -1:]  # (M, H, 1)
-        k_decay = k * (b_last - b).exp()[..., None]  # (M, H, C, K)
-
-        def step(S, U, W, decay, k_decay):  # 4 + 6
-            u_new = U - W @ S  # (n, H, C, V)
-            return decay * S + k_decay.transpose(-1, -2) @ u_new, (S, u_new)
-
-        (S_in, u_new), final = scan_chunks(
-            layout, S0, step, (U, W, b_last.exp()[..., None], k_decay)
-        )  # (M, H, K, V), (M, H, C, V)
+        (S_in, u_new), final = _scan_states(layout, S0, k, W, U, b)
         A = (q @ k.transpose(-1, -2)) * gamma  # (M, H, C, C), tril through gamma
         o = scale * ((q * b.exp()[..., None]) @ S_in + A @ u_new)  # 5
-        ctx.save_for_backward(q, k, v, b, beta, S_in)
+        ctx.save_for_backward(q, k, v, b, beta, S0)
         ctx.layout, ctx.scale = layout, scale
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, b, beta, S_in = ctx.saved_tensors
+        q, k, v, b, beta, S0 = ctx.saved_tensors
         do = ctx.scale * do  # (M, H, C, V)
         gamma = _gamma(b)
         Ti, W, U = _wy(k, v, b, beta, gamma)  # the one solve of the backward, kept for 9
-        u_new = U - W @ S_in  # (M, H, C, V)
+        (S_in, u_new), _ = _scan_states(ctx.layout, S0, k, W, U, b)  # recomputed: 4 + 6
         b_last = b[..., -1:]  # (M, H, 1)
         du_intra = ((q @ k.transpose(-1, -2)) * gamma).transpose(-1, -2) @ do  # (M, H, C, V)
         del gamma, U

@@ -1,6 +1,7 @@
-"""The chunkwise PyTorch path saves little for backward: the chunked inputs and the states
-entering each chunk, never a per-chunk C x C tensor (scores, decay masks, WY matrices), which it
-recomputes in the backward. Its gradients are checked in test_families.py."""
+"""The chunkwise PyTorch path saves little for backward: the chunked inputs and the initial
+states, never the K x V states entering each chunk or a per-chunk C x C tensor (scores, decay
+masks, WY matrices), which it recomputes in the backward. Its gradients are checked in
+test_families.py."""
 
 import math
 
@@ -25,7 +26,7 @@ def saved_tensors(fn, *args, **kw) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
 @pytest.mark.parametrize("cu_seqlens", [None, [0, 20, 64]], ids=["rows", "packed"])
-def test_backward_keeps_inputs_and_entering_states_only(fam, cu_seqlens):
+def test_backward_keeps_inputs_and_initial_states_only(fam, cu_seqlens):
     B, T, H, K, V, C = 1, 64, 3, 8, 8, 16  # the scan's D = H K differs from C
     gen = torch.Generator().manual_seed(0)
     xs = [x.requires_grad_() for x in fam.make(B, T, H, K, V, gen)]  # float64
@@ -34,7 +35,10 @@ def test_backward_keeps_inputs_and_entering_states_only(fam, cu_seqlens):
     M = sum(math.ceil((e - s) / C) for s, e in zip(bounds[:-1], bounds[1:]))
     saved = saved_tensors(fam.chunk, *xs, cu_seqlens=cu, chunk_size=C, output_final_state=True)
     assert not [t.shape for t in saved if t.dim() >= 2 and t.shape[-2:] == (C, C)]
-    # the inputs padded to whole chunks, one state per chunk, and the packed layout's indices
+    # the inputs padded to whole chunks, the initial states (the backward recomputes the K x V
+    # states entering each chunk; the elementwise scan keeps its D-wide ones, 1/C of its
+    # inputs) and the packed layout's indices
+    states = M if fam.name == "scan" else len(bounds) - 1
     state = math.prod(fam.state_shape(1, H, K, V))
-    bound = 8 * (sum(x.numel() for x in xs) * M * C // T + M * state) + 8 * (M * C + T)
+    bound = 8 * (sum(x.numel() for x in xs) * M * C // T + states * state) + 8 * (M * C + T)
     assert sum(t.numel() * t.element_size() for t in saved) <= bound

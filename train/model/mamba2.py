@@ -114,6 +114,7 @@ class Mamba2(nn.Module):
         )  # y: (B, T, H, P)
         y = y.to(acc) + self.D.to(acc)[:, None] * xs.to(acc)
         # gated before the norm, each group normalised alone, then the full-width weight
-        y = gated_rms_norm(y.reshape(B, T, e), z.to(acc), self.norm_weight, self.eps,
+        # z is a view of in_proj's output: a copy lets the norm keep z alone, not all of it
+        y = gated_rms_norm(y.reshape(B, T, e), z.to(acc).contiguous(), self.norm_weight, self.eps,
                            groups=G, norm_before_gate=False)  # fmt: skip
         return self.out_proj(y.to(x.dtype)), (conv_state, h)
