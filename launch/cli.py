@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from rnnscale.train.config import ConfigError, RunConfig, dump_yaml, load_config
 
@@ -337,5 +338,13 @@ def _tokenizer(run_dir, vocab_size: int):
     return sp
 
 
+def entry() -> NoReturn:
+    """The `rnnscale` command: `main`, then the process ends as train/distributed.py's
+    `exit_process` ends it (tests call `main` and keep their process)."""
+    from rnnscale.train.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

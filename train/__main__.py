@@ -10,7 +10,7 @@ import sys
 
 from rnnscale.train import run
 from rnnscale.train.config import ConfigError, load_config
-from rnnscale.train.distributed import leave_distributed_at_exit
+from rnnscale.train.distributed import exit_process, leave_distributed_at_exit
 from rnnscale.train.preemption import EXIT_PREEMPTED, Preempted
 from rnnscale.train.room import RunStopped
 
@@ -38,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())
