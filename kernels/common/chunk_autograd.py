@@ -13,10 +13,13 @@ broadcast over K):
             dv = scale A^T do + (k exp(b_C - b)) dS_next, with dA = scale (do v^T) on and
             below the diagonal, and db = q dq - k dk (q enters as q exp(b_r), k as
             k exp(-b_s)) plus, on the last row, what exp(b_C) receives from the state.
-Saved for backward: the chunked inputs q, k, v, b and the initial states S0 [N, H, K, V];
-the states entering each chunk S_in [M, H, K, V] (one more pass of the chunk recurrence, as
-fla's chunk kernels recompute h), the intra-chunk scores A [M, H, C, C] and every per-chunk
-product are recomputed. The family supplies A and its gradients (`Intra`): scalar decay scores
+Saved for backward: the inputs as the caller gave them, unchunked (`[B, T, ...]`, tensors the
+layers around keep anyway), and the initial states S0 [N, H, K, V]. The chunked q, k, v, b
+(`chunked_again`: the caller's `prep`, run again with autograd, whose graph carries the chunk
+gradients back: padding dropped, packed gathers scattered, the in-chunk cumsum reversed), the
+states entering each chunk S_in [M, H, K, V] (one more pass of the chunk recurrence, as fla's
+chunk kernels recompute h), the intra-chunk scores A [M, H, C, C] and every per-chunk product
+are recomputed. The family supplies A and its gradients (`Intra`): scalar decay scores
 `(q k^T) * Gamma`, per-key decay needs care for strong decay (kernels/gla/chunk_torch.py).
 """
 
@@ -88,23 +91,45 @@ def _entering_states(k, v, b, S0, layout: ChunkLayout):
     return scan_chunks(layout, S0, lambda S, decay, dS: (decay * S + dS, S), (chunk_decay, dS))
 
 
+def chunked_again(prep, raw, needs) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """`(leaves, chunked)`: `prep(*raw)` run again with autograd on, from detached copies of
+    the saved unchunked inputs that require grad where `needs` says."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(bool(n)) for x, n in zip(raw, needs)]
+        return leaves, tuple(prep(*leaves))
+
+
+def unchunked_grads(leaves, chunked, grads) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of the unchunked inputs from those of the chunked operands, through the
+    chunking's own graph (None for an input that needs none)."""
+    pairs = [(c, g) for c, g in zip(chunked, grads) if c.requires_grad]
+    wanted = [x for x in leaves if x.requires_grad]
+    got = iter(torch.autograd.grad([c for c, _ in pairs], wanted, [g for _, g in pairs],
+                                   allow_unused=True) if wanted else ())  # fmt: skip
+    return tuple(next(got) if x.requires_grad else None for x in leaves)
+
+
 class ChunkLinearAttention(torch.autograd.Function):
-    """`(o [M, H, C, V], final [N, H, K, V])` from chunked `q, k [M, H, C, K]`, `v [M, H, C, V]`,
-    cumulative gates `b [M, H, C, G]` and initial states `S0 [N, H, K, V]`, all in one float
-    dtype; `layout` orders the chunks, `intra` scores them. Gradients for q, k, v, b and S0."""
+    """`(o [M, H, C, V], final [N, H, K, V])` from unchunked inputs `raw` and `prep(*raw)`, which
+    chunks them into `q, k [M, H, C, K]`, `v [M, H, C, V]` and cumulative gates `b [M, H, C, G]`,
+    all in one float dtype as the initial states `S0 [N, H, K, V]`; `layout` orders the chunks,
+    `intra` scores them. Gradients for S0 and every input in `raw`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, b, S0, layout: ChunkLayout, scale: float, intra: Intra):
+    def forward(ctx, prep, S0, layout: ChunkLayout, scale: float, intra: Intra, *raw):
+        q, k, v, b = prep(*raw)
         S_in, final = _entering_states(k, v, b, S0, layout)  # (M, H, K, V), (N, H, K, V)
         A = intra.scores(q, k, b, causal_mask(q.shape[-2], q.device))  # (M, H, C, C)
         o = scale * ((q * b.exp()) @ S_in + A @ v)  # (M, H, C, V)
-        ctx.save_for_backward(q, k, v, b, S0)
-        ctx.layout, ctx.scale, ctx.intra = layout, scale, intra
+        ctx.save_for_backward(S0, *raw)
+        ctx.prep, ctx.layout, ctx.scale, ctx.intra = prep, layout, scale, intra
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, b, S0 = ctx.saved_tensors
+        S0, *raw = ctx.saved_tensors
+        leaves, chunked = chunked_again(ctx.prep, raw, ctx.needs_input_grad[5:])
+        q, k, v, b = (x.detach() for x in chunked)
         S_in, _ = _entering_states(k, v, b, S0, ctx.layout)
         do = ctx.scale * do  # (M, H, C, V)
         chunk_decay = b[..., -1:, :].transpose(-1, -2).exp()  # (M, H, G, 1)
@@ -121,5 +146,4 @@ class ChunkLinearAttention(torch.autograd.Function):
             parts = _chunk_grads(ctx.intra, *(x[sl] for x in (do, q, k, v, b, S_in, dS_out)))
             for grad, part in zip(grads, parts):
                 grad[sl] = part
-        dq, dk, dv, db = grads
-        return dq, dk, dv, db, dS0, None, None, None
+        return None, dS0, None, None, None, *unchunked_grads(leaves, chunked, grads)

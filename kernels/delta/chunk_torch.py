@@ -12,11 +12,12 @@ s <= r (else 0), and S the entering state:
 Steps 1-3 and the intra-chunk part of 5 need no state and run for all chunks at once; 4 and 6
 run in the scan over chunks. Gates accumulate in fp32 or wider.
 
-`ChunkDeltaRule` saves only the chunked inputs and the initial states S0 [N, H, K, V]. Its
-backward solves each chunk's triangle once more and uses it for W, U, and, running steps 4 and 6
-again (as fla's chunk kernels recompute h), the entering states S_in and U' = U - W S_in, and
-for the gradients; the only sequential part is the reverse scan of the state gradient dS (from the
-final state's gradient back to the initial state's), which also yields dU' for every chunk:
+`ChunkDeltaRule` saves only its unchunked inputs and the initial states S0 [N, H, K, V]. Its
+backward chunks the inputs again, solves each chunk's triangle once more and uses it for W, U,
+and, running steps 4 and 6 again (as fla's chunk kernels recompute h), the entering states S_in
+and U' = U - W S_in, and for the gradients; the only sequential part is the reverse scan of the
+state gradient dS (from the final state's gradient back to the initial state's), which also
+yields dU' for every chunk:
   dU' = scale tril(Q K^T * Gamma)^T dO + (exp(b_C - b) * K) dS_next
   dS  = exp(b_C) dS_next + scale (exp(b) * Q)^T dO - W^T dU'
 Then dW = -dU' S^T, dU = dU', and the WY step back through T (`_wy_grads`), a block of
@@ -28,7 +29,13 @@ from __future__ import annotations
 import torch
 
 from rnnscale.kernels.common.checks import check_linear_attention
-from rnnscale.kernels.common.chunk_autograd import causal_mask, chunk_blocks, decay_matrix
+from rnnscale.kernels.common.chunk_autograd import (
+    causal_mask,
+    chunk_blocks,
+    chunked_again,
+    decay_matrix,
+    unchunked_grads,
+)
 from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, scan_chunks, to_chunks
 
 
@@ -78,23 +85,28 @@ def _scan_states(layout, S0, k, W, U, b):
 
 
 class ChunkDeltaRule(torch.autograd.Function):
-    """`(o [M, H, C, V], final [N, H, K, V])` from chunked `q, k [M, H, C, K]`, `v [M, H, C, V]`,
-    cumulative gates `b [M, H, C]`, `beta [M, H, C]` and initial states `S0 [N, H, K, V]`."""
+    """`(o [M, H, C, V], final [N, H, K, V])` from unchunked inputs `raw` and `prep(*raw)`, which
+    chunks them into `q, k [M, H, C, K]`, `v [M, H, C, V]`, cumulative gates `b [M, H, C]` and
+    `beta [M, H, C]`; initial states `S0 [N, H, K, V]`. It saves `raw`, not the chunks
+    (kernels/common/chunk_autograd.py, `chunked_again`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, b, beta, S0, layout, scale):
+    def forward(ctx, prep, S0, layout, scale, *raw):
+        q, k, v, b, beta = prep(*raw)
         gamma = _gamma(b)  # (M, H, C, C)
         _, W, U = _wy(k, v, b, beta, gamma)  # 1-3: (M, H, C, K), (M, H, C, V)
         (S_in, u_new), final = _scan_states(layout, S0, k, W, U, b)
         A = (q @ k.transpose(-1, -2)) * gamma  # (M, H, C, C), tril through gamma
         o = scale * ((q * b.exp()[..., None]) @ S_in + A @ u_new)  # 5
-        ctx.save_for_backward(q, k, v, b, beta, S0)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.save_for_backward(S0, *raw)
+        ctx.prep, ctx.layout, ctx.scale = prep, layout, scale
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, b, beta, S0 = ctx.saved_tensors
+        S0, *raw = ctx.saved_tensors
+        leaves, chunked = chunked_again(ctx.prep, raw, ctx.needs_input_grad[4:])
+        q, k, v, b, beta = (x.detach() for x in chunked)
         do = ctx.scale * do  # (M, H, C, V)
         gamma = _gamma(b)
         Ti, W, U = _wy(k, v, b, beta, gamma)  # the one solve of the backward, kept for 9
@@ -119,7 +131,7 @@ class ChunkDeltaRule(torch.autograd.Function):
             rows = (do, q, k, v, b, beta, S_in, dS_out, du, u_new, Ti)
             for grad, part in zip(grads, _chunk_grads(*(t[sl] for t in rows))):
                 grad[sl] = part
-        return *grads, dS0, None, None
+        return None, dS0, None, None, *unchunked_grads(leaves, chunked, grads)
 
 
 def _chunk_grads(do, q, k, v, b, beta, S_in, dS_out, du, u_new, Ti):
@@ -170,10 +182,13 @@ def chunk_gated_delta_rule(
     scale = K**-0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, q.device)
-    qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v))
-    b = to_chunks(g, layout, acc).transpose(1, 2).cumsum(dim=-1)  # (M, H, C)
-    bc = to_chunks(beta, layout, acc).transpose(1, 2)  # (M, H, C), 0 on padding
+
+    def prep(q, k, v, g, beta):
+        qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v))
+        b = to_chunks(g, layout, acc).transpose(1, 2).cumsum(dim=-1)  # (M, H, C)
+        return qc, kc, vc, b, to_chunks(beta, layout, acc).transpose(1, 2)  # beta 0 on padding
+
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
-    o, final = ChunkDeltaRule.apply(qc, kc, vc, b, bc, S0.to(acc), layout, scale)
+    o, final = ChunkDeltaRule.apply(prep, S0.to(acc), layout, scale, q, k, v, g, beta)
     o = from_chunks(o.transpose(1, 2), layout)  # (B, T, H, V)
     return o.to(v.dtype), (final if output_final_state else None)

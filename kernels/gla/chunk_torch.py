@@ -13,7 +13,8 @@ chunk's middle row m wherever the chunk's gates span at most SAFE_SPAN (60) in l
 the C x C x K tensor of pairwise differences (every exponent <= 0: no overflow at any decay)
 in the chunks where they span more. Gates accumulate in fp32 or wider. Steps 2-4 and every
 gradient are `ChunkLinearAttention` (kernels/common/chunk_autograd.py): the backward keeps only
-the inputs and the entering states and recomputes the scores (`PerKeyDecayScores.grads`).
+the unchunked inputs and the initial states and recomputes the rest: the chunks, the entering
+states and the scores (`PerKeyDecayScores.grads`).
 """
 
 from __future__ import annotations
@@ -131,12 +132,16 @@ def chunk_gla(
     scale = K**-0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least; float64 stays float64
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, q.device)
-    # (M, H, C, D): padded keys are 0 and padded gates 0 (decay 1), so the state passes unchanged
-    qc, kc, vc, gc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v, g))
-    b = gc.cumsum(dim=2)  # (M, H, C, K) in-chunk cumulative log-gates
+
+    def prep(q, k, v, g):
+        # (M, H, C, D): padded keys are 0 and padded gates 0 (decay 1): the state passes unchanged
+        qc, kc, vc, gc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous()
+                          for x in (q, k, v, g))  # fmt: skip
+        return qc, kc, vc, gc.cumsum(dim=2)  # b: (M, H, C, K) in-chunk cumulative log-gates
+
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
     o, final = ChunkLinearAttention.apply(
-        qc, kc, vc, b, S0.to(acc), layout, scale, PerKeyDecayScores
+        prep, S0.to(acc), layout, scale, PerKeyDecayScores, q, k, v, g
     )  # (M, H, C, V), (N, H, K, V)
     o = from_chunks(o.transpose(1, 2), layout)  # (B, T, H, V)
     return o.to(v.dtype), (final if output_final_state else None)

@@ -9,7 +9,8 @@ per head and row) and Gamma_rs = exp(b_r - b_s) for s <= r, else 0:
   4. O = scale * ((exp(b) * Q) S + A V)
 Every exponent is a difference of cumulative gates inside one chunk (<= 0): nothing overflows.
 Steps 2-4 and their gradients are `ChunkLinearAttention` (kernels/common/chunk_autograd.py):
-the backward keeps only the inputs and the entering states, and recomputes A and Gamma.
+the backward keeps only the unchunked inputs and the initial states, and recomputes the
+chunks, the entering states, A and Gamma.
 """
 
 from __future__ import annotations
@@ -67,15 +68,19 @@ def chunk_simple_gla(
     scale = K**-0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, q.device)
-    qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v))
-    b = to_chunks(g, layout, acc).transpose(1, 2).cumsum(dim=-1)[..., None]  # (M, H, C, 1)
+
+    def prep(q, k, v, g):
+        qc, kc, vc = (to_chunks(x, layout, acc).transpose(1, 2).contiguous() for x in (q, k, v))
+        b = to_chunks(g, layout, acc).transpose(1, 2).cumsum(dim=-1)[..., None]  # (M, H, C, 1)
+        if G == H:
+            return qc, kc, vc, b
+        # heads as (G, H / G): q and k broadcast over the second axis
+        return qc[:, :, None], kc[:, :, None], vc.unflatten(1, (G, -1)), b.unflatten(1, (G, -1))
+
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
-    S0 = S0.to(acc)
-    if G != H:  # heads as (G, H / G): q and k broadcast over the second axis
-        qc, kc = qc[:, :, None], kc[:, :, None]  # (M, G, 1, C, K)
-        vc, b, S0 = vc.unflatten(1, (G, -1)), b.unflatten(1, (G, -1)), S0.unflatten(1, (G, -1))
+    S0 = S0.to(acc) if G == H else S0.to(acc).unflatten(1, (G, -1))
     o, final = ChunkLinearAttention.apply(
-        qc, kc, vc, b, S0, layout, scale, ScalarDecayScores
+        prep, S0, layout, scale, ScalarDecayScores, q, k, v, g
     )  # (M, H, C, V), (N, H, K, V); (M, G, H / G, ...) when grouped
     o = from_chunks(o.flatten(1, -3).transpose(1, 2), layout)  # (B, T, H, V)
     return o.to(v.dtype), (final.flatten(1, -3) if output_final_state else None)

@@ -1,7 +1,7 @@
-"""The chunkwise PyTorch path saves little for backward: the chunked inputs and the initial
-states, never the K x V states entering each chunk or a per-chunk C x C tensor (scores, decay
-masks, WY matrices), which it recomputes in the backward. Its gradients are checked in
-test_families.py."""
+"""The chunkwise PyTorch path saves little for backward: its inputs as given (not chunked
+copies) and the initial states, never the K x V states entering each chunk or a per-chunk C x C
+tensor (scores, decay masks, WY matrices), which it recomputes in the backward. Its gradients
+are checked in test_families.py."""
 
 import math
 
@@ -35,10 +35,14 @@ def test_backward_keeps_inputs_and_initial_states_only(fam, cu_seqlens):
     M = sum(math.ceil((e - s) / C) for s, e in zip(bounds[:-1], bounds[1:]))
     saved = saved_tensors(fam.chunk, *xs, cu_seqlens=cu, chunk_size=C, output_final_state=True)
     assert not [t.shape for t in saved if t.dim() >= 2 and t.shape[-2:] == (C, C)]
-    # the inputs padded to whole chunks, the initial states (the backward recomputes the K x V
-    # states entering each chunk; the elementwise scan keeps its D-wide ones, 1/C of its
-    # inputs) and the packed layout's indices
-    states = M if fam.name == "scan" else len(bounds) - 1
     state = math.prod(fam.state_shape(1, H, K, V))
-    bound = 8 * (sum(x.numel() for x in xs) * M * C // T + states * state) + 8 * (M * C + T)
-    assert sum(t.numel() * t.element_size() for t in saved) <= bound
+    if fam.name == "scan":  # its inputs padded to whole chunks and its D-wide entering states
+        bound = 8 * (sum(x.numel() for x in xs) * M * C // T + M * state) + 8 * (M * C + T)
+        assert sum(t.numel() * t.element_size() for t in saved) <= bound
+        return
+    # the inputs themselves, not chunked copies; besides them only the initial states (the
+    # backward recomputes the K x V states entering each chunk) and the packed layout's indices
+    inputs = {x.untyped_storage().data_ptr() for x in xs}
+    others = [t for t in saved if t.untyped_storage().data_ptr() not in inputs]
+    bound = 8 * (len(bounds) - 1) * state + 8 * (M * C + T)
+    assert sum(t.numel() * t.element_size() for t in others) <= bound, [t.shape for t in others]
