@@ -13,12 +13,19 @@ over the built model. MFU: 3 x flops_per_token x tokens/s over this machine's fp
 measured in the same run (ours only: the peers have no FLOP count of their own). Every row
 carries both peers' figures at the same T and its ratios to them (tokens/s, and peak memory);
 a peer that did not run says why. Read ratios, not absolute numbers: the machine is shared.
+
+`--malloc heap` runs every child, ours and the peers alike, with glibc's malloc kept on its
+heap (MALLOC_MMAP_THRESHOLD_ 1 GiB, MALLOC_TRIM_THRESHOLD_ 4 GiB): by default each tensor over
+32 MiB is a fresh mmap, whose pages the kernel faults in and zeroes on every first touch; at
+T = 8192 that dominates the elementwise work (docs/performance.md). Peak memory then counts
+freed memory the heap keeps: read memory ratios from a default run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -104,11 +111,17 @@ def child(name: str, T: int, d: int, layers: int, vocab: int, steps: int) -> Non
     print(json.dumps(result))
 
 
-def run_child(name: str, T: int, dims: tuple[int, int, int, int], timeout: int) -> dict | str:
-    """One (model, T) in a fresh process: its JSON result, or why it did not run."""
+HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+
+
+def run_child(name: str, T: int, dims: tuple[int, int, int, int], timeout: int,
+              env: dict[str, str] | None = None) -> dict | str:  # fmt: skip
+    """One (model, T) in a fresh process (`env` added to its environment): its JSON result, or
+    why it did not run."""
     cmd = [sys.executable, __file__, "--child", name, *map(str, (T, *dims))]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **(env or {})})  # fmt: skip
     except subprocess.TimeoutExpired:
         return f"over {timeout} s"
     if r.returncode < 0:  # killed: on this machine, by the kernel's OOM killer
@@ -186,6 +199,12 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--saved", type=int, metavar="T", default=None,
                         help="what one forward at T keeps for the backward, per model")  # fmt: skip
+    parser.add_argument(
+        "--malloc",
+        choices=["default", "heap"],
+        default="default",
+        help="heap: glibc's malloc keeps large tensors on its heap (every child)",
+    )
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.saved:
@@ -200,6 +219,7 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads; fp32 matmul peak {peak:.1f} GFLOP/s; d_model {d}, {layers} layers, vocab {vocab}"
+        f"; malloc: {args.malloc}"
     )
     print(
         "| model | T | params | tokens/s | peak memory MiB | MFU | "
@@ -213,7 +233,8 @@ def main() -> None:
             if name == "transformers Mamba2" and T > (args.mamba2_max_len or T):
                 results[name] = f"skipped above T = {args.mamba2_max_len} (--mamba2-max-len)"
                 continue
-            results[name] = run_child(name, T, (d, layers, vocab, steps), args.timeout)
+            env = HEAP_MALLOC if args.malloc == "heap" else None
+            results[name] = run_child(name, T, (d, layers, vocab, steps), args.timeout, env)
         for name in [*OURS, *PEERS]:
             print(row(name, T, results, peak), flush=True)
 
