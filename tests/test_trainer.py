@@ -79,6 +79,38 @@ def test_deepspeed_launcher_runs_the_same_job(repo_root, tmp_path):
     assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "one"), abs=TOLERANCE)
 
 
+EXIT = """
+import atexit, sys, threading, time
+import torch
+from rnnscale.train.distributed import exit_process, init_distributed, leave_distributed_at_exit
+
+def record(name):
+    with open(sys.argv[1] + "/" + name, "w") as f:
+        f.write(str(torch.distributed.is_initialized()))
+
+init_distributed()
+atexit.register(record, "after_leave")  # handlers run last in, first out
+leave_distributed_at_exit()
+atexit.register(record, "before_leave")
+threading.Thread(target=lambda: (time.sleep(0.5), record("thread"))).start()
+sys.stdout.write("buffered, no newline")
+exit_process(3)
+"""
+
+
+def test_a_process_with_a_group_ends_after_its_threads_and_exit_handlers(tmp_path):
+    """exit_process ends a process that joined a group with the code given, after what the
+    interpreter's exit would have done: a non-daemon thread (a checkpoint write) finished,
+    the exit handlers run in their order (the group destroyed by ours), the output flushed."""
+    r = subprocess.run([sys.executable, "-c", EXIT, str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert r.stdout.endswith("buffered, no newline")  # after DeepSpeed's start-up lines
+    assert (tmp_path / "thread").read_text() == "True"
+    assert (tmp_path / "before_leave").read_text() == "True"
+    assert (tmp_path / "after_leave").read_text() == "False"
+
+
 def test_bf16_trains_close_to_fp32(repo_root, tmp_path):
     trainer.run(config(repo_root, tmp_path / "fp32"))
     trainer.run(config(repo_root, tmp_path / "bf16", "parallel.dtype=bf16",

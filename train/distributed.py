@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import sys
+import threading
 from datetime import timedelta
 from typing import NoReturn
 
@@ -63,9 +64,11 @@ def _leave() -> None:
 
 
 def exit_process(code: int) -> NoReturn:
-    """End a command's process with `code`. A process that joined a process group runs its
-    exit handlers (the group's destruction among them), collects its garbage and flushes its
-    output while the interpreter is whole, then ends without the interpreter's finalization:
+    """End a command's process with `code`. A process that joined a process group does what
+    the interpreter's exit does first, while the interpreter is whole: it waits for its
+    non-daemon threads (a checkpoint write, the executors' own exit hooks), runs its exit
+    handlers (the group's destruction among them), collects its garbage and flushes its output;
+    then it ends without the interpreter's finalization:
     a gloo worker thread may still be releasing the tensors of the last collective (the
     export's broadcast) when the main thread reaches it, and releasing them takes the GIL,
     which a finalizing interpreter no longer grants; the thread then ends by unwinding through
@@ -76,6 +79,7 @@ def exit_process(code: int) -> NoReturn:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise SystemExit(code)
     try:
+        threading._shutdown()  # what Py_FinalizeEx runs first
         atexit._run_exitfuncs()
         gc.collect()
     finally:
