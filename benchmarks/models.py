@@ -227,13 +227,13 @@ def main() -> None:
         "peer: transformers Mamba2, same T | tokens/s, memory vs Mamba2 |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    env = HEAP_MALLOC if args.malloc == "heap" else None
     for T in lengths:
         results = {}
         for name in [*OURS, *PEERS]:
             if name == "transformers Mamba2" and T > (args.mamba2_max_len or T):
                 results[name] = f"skipped above T = {args.mamba2_max_len} (--mamba2-max-len)"
                 continue
-            env = HEAP_MALLOC if args.malloc == "heap" else None
             results[name] = run_child(name, T, (d, layers, vocab, steps), args.timeout, env)
         for name in [*OURS, *PEERS]:
             print(row(name, T, results, peak), flush=True)

@@ -71,17 +71,22 @@ def _wy_grads(dW, dU, k, v, b, beta, gamma, Ti):
     return dk, beta[..., None] * dVb, dbeta, db
 
 
-def _scan_states(layout, S0, k, W, U, b):
+def _chunk_decays(k, b):
+    """`(exp(b_C) [M, H, 1, 1], exp(b_C - b) k [M, H, C, K])`: what the state keeps across a
+    chunk, and the keys decayed to its end."""
+    b_last = b[..., -1:]  # (M, H, 1)
+    return b_last.exp()[..., None], k * (b_last - b).exp()[..., None]
+
+
+def _scan_states(layout, S0, W, U, decay, k_decay):
     """Steps 4 and 6 over the chunks: `((S_in [M, H, K, V], U' [M, H, C, V]), final [N, H, K,
     V])`, the states entering the chunks and the delta-corrected values."""
-    b_last = b[..., -1:]  # (M, H, 1)
-    k_decay = k * (b_last - b).exp()[..., None]  # (M, H, C, K)
 
     def step(S, U, W, decay, k_decay):
         u_new = U - W @ S  # (n, H, C, V)
         return decay * S + k_decay.transpose(-1, -2) @ u_new, (S, u_new)
 
-    return scan_chunks(layout, S0, step, (U, W, b_last.exp()[..., None], k_decay))
+    return scan_chunks(layout, S0, step, (U, W, decay, k_decay))
 
 
 class ChunkDeltaRule(torch.autograd.Function):
@@ -95,7 +100,7 @@ class ChunkDeltaRule(torch.autograd.Function):
         q, k, v, b, beta = prep(*raw)
         gamma = _gamma(b)  # (M, H, C, C)
         _, W, U = _wy(k, v, b, beta, gamma)  # 1-3: (M, H, C, K), (M, H, C, V)
-        (S_in, u_new), final = _scan_states(layout, S0, k, W, U, b)
+        (S_in, u_new), final = _scan_states(layout, S0, W, U, *_chunk_decays(k, b))
         A = (q @ k.transpose(-1, -2)) * gamma  # (M, H, C, C), tril through gamma
         o = scale * ((q * b.exp()[..., None]) @ S_in + A @ u_new)  # 5
         ctx.save_for_backward(S0, *raw)
@@ -110,8 +115,8 @@ class ChunkDeltaRule(torch.autograd.Function):
         do = ctx.scale * do  # (M, H, C, V)
         gamma = _gamma(b)
         Ti, W, U = _wy(k, v, b, beta, gamma)  # the one solve of the backward, kept for 9
-        (S_in, u_new), _ = _scan_states(ctx.layout, S0, k, W, U, b)  # recomputed: 4 + 6
-        b_last = b[..., -1:]  # (M, H, 1)
+        decay, k_decay = _chunk_decays(k, b)
+        (S_in, u_new), _ = _scan_states(ctx.layout, S0, W, U, decay, k_decay)  # again: 4 + 6
         du_intra = ((q @ k.transpose(-1, -2)) * gamma).transpose(-1, -2) @ do  # (M, H, C, V)
         del gamma, U
 
@@ -120,11 +125,10 @@ class ChunkDeltaRule(torch.autograd.Function):
             return decay * dS + x - W.transpose(-1, -2) @ du, (dS, du)
 
         x = (q * b.exp()[..., None]).transpose(-1, -2) @ do  # (M, H, K, V)
-        k_decay = k * (b_last - b).exp()[..., None]
         (dS_out, du), dS0 = scan_chunks(
-            ctx.layout, dfinal, step, (b_last.exp()[..., None], x, W, k_decay, du_intra), True
+            ctx.layout, dfinal, step, (decay, x, W, k_decay, du_intra), True
         )  # (M, H, K, V), (M, H, C, V), (N, H, K, V)
-        del x, W, k_decay, du_intra
+        del x, W, decay, k_decay, du_intra
         grads = tuple(torch.empty_like(t) for t in (q, k, v, b, beta))  # dq, dk, dv, db, dbeta
         _, H, C, K = q.shape
         for sl in chunk_blocks(q.shape[0], H * C * max(C, K, v.shape[-1])):
