@@ -167,20 +167,23 @@ def memory_mib(path: str, name: str, T: int, H: int, K: int, V: int) -> float:
 
 def memory_table(lengths: list[int], H: int, K: int, V: int, loop_max_len: int) -> None:
     print(
-        "| family | T | peak memory growth MiB | MiB per 1K tokens | "
-        "peer: step loop peak memory growth MiB | step loop / chunkwise |"
+        "| family | T | peak memory growth MiB | MiB per 1K tokens | slope from the previous T, "
+        "MiB per 1K tokens | peer: step loop peak memory growth MiB | step loop / chunkwise |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name in FAMILIES:
+        last = None
         for T in lengths:
             mib = memory_mib("chunk", name, T, H, K, V)
+            slope = "-" if last is None else f"{1024 * (mib - last[1]) / (T - last[0]):.1f}"
+            last = (T, mib)
             if T <= loop_max_len:
                 loop = memory_mib("loop", name, T, H, K, V)
                 peer, ratio = f"{loop:.0f}", f"{loop / max(mib, 1):.1f}x"
             else:
                 peer, ratio = f"not measured: step loop skipped above T = {loop_max_len}", "-"
-            print(f"| {name} | {T} | {mib:.0f} | {1024 * mib / T:.1f} | {peer} | {ratio} |",
-                  flush=True)  # fmt: skip
+            cells = [name, T, f"{mib:.0f}", f"{1024 * mib / T:.1f}", slope, peer, ratio]
+            print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
 def triton_vs_fla(lengths: list[int], H: int, K: int, V: int) -> None:
