@@ -10,7 +10,10 @@ against transformers' Llama with SDPA attention. One training step is forward, b
 AdamW step on one row of T tokens, fp32; tokens/s is the best of a few steps (the first is a
 warm-up). Peak memory: each (model, T) in a fresh process, the growth of peak resident memory
 over the built model. MFU: 3 x flops_per_token x tokens/s over this machine's fp32 matmul peak,
-measured in the same run (ours only: the peers have no FLOP count of their own). Every row
+measured in the same run; Llama's FLOPs are counted by our own all-attention model of its shape
+(the same parameters, checked; attention causal-half), transformers' Mamba2 has no count. The
+last column is the tokens/s ratio to Llama that equal MFU would give: Llama's FLOPs per token
+over the row's, the ceiling for a model that runs its matmuls no better than Llama. Every row
 carries both peers' figures at the same T and its ratios to them (tokens/s, and peak memory);
 a peer that did not run says why. Read ratios, not absolute numbers: the machine is shared.
 
@@ -40,12 +43,13 @@ OURS = {  # name: mixer pattern
     "rnnscale gated_deltanet": ["gated_deltanet"],
     "rnnscale gdn+attn 3:1": ["gated_deltanet", "gated_deltanet", "gated_deltanet", "attn"],
 }
+ATTENTION = {"rnnscale attn": ["attn"]}  # Llama's shape: counts Llama's FLOPs (not benchmarked)
 PEERS = ["transformers Mamba2", "transformers Llama (sdpa)"]
 
 
 def build(name: str, d: int, layers: int, vocab: int):
     """(model, loss function of input ids, flops per token or None)."""
-    if name in OURS:
+    if name in OURS or name in ATTENTION:
         from rnnscale.train.config import from_dict
         from rnnscale.train.model import build_model
 
@@ -58,7 +62,7 @@ def build(name: str, d: int, layers: int, vocab: int):
                         "d_model": d,
                         "num_layers": layers,
                         "num_heads": heads,
-                        "mixer_pattern": OURS[name],
+                        "mixer_pattern": {**OURS, **ATTENTION}[name],
                         "tie_embeddings": False,
                     }
                 }  # fmt: skip
@@ -81,7 +85,20 @@ def build(name: str, d: int, layers: int, vocab: int):
             max_position_embeddings=1 << 16,
         )  # fmt: skip
         model = transformers.LlamaForCausalLM(cfg)
+        return model, lambda ids: model(input_ids=ids, labels=ids).loss, llama_flops(model, d)
     return model, lambda ids: model(input_ids=ids, labels=ids).loss, None
+
+
+def llama_flops(llama, d: int):
+    """Llama's FLOPs per token, counted as ours are: by our own all-attention model of the same
+    shape (fused q, k, v and o projections, rotary positions, the same SwiGLU, untied head,
+    attention counted causal-half), whose parameter count must equal Llama's."""
+    cfg = llama.config
+    ours, _, flops = build("rnnscale attn", d, cfg.num_hidden_layers, cfg.vocab_size)
+    mine, theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, llama))
+    if mine != theirs:
+        raise SystemExit(f"our attention model has {mine} parameters, Llama {theirs}: not alike")
+    return flops
 
 
 def step_seconds(model, loss_fn, T: int, vocab: int, steps: int) -> float:
@@ -103,12 +120,31 @@ def child(name: str, T: int, d: int, layers: int, vocab: int, steps: int) -> Non
     """One (model, T) in a fresh process: print JSON with seconds, memory, params, flops."""
     torch.manual_seed(0)
     model, loss_fn, flops = build(name, d, layers, vocab)
+    if os.environ.get(COMPILE_ENV):
+        compile_blocks(model)
     before = rss_mb()
     seconds = step_seconds(model, loss_fn, T, vocab, steps)
     params = sum(p.numel() for p in model.parameters())
     result = {"seconds": seconds, "peak_mib": peak_rss_mb() - before, "params": params,
               "flops": flops(T) if flops else None}  # fmt: skip
     print(json.dumps(result))
+
+
+COMPILE_ENV = "RNNSCALE_BENCH_COMPILE"  # set by --compile for every child
+
+
+def compile_blocks(model) -> None:
+    """`torch.compile` every block in place (`Module.compile`, as torchtitan compiles each
+    transformer block), ours and the peers' alike; our scans stay eager (dynamo skips them)."""
+    import rnnscale.train.model.scan as scans
+
+    eager = torch.compiler.disable(scans.scan)
+    for module in list(sys.modules.values()):  # the mixers import `scan` by name
+        if module.__name__.startswith("rnnscale.") and getattr(module, "scan", None) is scans.scan:
+            module.scan = eager
+    inner = getattr(model, "model", None) or getattr(model, "backbone", None) or model
+    for block in getattr(inner, "blocks", None) or inner.layers:
+        block.compile()
 
 
 HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
@@ -155,6 +191,9 @@ def row(name: str, T: int, results: dict[str, dict | str], peak: float) -> str:
         cells += [f"{m['params'] / 1e6:.1f}M", tokens_s, mib, mfu]
     for peer in ("transformers Llama (sdpa)", "transformers Mamba2"):
         cells += peer_cells(T, m, results[peer])
+    llama = results["transformers Llama (sdpa)"]
+    bound = isinstance(m, dict) and isinstance(llama, dict) and m["flops"] and llama["flops"]
+    cells.append(f"{llama['flops'] / m['flops']:.2f}x" if bound else "-")
     return "| " + " | ".join(cells) + " |"
 
 
@@ -205,6 +244,8 @@ def main() -> None:
         default="default",
         help="heap: glibc's malloc keeps large tensors on its heap (every child)",
     )
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every block, ours and the peers'")  # fmt: skip
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.saved:
@@ -219,15 +260,18 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads; fp32 matmul peak {peak:.1f} GFLOP/s; d_model {d}, {layers} layers, vocab {vocab}"
-        f"; malloc: {args.malloc}"
+        f"; malloc: {args.malloc}; torch.compile: {'every block' if args.compile else 'no'}"
     )
     print(
         "| model | T | params | tokens/s | peak memory MiB | MFU | "
         "peer: Llama (sdpa), same T | tokens/s, memory vs Llama | "
-        "peer: transformers Mamba2, same T | tokens/s, memory vs Mamba2 |"
+        "peer: transformers Mamba2, same T | tokens/s, memory vs Mamba2 | "
+        "tokens/s vs Llama at Llama's MFU (its FLOPs per token over ours) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    env = HEAP_MALLOC if args.malloc == "heap" else None
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    env = dict(HEAP_MALLOC) if args.malloc == "heap" else {}
+    if args.compile:
+        env[COMPILE_ENV] = "1"  # the warm-up step compiles
     for T in lengths:
         results = {}
         for name in [*OURS, *PEERS]:

@@ -150,6 +150,9 @@ def test_model_benchmark_runs_with_its_peers(smoke):
     ]
     assert not [row for row in table if row[2].startswith("not run")], table  # all measured
     assert not [row for row in table if "not measured" in row[6] + row[8]], table
+    llama = table[-1]  # its FLOPs counted by our all-attention model of its shape
+    assert llama[5].endswith("%") and llama[10] == "1.00x", llama
+    assert all(float(row[10].rstrip("x")) > 0 for row in table[:4]), table
 
 
 def test_data_benchmark_runs(smoke):

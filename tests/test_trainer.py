@@ -1,7 +1,8 @@
 """The trainer on DeepSpeed (CPU, gloo): ZeRO 0-3 on 2 processes give the loss curve of 1
 process with the same global batch; bf16 trains; a non-finite step is skipped and counted, too
-many in a row stop the run; activation checkpointing changes nothing but memory; batch
-arithmetic that does not divide is refused with the numbers; the loss falls on real text."""
+many in a row stop the run; activation checkpointing changes nothing but memory, compiled
+blocks train the losses of eager ones; batch arithmetic that does not divide is refused with
+the numbers; the loss falls on real text."""
 
 import contextlib
 import io
@@ -22,6 +23,7 @@ from rnnscale.train import trainer
 from rnnscale.train.batches import SyntheticBatches
 from rnnscale.train.config import load_config
 from rnnscale.train.distributed import free_port
+from rnnscale.train.model import build_model
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +127,21 @@ def test_activation_checkpointing_changes_no_number(repo_root, tmp_path):
     trainer.run(config(repo_root, tmp_path / "ckpt", "train.max_steps=3",
                        "parallel.activation_checkpointing=true"))  # fmt: skip
     assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+
+
+def test_compiled_blocks_train_the_losses_of_eager_blocks(repo_root, tmp_path):
+    """train.compile: every block compiled in place by inductor, the scans left out of its
+    graphs; packed documents, so shapes change from batch to batch."""
+    model = build_model(config(repo_root, tmp_path).model)
+    keys = list(model.state_dict())
+    model.compile_blocks()
+    assert list(model.state_dict()) == keys  # checkpoints alike
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    trainer.run(config(repo_root, tmp_path / "eager", "train.max_steps=3"))
+    trainer.run(config(repo_root, tmp_path / "compiled", "train.max_steps=3",
+                       "train.compile=true"))  # fmt: skip
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-5)
 
 
 def _poison(monkeypatch, bad_calls):

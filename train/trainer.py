@@ -191,6 +191,8 @@ def _engine(cfg: RunConfig, ds_config: dict, layout, device):
     with deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext():
         model = build_model(cfg.model, cfg.kernels)
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
+    if cfg.train.compile:
+        model.compile_blocks()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(

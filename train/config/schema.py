@@ -185,6 +185,13 @@ class TrainSection:
         ge=0,
         why="0: off",
     )
+    compile: bool = doc(
+        False,
+        "torch.compile every block in place, as torchtitan compiles each transformer block: "
+        "inductor fuses the norms, gates, convolutions, attention and MLP; the recurrent scans "
+        "run our kernels as they are. The first steps compile (seconds to minutes); the state "
+        "dict and checkpoints are the same as without (docs/architecture.md).",
+    )
     profile_steps: int = doc(1, "Steps profiled from train.profile_start on.", gt=0)
     profile_ranks: Literal["rank0", "all"] = doc(
         "rank0", "Which ranks write a profile: rank0, or all (one trace per rank)."

@@ -132,6 +132,14 @@ class LanguageModel(nn.Module):
             new_state.append(s)
         return self.norm(x), new_state
 
+    def compile_blocks(self) -> None:
+        """`torch.compile` every block in place (`Module.compile`: the state dict keeps its
+        keys), as torchtitan compiles each transformer block. The scan dispatcher is outside
+        every graph (`rnnscale.train.model.scan.scan` is `torch.compiler.disable`d): our
+        chunkwise and Triton kernels run as they are, and inductor fuses what is around them."""
+        for block in self.blocks:
+            block.compile()
+
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, cu_seqlens=None):
         """Mean next-token cross-entropy against `labels [B, T]` (-100: ignored), computed
         `kernels.loss_chunk_tokens` tokens at a time without the whole logits tensor."""

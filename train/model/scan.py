@@ -107,6 +107,7 @@ SCANS = {
 DEFAULT = ScanSettings()
 
 
+@torch.compiler.disable  # a compiled block (train.compile) calls our kernels as they are
 def scan(family: str, *inputs: torch.Tensor, state=None, cu_seqlens=None,
          settings: ScanSettings = DEFAULT, shard=None, scale: float | None = None):  # fmt: skip
     """Run `family`'s recurrence over `inputs` (the kernel's tensors, `[B, T, ...]`) from
