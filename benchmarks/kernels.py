@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/kernels.py              # B=1, H=8, K=V=64 (scan D=1024)
     .venv/bin/python benchmarks/kernels.py --smoke      # tiny shapes, seconds (the test runs it)
     .venv/bin/python benchmarks/kernels.py --memory     # peak memory of fwd+bwd against T
+    .venv/bin/python benchmarks/kernels.py --profile    # where the chunkwise path's time goes
 
 The peers: each family's one-token step as a loop of linear cost (`step_loop` below, up to
 --loop-max-len), and flash-linear-attention's own PyTorch references (`fla.ops.*.naive`, when
@@ -19,6 +20,12 @@ memory over what it held just before the forward (inputs made): on CPU there is 
 high-water mark, so the process's peak RSS stands in for one. The peer is the step loop's growth
 for the same inputs, each in a fresh process too (up to --loop-max-len).
 
+`--malloc heap` reruns the script with glibc's malloc kept on its heap (measure.HEAP_MALLOC):
+by default a tensor over 32 MiB is a fresh mmap, faulted in and zeroed on first touch, so the
+timings at long T depend on what the process allocated before. `--profile` prints, per family
+and T, the self CPU time of one fwd + bwd (torch.profiler): the matmuls' share, the rate the
+counted FLOPs would reach in the matmul time alone, and the largest other ops.
+
 On a CUDA device the Triton path is timed beside flash-linear-attention's kernels (when `fla`
 is installed) in the same run; without one the output says that fla was not measured and why.
 """
@@ -26,13 +33,14 @@ is installed) in the same run; without one the output says that fla was not meas
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
 import time
 
 import torch
-from measure import matmul_peak_gflops, peak_rss_mb, rss_mb
+from measure import matmul_peak_gflops, peak_rss_mb, rerun_with_heap_malloc, rss_mb
 
 from rnnscale.kernels.delta import chunk_gated_delta_rule, gated_delta_rule_step
 from rnnscale.kernels.gla import chunk_gla, gla_step
@@ -248,7 +256,8 @@ def speed_table(
     peak = matmul_peak_gflops(peak_n)
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s"
+        f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s; malloc: "
+        f"{'heap' if os.environ.get('MALLOC_MMAP_THRESHOLD_') else 'default'}"
     )
     fla, why = fla_references()
     print(
@@ -285,6 +294,38 @@ def speed_table(
         f"{n}: `{FLA_REFERENCES[n][1]}`" for n in FAMILIES if n in fla)))  # fmt: skip
 
 
+MATMULS = {"aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm"}
+
+
+def profile_table(lengths, H, K, V, peak_n: int) -> None:
+    """Where a chunkwise fwd + bwd spends its time (torch.profiler, self CPU time of one run
+    after a warm-up): the matmuls' share, the rate of the counted FLOPs in the matmul time
+    alone (what the path would reach if nothing else ran), and the largest other ops."""
+    peak = matmul_peak_gflops(peak_n)
+    print(f"fp32 matmul peak {peak:.1f} GFLOP/s")
+    print(
+        "| family | T | profiled fwd+bwd ms | matmul ms | matmul share | % of matmul peak, "
+        "counted FLOPs over the matmul time alone | largest other ops, ms | "
+        "peer: a square fp32 matmul, GFLOP/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (chunk, _, C, flops) in FAMILIES.items():
+        if not flops:
+            continue
+        for T in lengths:
+            xs, kw = inputs(name, 1, T, H, K, V), dict(chunk_size=C, backend="torch")
+            fwd_bwd_seconds(chunk, xs, 0, warmup=1, **kw)
+            with torch.profiler.profile() as prof:
+                fwd_bwd_seconds(chunk, xs, 1, warmup=0, **kw)
+            own = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+            total, mm = sum(own.values()), sum(own.get(k, 0.0) for k in MATMULS)
+            rest = sorted((ms, k) for k, ms in own.items() if k not in MATMULS)[::-1][:3]
+            ceiling = 3 * flops(C, K, V) * T * H / (mm / 1e3) / 1e9
+            others = ", ".join(f"{k.removeprefix('aten::')} {ms:.1f}" for ms, k in rest)
+            print(f"| {name} | {T} | {total:.2f} | {mm:.2f} | {100 * mm / total:.0f}% | "
+                  f"{100 * ceiling / peak:.0f}% | {others} | {peak:.1f} |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check it runs")
@@ -298,8 +339,18 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="best of this many, every path")
     parser.add_argument("--memory", action="store_true", help="peak memory against T instead")
+    parser.add_argument("--profile", action="store_true",
+                        help="where the chunkwise path's time goes instead")  # fmt: skip
+    parser.add_argument(
+        "--malloc", choices=["default", "heap"], default="default",
+        help="heap: glibc's malloc keeps large tensors on its heap (speed and profile only)",
+    )  # fmt: skip
     parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.malloc == "heap":
+        if args.memory:
+            parser.error("--malloc heap is for speed: peak memory would count what the heap keeps")
+        rerun_with_heap_malloc(__file__)
     if args.memory_child:
         path, name, *dims = args.memory_child
         return memory_child(path, name, *map(int, dims))
@@ -309,6 +360,8 @@ def main() -> None:
         loop_max_len = 256 if args.smoke else args.loop_max_len
         return memory_table([256, 512] if args.smoke else lengths, H, K, V, loop_max_len)
     torch.manual_seed(0)
+    if args.profile:
+        return profile_table(lengths, H, K, V, 256 if args.smoke else 1024)
     check_peers()
     repeats = 1 if args.smoke else args.repeats
     peak_n = 256 if args.smoke else 1024

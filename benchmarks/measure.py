@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import sys
 
 import torch
 
@@ -24,3 +26,17 @@ def rss_mb() -> float:
 def peak_rss_mb() -> float:
     """The highest resident memory this process has had, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# glibc's malloc kept on its heap: by default each allocation over 32 MiB (its largest mmap
+# threshold; less before it has grown) is a fresh mmap, whose pages the kernel faults in and
+# zeroes on first touch and which free returns at once (docs/performance.md).
+HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+
+
+def rerun_with_heap_malloc(script: str) -> None:
+    """Replace this process by `script` with the same arguments under HEAP_MALLOC (glibc reads
+    the variables at start), unless it already runs under it."""
+    if any(os.environ.get(k) != v for k, v in HEAP_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]],
+                  {**os.environ, **HEAP_MALLOC})  # fmt: skip

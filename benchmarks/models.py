@@ -35,7 +35,7 @@ import sys
 import time
 
 import torch
-from measure import matmul_peak_gflops, peak_rss_mb, rss_mb
+from measure import HEAP_MALLOC, matmul_peak_gflops, peak_rss_mb, rss_mb
 
 OURS = {  # name: mixer pattern
     "rnnscale mamba2": ["mamba2"],
@@ -134,20 +134,13 @@ COMPILE_ENV = "RNNSCALE_BENCH_COMPILE"  # set by --compile for every child
 
 
 def compile_blocks(model) -> None:
-    """`torch.compile` every block in place (`Module.compile`, as torchtitan compiles each
-    transformer block), ours and the peers' alike; our scans stay eager (dynamo skips them)."""
-    import rnnscale.train.model.scan as scans
-
-    eager = torch.compiler.disable(scans.scan)
-    for module in list(sys.modules.values()):  # the mixers import `scan` by name
-        if module.__name__.startswith("rnnscale.") and getattr(module, "scan", None) is scans.scan:
-            module.scan = eager
-    inner = getattr(model, "model", None) or getattr(model, "backbone", None) or model
-    for block in getattr(inner, "blocks", None) or inner.layers:
+    """`torch.compile` every block in place, ours (`LanguageModel.compile_blocks`, the trainer's
+    `train.compile`: the scans stay eager) and the peers' alike."""
+    if hasattr(model, "compile_blocks"):
+        return model.compile_blocks()
+    inner = getattr(model, "model", None) or model.backbone  # Llama, or Mamba2
+    for block in inner.layers:
         block.compile()
-
-
-HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
 def run_child(name: str, T: int, dims: tuple[int, int, int, int], timeout: int,

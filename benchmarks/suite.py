@@ -54,8 +54,8 @@ class Bench:
 BENCHES = [
     Bench(
         "kernels",
-        "benchmarks/kernels.py --lengths 1024 4096 16384",
-        "benchmarks/kernels.py --smoke",
+        "benchmarks/kernels.py --lengths 1024 4096 16384 --malloc heap",
+        "benchmarks/kernels.py --smoke --malloc heap",
         "the step loop of linear cost (each family's one-token step over `unbind(1)` slices, one "
         "warm-up and best of 3 like the chunkwise path, up to T = 4096) and flash-linear-"
         "attention's PyTorch references (fla-core 0.6.0) on the same inputs, and a square fp32 "

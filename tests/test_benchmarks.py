@@ -127,6 +127,17 @@ def test_kernel_benchmark_runs(smoke):
     assert "flash-linear-attention" in smoke["kernels"]  # measured, or why not
 
 
+def test_kernel_profile_splits_the_time():
+    r = subprocess.run([sys.executable, "benchmarks/kernels.py", "--profile", "--smoke"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = rows(r.stdout, "family")
+    assert [row[0] for row in table] == ["gla", "simple_gla", "delta"]  # scan: no matmuls
+    for row in table:
+        total, matmul, share = float(row[2]), float(row[3]), float(row[4].rstrip("%"))
+        assert 0 < matmul < total and share == pytest.approx(100 * matmul / total, abs=1)
+
+
 def test_kernel_memory_benchmark_runs(smoke):
     table = rows(smoke["kernels-memory"], "family")
     assert [(row[0], int(row[1])) for row in table] == [
