@@ -33,14 +33,19 @@ is installed) in the same run; without one the output says that fla was not meas
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import sys
 import time
 
 import torch
-from measure import matmul_peak_gflops, peak_rss_mb, rerun_with_heap_malloc, rss_mb
+from measure import (
+    heap_malloc_on,
+    matmul_peak_gflops,
+    peak_rss_mb,
+    rerun_with_heap_malloc,
+    rss_mb,
+)
 
 from rnnscale.kernels.delta import chunk_gated_delta_rule, gated_delta_rule_step
 from rnnscale.kernels.gla import chunk_gla, gla_step
@@ -257,7 +262,7 @@ def speed_table(
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s; malloc: "
-        f"{'heap' if os.environ.get('MALLOC_MMAP_THRESHOLD_') else 'default'}"
+        f"{'heap' if heap_malloc_on() else 'default'}"
     )
     fla, why = fla_references()
     print(

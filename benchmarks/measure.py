@@ -34,9 +34,14 @@ def peak_rss_mb() -> float:
 HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
+def heap_malloc_on() -> bool:
+    """Whether this process started under HEAP_MALLOC."""
+    return all(os.environ.get(k) == v for k, v in HEAP_MALLOC.items())
+
+
 def rerun_with_heap_malloc(script: str) -> None:
     """Replace this process by `script` with the same arguments under HEAP_MALLOC (glibc reads
     the variables at start), unless it already runs under it."""
-    if any(os.environ.get(k) != v for k, v in HEAP_MALLOC.items()):
+    if not heap_malloc_on():
         os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]],
                   {**os.environ, **HEAP_MALLOC})  # fmt: skip
