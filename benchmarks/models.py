@@ -37,13 +37,15 @@ import time
 import torch
 from measure import HEAP_MALLOC, matmul_peak_gflops, peak_rss_mb, rss_mb
 
+from rnnscale.train.measure import cpu_live_bytes
+
 OURS = {  # name: mixer pattern
     "rnnscale mamba2": ["mamba2"],
     "rnnscale gla": ["gla"],
     "rnnscale gated_deltanet": ["gated_deltanet"],
     "rnnscale gdn+attn 3:1": ["gated_deltanet", "gated_deltanet", "gated_deltanet", "attn"],
 }
-ATTENTION = {"rnnscale attn": ["attn"]}  # Llama's shape: counts Llama's FLOPs (not benchmarked)
+ATTENTION = {"rnnscale attn": ["attn"]}  # Llama's shape in our code; counts Llama's FLOPs too
 PEERS = ["transformers Mamba2", "transformers Llama (sdpa)"]
 
 
@@ -101,16 +103,17 @@ def llama_flops(llama, d: int):
     return flops
 
 
-def step_seconds(model, loss_fn, T: int, vocab: int, steps: int) -> float:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, vocab, (1, T + 1), generator=torch.Generator().manual_seed(0))
+def one_step(model, optimizer, loss_fn, ids) -> None:
+    loss_fn(ids).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_seconds(model, optimizer, loss_fn, ids, steps: int) -> float:
     best = float("inf")
     for i in range(steps + 1):  # the first step is a warm-up
         start = time.perf_counter()
-        loss = loss_fn(ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        one_step(model, optimizer, loss_fn, ids)
         if i:
             best = min(best, time.perf_counter() - start)
     return best
@@ -123,11 +126,25 @@ def child(name: str, T: int, d: int, layers: int, vocab: int, steps: int) -> Non
     if os.environ.get(COMPILE_ENV):
         compile_blocks(model)
     before = rss_mb()
-    seconds = step_seconds(model, loss_fn, T, vocab, steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, vocab, (1, T + 1), generator=torch.Generator().manual_seed(0))
+    seconds = step_seconds(model, optimizer, loss_fn, ids, steps)
+    peak_mib = peak_rss_mb() - before
     params = sum(p.numel() for p in model.parameters())
-    result = {"seconds": seconds, "peak_mib": peak_rss_mb() - before, "params": params,
+    live = live_mib(model, optimizer, loss_fn, ids)
+    result = {"seconds": seconds, "peak_mib": peak_mib, "live_mib": live, "params": params,
               "flops": flops(T) if flops else None}  # fmt: skip
     print(json.dumps(result))
+
+
+def live_mib(model, optimizer, loss_fn, ids) -> float:
+    """The live-tensor peak of one more step, MiB: the optimizer's state plus the most that
+    the step's tensors hold at once (`cpu_live_bytes`: allocator bytes, what CUDA's
+    max_memory_allocated counts), the parameters left out as in the resident-memory figure."""
+    tensors = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    peak, _ = cpu_live_bytes(lambda: one_step(model, optimizer, loss_fn, ids))
+    return (sum(state.values()) + peak) / 2**20
 
 
 COMPILE_ENV = "RNNSCALE_BENCH_COMPILE"  # set by --compile for every child
@@ -166,22 +183,25 @@ def peer_cells(T: int, m: dict | str, peer: dict | str) -> list[str]:
     peer's (a peer's own row shows 1.00x)."""
     if isinstance(peer, str):
         return [f"not measured: {peer}", "-"]
-    figures = f"{T / peer['seconds']:.0f} tokens/s, {peer['peak_mib']:.0f} MiB"
+    figures = (
+        f"{T / peer['seconds']:.0f} tokens/s, {peer['peak_mib']:.0f} / {peer['live_mib']:.0f} MiB"
+    )
     if isinstance(m, str):
         return [figures, "-"]
-    speed, memory = peer["seconds"] / m["seconds"], m["peak_mib"] / max(peer["peak_mib"], 1)
-    return [figures, f"{speed:.2f}x, {memory:.2f}x"]
+    speed = peer["seconds"] / m["seconds"]
+    memory = (m[k] / max(peer[k], 1) for k in ("peak_mib", "live_mib"))
+    return [figures, "{:.2f}x, {:.2f}x / {:.2f}x".format(speed, *memory)]
 
 
 def row(name: str, T: int, results: dict[str, dict | str], peak: float) -> str:
     m = results[name]
     cells = [name, str(T)]
     if isinstance(m, str):
-        cells += [f"not run: {m}", "", "", ""]
+        cells += [f"not run: {m}", "", "", "", ""]
     else:
         mfu = f"{100 * 3 * m['flops'] * T / m['seconds'] / 1e9 / peak:.1f}%" if m["flops"] else "-"
         tokens_s, mib = f"{T / m['seconds']:.0f}", f"{m['peak_mib']:.0f}"
-        cells += [f"{m['params'] / 1e6:.1f}M", tokens_s, mib, mfu]
+        cells += [f"{m['params'] / 1e6:.1f}M", tokens_s, mib, f"{m['live_mib']:.0f}", mfu]
     for peer in ("transformers Llama (sdpa)", "transformers Mamba2"):
         cells += peer_cells(T, m, results[peer])
     llama = results["transformers Llama (sdpa)"]
@@ -191,32 +211,32 @@ def row(name: str, T: int, results: dict[str, dict | str], peak: float) -> str:
 
 
 def saved_mib(model, loss_fn, ids) -> float:
-    """MiB of the activations one forward keeps for its backward: each storage counted once
-    and whole (a saved view keeps all of it), the parameters' storages left out."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        if (ptr := t.untyped_storage().data_ptr()) not in params:
-            kept[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn(ids)
-    return sum(kept.values()) / 2**20
+    """MiB that one forward leaves held for its backward: what the tensors it allocated still
+    hold when it returns (`cpu_live_bytes`; a saved view holds its whole storage). Counted by
+    the allocator, not by a saved-tensor hook, which would turn our recomputed activations off
+    (rnnscale.kernels.common.recompute)."""
+    graph = []  # the loss, and through it the graph, outlive the measured call
+    _, held = cpu_live_bytes(lambda: graph.append(loss_fn(ids)))
+    return held / 2**20
 
 
 def saved_table(T: int) -> None:
-    """`saved_mib` of each model at d_model 512, 4 layers, vocab 8192, one row of T tokens."""
+    """`saved_mib` of each model at d_model 512, 4 layers, vocab 8192, one row of T tokens, and
+    the same with our recomputed activations off (under a pass-through saved-tensor hook)."""
     print(f"activations saved for the backward, T = {T}, d_model 512, 4 layers, vocab 8192, fp32\n")
-    print("| model | saved MiB | peer: Llama (sdpa), saved MiB |\n|---|---|---|")
+    print("| model | saved MiB | with recomputing off | peer: Llama (sdpa), saved MiB |")
+    print("|---|---|---|---|")
     sizes = {}
-    for name in [*OURS, "transformers Llama (sdpa)"]:
+    for name in [*OURS, *ATTENTION, "transformers Llama (sdpa)"]:
         torch.manual_seed(0)
         model, loss_fn, _ = build(name, 512, 4, 8192)
-        sizes[name] = saved_mib(model, loss_fn, torch.randint(0, 8192, (1, T + 1)))
-    for name in OURS:
-        print(f"| {name} | {sizes[name]:.0f} | {sizes['transformers Llama (sdpa)']:.0f} |")
+        ids = torch.randint(0, 8192, (1, T + 1))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            kept = saved_mib(model, loss_fn, ids)
+        sizes[name] = saved_mib(model, loss_fn, ids), kept
+    llama, _ = sizes["transformers Llama (sdpa)"]
+    for name in [*OURS, *ATTENTION]:
+        print(f"| {name} | {sizes[name][0]:.0f} | {sizes[name][1]:.0f} | {llama:.0f} |")
 
 
 def main() -> None:
@@ -256,23 +276,25 @@ def main() -> None:
         f"; malloc: {args.malloc}; torch.compile: {'every block' if args.compile else 'no'}"
     )
     print(
-        "| model | T | params | tokens/s | peak memory MiB | MFU | "
-        "peer: Llama (sdpa), same T | tokens/s, memory vs Llama | "
-        "peer: transformers Mamba2, same T | tokens/s, memory vs Mamba2 | "
+        "| model | T | params | tokens/s | peak memory MiB | live peak MiB | MFU | "
+        "peer: Llama (sdpa), same T: tokens/s, peak / live MiB | "
+        "tokens/s, memory vs Llama: peak / live | "
+        "peer: transformers Mamba2, same T: tokens/s, peak / live MiB | "
+        "tokens/s, memory vs Mamba2: peak / live | "
         "tokens/s vs Llama at Llama's MFU (its FLOPs per token over ours) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     env = dict(HEAP_MALLOC) if args.malloc == "heap" else {}
     if args.compile:
         env[COMPILE_ENV] = "1"  # the warm-up step compiles
     for T in lengths:
         results = {}
-        for name in [*OURS, *PEERS]:
+        for name in [*OURS, *ATTENTION, *PEERS]:
             if name == "transformers Mamba2" and T > (args.mamba2_max_len or T):
                 results[name] = f"skipped above T = {args.mamba2_max_len} (--mamba2-max-len)"
                 continue
             results[name] = run_child(name, T, (d, layers, vocab, steps), args.timeout, env)
-        for name in [*OURS, *PEERS]:
+        for name in [*OURS, *ATTENTION, *PEERS]:
             print(row(name, T, results, peak), flush=True)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rnnscale.kernels.common.recompute import covered
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`x / sqrt(mean(x^2) + eps) * weight` over the last dim; fp32 inside, the dtype of x out
@@ -48,7 +50,9 @@ def gated_rms_norm(
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`x / sqrt(sum(x^2) + eps)` over the last dim (fla's l2norm), fp32 inside, the dtype of x
-    out. Keeps its output (which the scan that reads it keeps too) and one scale per row."""
+    out. Keeps its output (which the scan that reads it keeps too) and one scale per row, or
+    its input instead where that is a recipe (`rnnscale.kernels.common.recompute`: the layer
+    recomputes both)."""
     return _L2Norm.apply(x, eps)
 
 
@@ -60,12 +64,14 @@ class _L2Norm(torch.autograd.Function):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         r = torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)
         y = (xf * r).to(x.dtype)
-        ctx.save_for_backward(y, r)
+        ctx.keeps_input = covered(x)
+        ctx.save_for_backward(x if ctx.keeps_input else y, r)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        y, r = ctx.saved_tensors
+        kept, r = ctx.saved_tensors
+        y = (kept.to(r.dtype) * r).to(kept.dtype) if ctx.keeps_input else kept  # the forward's
         yf, dy = y.to(r.dtype), dy.to(r.dtype)
         return (r * (dy - yf * (yf * dy).sum(-1, keepdim=True))).to(y.dtype), None
 

@@ -156,14 +156,17 @@ def test_model_benchmark_runs_with_its_peers(smoke):
         "rnnscale gla",
         "rnnscale gated_deltanet",
         "rnnscale gdn+attn 3:1",
+        "rnnscale attn",
         "transformers Mamba2",
         "transformers Llama (sdpa)",
     ]
     assert not [row for row in table if row[2].startswith("not run")], table  # all measured
-    assert not [row for row in table if "not measured" in row[6] + row[8]], table
+    assert not [row for row in table if "not measured" in row[7] + row[9]], table
     llama = table[-1]  # its FLOPs counted by our all-attention model of its shape
-    assert llama[5].endswith("%") and llama[10] == "1.00x", llama
-    assert all(float(row[10].rstrip("x")) > 0 for row in table[:4]), table
+    assert llama[6].endswith("%") and llama[11] == "1.00x", llama
+    assert llama[8] == "1.00x, 1.00x / 1.00x", llama  # tokens/s, peak and live memory
+    assert all(float(row[5]) > 0 for row in table), table  # the live-tensor peaks
+    assert all(float(row[11].rstrip("x")) > 0 for row in table[:5]), table
 
 
 def test_data_benchmark_runs(smoke):

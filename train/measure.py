@@ -88,3 +88,22 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def cpu_live_bytes(fn) -> tuple[int, int]:
+    """`(peak, held)`: the most bytes that tensors allocated while `fn()` runs held at once
+    through PyTorch's CPU allocator, and what they still hold when it returns. The measure of
+    CUDA's `max_memory_allocated` for CPU tensors: unlike resident memory it leaves out what
+    glibc's malloc keeps after a free, and the pages of the process that are not tensors.
+    From the allocation events of `torch.profiler` (profile_memory), so `fn` runs slower."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cpu = torch.autograd.DeviceType.CPU
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.device_type() == cpu):
+        held += nbytes  # a free is negative; frees of blocks from before the start count 0
+        peak = max(peak, held)
+    return peak, held

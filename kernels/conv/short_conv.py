@@ -25,10 +25,13 @@ def causal_conv1d(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with_recipe: bool = False,
+):
     """Args: x `[B, T, D]`; weight `[D, W]`; bias `[D]` or None; activation None or "silu";
     initial_state `[N, D, W - 1]`; cu_seqlens int `[N + 1]` (B = 1).
-    Returns `(y [B, T, D], final_state [N, D, W - 1] or None)`."""
+    Returns `(y [B, T, D], final_state [N, D, W - 1] or None)`, and with `with_recipe` a third:
+    a function that makes y again, bit for bit, from what the convolution keeps for its
+    backward and copies of the weight and bias (`rnnscale.kernels.common.recompute`)."""
     check_shape("x", x, (None, None, None), "[B, T, D]")
     B, T, D = x.shape
     check_shape("weight", weight, (D, None), "[D, W]")
@@ -49,7 +52,16 @@ def causal_conv1d(
     bias = None if bias is None else bias.to(x.dtype)
     y = _Taps.apply(buf, taps, weight.to(x.dtype), bias, activation == "silu")  # (B*T, D)
     final = buf[tail].permute(0, 2, 1) if output_final_state else None  # (N, D, W-1)
-    return y.view(B, T, D), final
+    if not with_recipe:
+        return y.view(B, T, D), final
+    w = weight.to(x.dtype).detach().clone()  # ZeRO-3 partitions the weight after the forward
+    b = None if bias is None else bias.detach().clone()
+    kept, silu = buf.detach(), activation == "silu"
+
+    def again():
+        return _Taps.activate(_Taps.sum(kept, taps, w, b), silu).view(B, T, D)
+
+    return y.view(B, T, D), final, again
 
 
 class _Taps(torch.autograd.Function):
@@ -62,7 +74,11 @@ class _Taps(torch.autograd.Function):
         y = _Taps.sum(buf, taps, weight, bias)
         ctx.save_for_backward(buf, taps, weight, bias)
         ctx.silu = silu
-        return F.silu(y) if silu else y  # (B*T, D)
+        return _Taps.activate(y, silu)  # (B*T, D)
+
+    @staticmethod
+    def activate(y, silu):
+        return F.silu(y) if silu else y
 
     @staticmethod
     def sum(buf, taps, weight, bias):

@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rnnscale.kernels.common.recompute import recomputed
 from rnnscale.kernels.norm import l2_normalize
 from rnnscale.train.model import flops
-from rnnscale.train.model.layers import GatedRMSNorm, MixerDims, ShortConvolution
+from rnnscale.train.model.layers import GatedRMSNorm, MixerDims, ShortConvolution, gated_output
 from rnnscale.train.model.scan import scan
 
 
@@ -95,24 +96,31 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         H, n = self.num_heads, self.num_householder
         cq, ck, cv, S = (None,) * 4 if state is None else state
-        conv = dict(cu_seqlens=cu_seqlens, shard=shard)
-        q, cq = self.q_conv(self.q_proj(x), state=cq, **conv)
-        k, ck = self.k_conv(self.k_proj(x), state=ck, **conv)
-        v, cv = self.v_conv(self.v_proj(x), state=cv, **conv)
-        q = l2_normalize(q.view(B, T, H, self.head_dim))  # (B, T, H, K)
-        k = l2_normalize(k.view(B, T, n, H, self.head_dim))  # (B, T, n, H, K)
-        v = v.view(B, T, n, H, self.head_v_dim)  # (B, T, n, H, V)
+        conv = dict(cu_seqlens=cu_seqlens, shard=shard, with_recipe=True)
+        qc, cq, q_again = self.q_conv(self.q_proj(x), state=cq, **conv)
+        kc, ck, k_again = self.k_conv(self.k_proj(x), state=ck, **conv)
+        v, cv, v_again = self.v_conv(self.v_proj(x), state=cv, **conv)
+        K, V = self.head_dim, self.head_v_dim
+        with recomputed({qc: q_again, kc: k_again, v: v_again}):  # kept: the convs' inputs
+            q = l2_normalize(qc.view(B, T, H, K))  # (B, T, H, K)
+            k = l2_normalize(kc.view(B, T, n, H, K))  # (B, T, n, H, K)
+            normed = {q: lambda: l2_normalize(q_again().view(B, T, H, K)),
+                      k: lambda: l2_normalize(k_again().view(B, T, n, H, K))}  # fmt: skip
+            with recomputed(normed):
+                o, S = self._scan(q, k, v.view(B, T, n, H, V), x, S, cu_seqlens, shard)
+        gate = self.g_proj(x).view(B, T, H, V)  # o: (B, T, H, V), S: (N, H, K, V)
+        return gated_output(self.o_norm, self.o_proj, o, gate), (cq, ck, cv, S)
+
+    def _scan(self, q, k, v, x, S, cu_seqlens, shard):
+        """The gated delta rule (n = 1) or DeltaProduct over q `[B, T, H, K]`, k `[B, T, n, H,
+        K]`, v `[B, T, n, H, V]`, with the gates of x: `(o [B, T, H, V], S)`."""
         g, beta = self.gates(x)  # (B, T, H), (B, T, n, H)
-        if n == 1:  # the gated delta rule
+        if self.num_householder == 1:  # the gated delta rule
             k, v, beta, family = k[:, :, 0], v[:, :, 0], beta[:, :, 0], "delta"
         else:  # DeltaProduct: n Householder steps per token
             family = "delta_product"
-        o, S = scan(family, q, k, v, g, beta, state=S, cu_seqlens=cu_seqlens,
+        return scan(family, q, k, v, g, beta, state=S, cu_seqlens=cu_seqlens,
                     settings=self.settings, shard=shard, scale=self.head_dim**-0.5)  # fmt: skip
-        # o: (B, T, H, V), S: (N, H, K, V)
-        gate = self.g_proj(x).view(B, T, H, self.head_v_dim)
-        o = self.o_norm(o, gate)
-        return self.o_proj(o.reshape(B, T, self.value_dim)), (cq, ck, cv, S)
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The log-decay g `[B, T, H]` (zeros without the forget gate) and the write strengths

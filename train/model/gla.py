@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rnnscale.train.model import flops
-from rnnscale.train.model.layers import GatedRMSNorm, MixerDims
+from rnnscale.train.model.layers import GatedRMSNorm, MixerDims, gated_output
 from rnnscale.train.model.scan import scan
 
 
@@ -62,5 +62,4 @@ class GatedLinearAttention(nn.Module):
                         settings=self.settings, shard=shard)  # fmt: skip
         # o: (B, T, H, V), state: (N, H, K, V)
         gate = self.g_proj(x).view(B, T, H, -1)
-        o = self.g_norm(o, gate)
-        return self.o_proj(o.reshape(B, T, self.value_dim)), state
+        return gated_output(self.g_norm, self.o_proj, o, gate), state

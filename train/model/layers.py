@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rnnscale.kernels.common.recompute import recomputed
 from rnnscale.kernels.conv import causal_conv1d
 from rnnscale.kernels.norm import gated_rms_norm, rms_norm
 from rnnscale.parallel.sequence import halo_state
@@ -43,6 +44,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
+    def recipe(self, x: torch.Tensor, *args: torch.Tensor):
+        """A function that makes this norm's output of `x` (and the gate) again, bit for bit,
+        with a copy of the weight (`rnnscale.kernels.common.recompute`)."""
+        weight, eps, inputs = (
+            self.weight.detach().clone(),
+            self.eps,
+            [t.detach() for t in (x, *args)],
+        )
+        fn = rms_norm if not args else gated_rms_norm
+        return lambda: fn(inputs[0], *inputs[1:], weight, eps)
+
 
 class GatedRMSNorm(RMSNorm):
     """`rms_norm(x) * weight * silu(gate)` per head (GLA, RetNet, Gated DeltaNet outputs). A
@@ -50,6 +62,14 @@ class GatedRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return gated_rms_norm(x, gate, self.weight, self.eps)
+
+
+def gated_output(norm: GatedRMSNorm, proj: nn.Linear, o: torch.Tensor, gate: torch.Tensor):
+    """`proj(norm(o, gate))` over `[B, T, H, V]` heads: the projection's backward keeps the
+    recipe of the norm's output, not the rows (`rnnscale.kernels.common.recompute`)."""
+    y = norm(o, gate)
+    with recomputed({y: norm.recipe(o, gate)}):
+        return proj(y.flatten(-2))
 
 
 class ShortConvolution(nn.Module):
@@ -68,7 +88,10 @@ class ShortConvolution(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound)) if bias else None
         self.activation = activation
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens=None, state=None, shard=None):
+    def forward(self, x: torch.Tensor, *, cu_seqlens=None, state=None, shard=None,
+                with_recipe: bool = False):  # fmt: skip
+        """`(y, state)`, and with `with_recipe` the function that makes y again
+        (`causal_conv1d`)."""
         if shard is not None and self.weight.shape[1] > 1:
             state = halo_state(shard, x, self.weight.shape[1] - 1, cu_seqlens)
         return causal_conv1d(
@@ -79,6 +102,7 @@ class ShortConvolution(nn.Module):
             initial_state=state,
             output_final_state=True,
             cu_seqlens=cu_seqlens,
+            with_recipe=with_recipe,
         )
 
 
@@ -92,7 +116,15 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        """The backward keeps gate(x) and up(x) only, and makes their SiLU and product again
+        (`rnnscale.kernels.common.recompute`), as fla's and Liger's SwiGLU do."""
+        g, u = self.gate(x), self.up(x)
+        g_, u_ = g.detach(), u.detach()
+        s = F.silu(g)
+        with recomputed({s: lambda: F.silu(g_)}):
+            p = s * u
+            with recomputed({p: lambda: F.silu(g_) * u_}):
+                return self.down(p)
 
 
 def mlp_hidden_size(d_model: int, requested: int) -> int:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from rnnscale.kernels.common.recompute import recomputed
 from rnnscale.parallel.sequence import group_sum
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import RMSNorm, SwiGLU, mlp_hidden_size
@@ -39,10 +40,16 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d_model, mlp_hidden)
 
     def forward(self, x, *, cu_seqlens=None, state=None, shard=None):
+        """The projections that read a normalised x keep the recipe of it, not the rows
+        (`rnnscale.kernels.common.recompute`)."""
         kwargs = {} if shard is None else {"shard": shard}
-        y, state = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, state=state, **kwargs)
+        h = self.mixer_norm(x)
+        with recomputed({h: self.mixer_norm.recipe(x)}):
+            y, state = self.mixer(h, cu_seqlens=cu_seqlens, state=state, **kwargs)
         x = x + y
-        return x + self.mlp(self.mlp_norm(x)), state
+        h = self.mlp_norm(x)
+        with recomputed({h: self.mlp_norm.recipe(x)}):
+            return x + self.mlp(h), state
 
 
 class LanguageModel(nn.Module):

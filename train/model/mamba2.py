@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rnnscale.kernels.common.recompute import recomputed
 from rnnscale.kernels.norm import gated_rms_norm
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import MixerDims, ShortConvolution
@@ -92,29 +93,33 @@ class Mamba2(nn.Module):
         conv_state, h = (None, None) if state is None else state
         e = self.d_inner
         z, xbc, dt = self.in_proj(x).split([e, e + 2 * G * N, H], dim=-1)
-        xbc, conv_state = self.conv(xbc, cu_seqlens=cu_seqlens, state=conv_state, shard=shard)
-        xs, b, c = xbc.split([e, G * N, G * N], dim=-1)
-        xs = xs.view(B, T, H, P)  # (B, T, H, P)
-        k, q = b.view(B, T, G, N), c.view(B, T, G, N)  # shared by H / G heads: scored once
+        xbc, conv_state, xbc_again = self.conv(
+            xbc, cu_seqlens=cu_seqlens, state=conv_state, shard=shard, with_recipe=True
+        )  # the backward keeps the convolution's input and makes xbc, v, the norm's output again
         acc = torch.promote_types(x.dtype, torch.float32)  # dt, A and the decay in fp32 or better
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, T, H)
         g = dt * -self.A_log.to(acc).exp()  # (B, T, H), log of the decay exp(dt A)
-        v = (xs.to(acc) * dt[..., None]).to(x.dtype)  # (B, T, H, P)
-        y, h = scan(
-            "simple_gla",
-            q,
-            k,
-            v,
-            g,
-            state=h,
-            cu_seqlens=cu_seqlens,
-            settings=self.settings,
-            shard=shard,
-            scale=1.0,
-        )  # y: (B, T, H, P)
-        y = y.to(acc) + self.D.to(acc)[:, None] * xs.to(acc)
+
+        def split(xbc):  # xs, v = xs dt: (B, T, H, P); B, C (B, T, G, N) shared by H / G heads
+            xs, b, c = xbc.split([e, G * N, G * N], dim=-1)
+            xs = xs.view(B, T, H, P)
+            v = (xs.to(acc) * dt[..., None]).to(x.dtype)
+            return xs, b.view(B, T, G, N), c.view(B, T, G, N), v
+
+        with recomputed({xbc: xbc_again}):
+            xs, k, q, v = split(xbc)
+            with recomputed({v: lambda: split(xbc_again())[3]}):
+                y, h = scan("simple_gla", q, k, v, g, state=h, cu_seqlens=cu_seqlens,
+                            settings=self.settings, shard=shard, scale=1.0)  # fmt: skip
+            y = y.to(acc) + self.D.to(acc)[:, None] * xs.to(acc)  # y: (B, T, H, P)
         # gated before the norm, each group normalised alone, then the full-width weight
         # z is a view of in_proj's output: a copy lets the norm keep z alone, not all of it
-        y = gated_rms_norm(y.reshape(B, T, e), z.to(acc).contiguous(), self.norm_weight, self.eps,
-                           groups=G, norm_before_gate=False)  # fmt: skip
-        return self.out_proj(y.to(x.dtype)), (conv_state, h)
+        y, z = y.reshape(B, T, e), z.to(acc).contiguous()
+        out = gated_rms_norm(y, z, self.norm_weight, self.eps, groups=G, norm_before_gate=False)
+        w, y, z = self.norm_weight.detach().clone(), y.detach(), z.detach()  # ZeRO-3: a copy
+
+        def normed_again():
+            return gated_rms_norm(y, z, w, self.eps, groups=G, norm_before_gate=False)
+
+        with recomputed({out: normed_again}):
+            return self.out_proj(out.to(x.dtype)), (conv_state, h)

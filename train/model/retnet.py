@@ -30,6 +30,7 @@ from rnnscale.train.model.layers import (
     GatedRMSNorm,
     MixerDims,
     apply_rope,
+    gated_output,
     positions,
 )
 from rnnscale.train.model.scan import scan
@@ -87,8 +88,7 @@ class MultiScaleRetention(nn.Module):
         o, S = scan("simple_gla", q, k, v, g, state=S, cu_seqlens=cu_seqlens,
                     settings=self.settings, shard=shard, scale=self.head_k**-0.5)  # fmt: skip
         gate = self.g_proj(x).view(B, T, H, -1)  # (B, T, H, V)
-        o = self.g_norm(o, gate)
-        return self.o_proj(o.reshape(B, T, self.value_dim)), (S, past)
+        return gated_output(self.g_norm, self.o_proj, o, gate), (S, past)
 
 
 def _positions(B: int, T: int, cu_seqlens, past, device):

@@ -1,0 +1,116 @@
+"""Activations the backward makes again instead of keeping: the cheap elementwise results that
+autograd would otherwise save beside the tensors they are made from (the normalised rows every
+projection reads, SwiGLU's SiLU and product, the short convolutions' outputs, a gated norm's
+output), as flash-linear-attention's fused layers and Liger's SwiGLU recompute them.
+
+    with recomputed({h: lambda: rms_norm(x, w, eps)}):
+        y = proj(h)       # autograd would keep h for the weight's gradient; it keeps the recipe
+
+Inside the context, when autograd saves a tensor whose storage is a recipe's tensor (the tensor
+itself or a view of it), it keeps the recipe and calls it when the backward reads the tensor.
+A recipe must make the same values from tensors that the graph keeps anyway (so they cost no
+memory) by the same operations as the forward (so the bits are the same), and hold copies of
+the parameters it reads (ZeRO-3 partitions a module's parameters after its forward).
+
+Contexts nest: an inner one adds its recipes to the outer one's. Nothing is recomputed, and
+everything saved as usual, while other saved-tensor hooks are active (activation checkpointing
+already recomputes the whole block; activation offload), while torch.compile traces (inductor's
+partitioner chooses what to recompute itself), or with autograd off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+_RECIPES: dict[int, tuple[torch.Tensor, Callable[[], torch.Tensor]]] = {}
+"""The active recipes: storage address -> (its tensor, the recipe)."""
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """What autograd keeps in place of a saved tensor: the recipe of its storage and the view."""
+
+    make: Callable[[], torch.Tensor]
+    whole: torch.Size
+    shape: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+def _recipe(t: torch.Tensor):
+    """The (tensor, recipe) whose storage `t` is, or None."""
+    if t.layout != torch.strided:
+        return None
+    hit = _RECIPES.get(t.untyped_storage().data_ptr())
+    if hit is None or hit[0].dtype != t.dtype:
+        return None
+    return hit if hit[0].untyped_storage().nbytes() == t.untyped_storage().nbytes() else None
+
+
+def covered(t: torch.Tensor) -> bool:
+    """Whether autograd would keep `t` as a recipe if it were saved now: a Function that may
+    keep either its input or its output (the same size) keeps the input when this is true."""
+    return _recipe(t) is not None and _ours_on_top() is True
+
+
+def _pack(t: torch.Tensor):
+    hit = _recipe(t)
+    return (
+        t if hit is None else _Saved(hit[1], hit[0].shape, t.shape, t.stride(), t.storage_offset())
+    )
+
+
+def _unpack(saved):
+    if isinstance(saved, torch.Tensor):
+        return saved
+    with torch.no_grad():
+        whole = saved.make()
+    if whole.shape != saved.whole or not whole.is_contiguous():
+        raise RuntimeError(
+            f"a recompute recipe made a tensor of shape {tuple(whole.shape)}, the forward's was "
+            f"{tuple(saved.whole)} (contiguous): the recipe does not match its tensor"
+        )
+    return whole.as_strided(saved.shape, saved.stride, saved.offset)
+
+
+def _ours_on_top() -> bool | None:
+    """True if our hooks are the innermost saved-tensor hooks, None if there are none, False
+    if someone else's are."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return None if top is None else top[0] is _pack
+
+
+def _whole(t: torch.Tensor) -> bool:
+    """A tensor that is its storage, laid out contiguously from its start."""
+    return (t.numel() > 0 and t.is_contiguous() and t.storage_offset() == 0
+            and t.numel() * t.element_size() == t.untyped_storage().nbytes())  # fmt: skip
+
+
+@contextlib.contextmanager
+def recomputed(recipes: dict[torch.Tensor, Callable[[], torch.Tensor]]):
+    """Autograd keeps each of `recipes`' tensors (and views of it) as its recipe in this
+    context: see the module docstring. A tensor that is not the whole of its storage is kept
+    as usual."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        yield
+        return
+    on_top = _ours_on_top()
+    if on_top is False:
+        yield
+        return
+    added = {t.untyped_storage().data_ptr(): (t, make) for t, make in recipes.items() if _whole(t)}
+    added = {ptr: hit for ptr, hit in added.items() if ptr not in _RECIPES}  # the outer's stay
+    _RECIPES.update(added)
+    try:
+        if on_top:
+            yield
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+                yield
+    finally:
+        for ptr in added:
+            del _RECIPES[ptr]
