@@ -73,3 +73,15 @@ def test_other_saved_tensor_hooks_turn_it_off_and_a_wrong_recipe_is_refused():
         z = (w * w).sum()
     with pytest.raises(RuntimeError, match="recipe does not match"):
         z.backward()
+
+
+def test_a_memoized_recipe_makes_its_tensor_once_while_it_lives():
+    calls = []
+    make = recompute.memoized(lambda: calls.append(1) or torch.ones(3))
+    first = make()
+    view = first[1:]
+    del first
+    assert make()[1:].data_ptr() == view.data_ptr() and len(calls) == 1  # alive through a view
+    del view
+    make()
+    assert len(calls) == 2  # gone: made again

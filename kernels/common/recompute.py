@@ -21,6 +21,7 @@ partitioner chooses what to recompute itself), or with autograd off.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,6 +78,22 @@ def _unpack(saved):
     return whole.as_strided(saved.shape, saved.stride, saved.offset)
 
 
+class memoized:
+    """A recipe that returns the tensor it made last while that is still alive (a view of it
+    held elsewhere keeps it so): the tensors one backward step reads together (a scan's q and
+    k, slices of one convolution's output) are made once."""
+
+    def __init__(self, make: Callable[[], torch.Tensor]):
+        self.make, self.last = make, None
+
+    def __call__(self) -> torch.Tensor:
+        made = None if self.last is None else self.last()
+        if made is None:
+            made = self.make()
+            self.last = weakref.ref(made)
+        return made
+
+
 def _ours_on_top() -> bool | None:
     """True if our hooks are the innermost saved-tensor hooks, None if there are none, False
     if someone else's are."""
@@ -102,7 +119,8 @@ def recomputed(recipes: dict[torch.Tensor, Callable[[], torch.Tensor]]):
     if on_top is False:
         yield
         return
-    added = {t.untyped_storage().data_ptr(): (t, make) for t, make in recipes.items() if _whole(t)}
+    added = {t.untyped_storage().data_ptr(): (t, memoized(make)) for t, make in recipes.items()
+             if _whole(t)}  # fmt: skip
     added = {ptr: hit for ptr, hit in added.items() if ptr not in _RECIPES}  # the outer's stay
     _RECIPES.update(added)
     try:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from rnnscale.kernels.common.checks import check_sequences, check_shape, check_state
 from rnnscale.kernels.common.naive import step_loop
+from rnnscale.kernels.common.recompute import memoized
 
 
 def causal_conv1d(
@@ -61,7 +62,7 @@ def causal_conv1d(
     def again():
         return _Taps.activate(_Taps.sum(kept, taps, w, b), silu).view(B, T, D)
 
-    return y.view(B, T, D), final, again
+    return y.view(B, T, D), final, memoized(again)
 
 
 class _Taps(torch.autograd.Function):
