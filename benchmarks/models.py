@@ -125,6 +125,8 @@ def child(name: str, T: int, d: int, layers: int, vocab: int, steps: int) -> Non
     model, loss_fn, flops = build(name, d, layers, vocab)
     if os.environ.get(COMPILE_ENV):
         compile_blocks(model)
+    if os.environ.get(KEEP_ENV) and hasattr(model, "recompute_activations"):
+        model.recompute_activations = False  # kernels.recompute_activations: false
     before = rss_mb()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (1, T + 1), generator=torch.Generator().manual_seed(0))
@@ -148,6 +150,7 @@ def live_mib(model, optimizer, loss_fn, ids) -> float:
 
 
 COMPILE_ENV = "RNNSCALE_BENCH_COMPILE"  # set by --compile for every child
+KEEP_ENV = "RNNSCALE_BENCH_KEEP_ACTIVATIONS"  # set by --keep-activations for every child
 
 
 def compile_blocks(model) -> None:
@@ -222,7 +225,7 @@ def saved_mib(model, loss_fn, ids) -> float:
 
 def saved_table(T: int) -> None:
     """`saved_mib` of each model at d_model 512, 4 layers, vocab 8192, one row of T tokens, and
-    the same with our recomputed activations off (under a pass-through saved-tensor hook)."""
+    the same with our recomputed activations off (`kernels.recompute_activations: false`)."""
     print(f"activations saved for the backward, T = {T}, d_model 512, 4 layers, vocab 8192, fp32\n")
     print("| model | saved MiB | with recomputing off | peer: Llama (sdpa), saved MiB |")
     print("|---|---|---|---|")
@@ -231,9 +234,10 @@ def saved_table(T: int) -> None:
         torch.manual_seed(0)
         model, loss_fn, _ = build(name, 512, 4, 8192)
         ids = torch.randint(0, 8192, (1, T + 1))
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            kept = saved_mib(model, loss_fn, ids)
-        sizes[name] = saved_mib(model, loss_fn, ids), kept
+        recomputing = saved_mib(model, loss_fn, ids)
+        if hasattr(model, "recompute_activations"):
+            model.recompute_activations = False
+        sizes[name] = recomputing, saved_mib(model, loss_fn, ids)
     llama, _ = sizes["transformers Llama (sdpa)"]
     for name in [*OURS, *ATTENTION]:
         print(f"| {name} | {sizes[name][0]:.0f} | {sizes[name][1]:.0f} | {llama:.0f} |")
@@ -259,6 +263,8 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every block, ours and the peers'")  # fmt: skip
+    parser.add_argument("--keep-activations", action="store_true",
+                        help="kernels.recompute_activations false for ours")  # fmt: skip
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.saved:
@@ -274,6 +280,7 @@ def main() -> None:
         f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads; fp32 matmul peak {peak:.1f} GFLOP/s; d_model {d}, {layers} layers, vocab {vocab}"
         f"; malloc: {args.malloc}; torch.compile: {'every block' if args.compile else 'no'}"
+        f"; recomputed activations: {'off' if args.keep_activations else 'on'}"
     )
     print(
         "| model | T | params | tokens/s | peak memory MiB | live peak MiB | MFU | "
@@ -287,6 +294,8 @@ def main() -> None:
     env = dict(HEAP_MALLOC) if args.malloc == "heap" else {}
     if args.compile:
         env[COMPILE_ENV] = "1"  # the warm-up step compiles
+    if args.keep_activations:
+        env[KEEP_ENV] = "1"
     for T in lengths:
         results = {}
         for name in [*OURS, *ATTENTION, *PEERS]:

@@ -1,7 +1,8 @@
 """Activations the backward recomputes (rnnscale.kernels.common.recompute): every mixer in a
-model gives the same loss and the same gradients, bit for bit, as when everything is kept; the
-gated_deltanet model holds less after its forward; another saved-tensor hook (activation
-checkpointing, offload) turns it off; a recipe that makes the wrong tensor is refused."""
+model gives the same loss and the same gradients, bit for bit, as with
+`kernels.recompute_activations: false` (everything kept); the gated_deltanet model holds less
+after its forward; another saved-tensor hook (activation checkpointing, offload) turns it off;
+a recipe that makes the wrong tensor is refused."""
 
 import pytest
 import torch
@@ -14,12 +15,10 @@ from rnnscale.train.model import MIXERS
 
 
 def loss_and_grads(model, ids, cu_seqlens, *, keep_all: bool):
-    """The loss and every gradient; `keep_all`: under a pass-through saved-tensor hook, which
-    turns recomputing off."""
+    """The loss and every gradient; `keep_all`: `kernels.recompute_activations: false`."""
     model.zero_grad(set_to_none=True)
-    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
-    with hooks if keep_all else torch.enable_grad():
-        loss = model.loss(ids[:, :-1], ids[:, 1:], cu_seqlens=cu_seqlens)
+    model.recompute_activations = not keep_all
+    loss = model.loss(ids[:, :-1], ids[:, 1:], cu_seqlens=cu_seqlens)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -34,7 +33,9 @@ def test_recomputed_activations_give_the_same_gradients_bit_for_bit(name, monkey
     monkeypatch.setattr(recompute, "_unpack", lambda s: made.append(s) or unpack(s))
     loss, grads = loss_and_grads(model, ids, cu, keep_all=False)
     assert any(isinstance(s, recompute._Saved) for s in made)  # recipes were used
+    made.clear()
     kept_loss, kept_grads = loss_and_grads(model, ids, cu, keep_all=True)
+    assert not any(isinstance(s, recompute._Saved) for s in made)  # the config turns it off
     assert torch.equal(loss, kept_loss)
     for n, g in grads.items():
         assert torch.equal(g, kept_grads[n]), n
@@ -48,10 +49,9 @@ def test_gated_deltanet_holds_less_after_its_forward():
     ids = torch.randint(0, 97, (1, 257), generator=torch.Generator().manual_seed(2))
 
     def held(keep_all: bool) -> int:
-        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        model.recompute_activations = not keep_all  # kernels.recompute_activations
         graph = []
-        with hooks if keep_all else torch.enable_grad():
-            _, kept = cpu_live_bytes(lambda: graph.append(model.loss(ids[:, :-1], ids[:, 1:])))
+        _, kept = cpu_live_bytes(lambda: graph.append(model.loss(ids[:, :-1], ids[:, 1:])))
         return kept
 
     recomputing, keeping = held(False), held(True)

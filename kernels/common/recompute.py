@@ -13,9 +13,11 @@ memory) by the same operations as the forward (so the bits are the same), and ho
 the parameters it reads (ZeRO-3 partitions a module's parameters after its forward).
 
 Contexts nest: an inner one adds its recipes to the outer one's. Nothing is recomputed, and
-everything saved as usual, while other saved-tensor hooks are active (activation checkpointing
-already recomputes the whole block; activation offload), while torch.compile traces (inductor's
-partitioner chooses what to recompute itself), or with autograd off.
+everything saved as usual, inside `recompute_allowed(False)` (the model's
+`kernels.recompute_activations: false`), while other saved-tensor hooks are active
+(activation checkpointing already recomputes the whole block; activation offload), while
+torch.compile traces (inductor's partitioner chooses what to recompute itself), or with
+autograd off.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+_ALLOWED = [True]  # recompute_allowed's setting, innermost last
 _RECIPES: dict[int, tuple[torch.Tensor, Callable[[], torch.Tensor]]] = {}
 """The active recipes: storage address -> (its tensor, the recipe)."""
 
@@ -108,11 +111,22 @@ def _whole(t: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
+def recompute_allowed(allowed: bool):
+    """`recomputed` contexts entered inside this one recompute (True) or keep everything as
+    usual (False): the model's `kernels.recompute_activations`."""
+    _ALLOWED.append(allowed)
+    try:
+        yield
+    finally:
+        _ALLOWED.pop()
+
+
+@contextlib.contextmanager
 def recomputed(recipes: dict[torch.Tensor, Callable[[], torch.Tensor]]):
     """Autograd keeps each of `recipes`' tensors (and views of it) as its recipe in this
     context: see the module docstring. A tensor that is not the whole of its storage is kept
     as usual."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not (_ALLOWED[-1] and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         yield
         return
     on_top = _ours_on_top()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from rnnscale.kernels.common.recompute import recomputed
+from rnnscale.kernels.common.recompute import recompute_allowed, recomputed
 from rnnscale.parallel.sequence import group_sum
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import RMSNorm, SwiGLU, mlp_hidden_size
@@ -67,6 +67,7 @@ class LanguageModel(nn.Module):
         self.loss_chunk_tokens = loss_chunk_tokens  # kernels.loss_chunk_tokens
         self.layer_types = layer_types
         self.activation_checkpointing = False  # per block; the trainer sets it from the config
+        self.recompute_activations = True  # kernels.recompute_activations
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         hidden = mlp_hidden_size(cfg.d_model, cfg.mlp_hidden)
         self.blocks = nn.ModuleList(Block(m, cfg.d_model, hidden, cfg.norm_eps) for m in mixers)
@@ -128,14 +129,15 @@ class LanguageModel(nn.Module):
         state = [None] * len(self.blocks) if state is None else state
         x = self.embed(input_ids)  # (B, T, d_model)
         new_state = []
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        whole = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, s in zip(self.blocks, state, strict=True):
-            if recompute and s is None:  # keep only the block's input; redo it in the backward
+            if whole and s is None:  # keep only the block's input; redo it in the backward
                 x, s = checkpoint(
                     block, x, cu_seqlens=cu_seqlens, state=None, shard=shard, use_reentrant=False
                 )
             else:
-                x, s = block(x, cu_seqlens=cu_seqlens, state=s, shard=shard)
+                with recompute_allowed(self.recompute_activations):
+                    x, s = block(x, cu_seqlens=cu_seqlens, state=s, shard=shard)
             new_state.append(s)
         return self.norm(x), new_state
 
