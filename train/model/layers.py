@@ -34,41 +34,40 @@ class MixerDims:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 (a bf16 mean of squares loses the small rows)."""
+    """x / rms(x) * weight, computed in fp32 (a bf16 mean of squares loses the small rows).
+    `forward(x, *, with_recipe=False)`: with it, `(y, recipe)`, the recipe a function that
+    makes y again, bit for bit, with a copy of the weight taken inside the forward (where
+    ZeRO-3 has it whole; `rnnscale.kernels.common.recompute`)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, *, with_recipe: bool = False):
+        return self._out(rms_norm, (x,), with_recipe)
 
-    def recipe(self, x: torch.Tensor, *args: torch.Tensor):
-        """A function that makes this norm's output of `x` (and the gate) again, bit for bit,
-        with a copy of the weight (`rnnscale.kernels.common.recompute`)."""
-        weight, eps, inputs = (
-            self.weight.detach().clone(),
-            self.eps,
-            [t.detach() for t in (x, *args)],
-        )
-        fn = rms_norm if not args else gated_rms_norm
-        return lambda: fn(inputs[0], *inputs[1:], weight, eps)
+    def _out(self, fn, inputs: tuple, with_recipe: bool):
+        y = fn(*inputs, self.weight, self.eps)
+        if not with_recipe:
+            return y
+        weight, eps, kept = self.weight.detach().clone(), self.eps, [t.detach() for t in inputs]
+        return y, lambda: fn(*kept, weight, eps)
 
 
 class GatedRMSNorm(RMSNorm):
     """`rms_norm(x) * weight * silu(gate)` per head (GLA, RetNet, Gated DeltaNet outputs). A
     module, so the weight is used inside its own forward (ZeRO-3 gathers it there)."""
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return gated_rms_norm(x, gate, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, *, with_recipe: bool = False):
+        return self._out(gated_rms_norm, (x, gate), with_recipe)
 
 
 def gated_output(norm: GatedRMSNorm, proj: nn.Linear, o: torch.Tensor, gate: torch.Tensor):
     """`proj(norm(o, gate))` over `[B, T, H, V]` heads: the projection's backward keeps the
     recipe of the norm's output, not the rows (`rnnscale.kernels.common.recompute`)."""
-    y = norm(o, gate)
-    with recomputed({y: norm.recipe(o, gate)}):
+    y, again = norm(o, gate, with_recipe=True)
+    with recomputed({y: again}):
         return proj(y.flatten(-2))
 
 

@@ -43,12 +43,12 @@ class Block(nn.Module):
         """The projections that read a normalised x keep the recipe of it, not the rows
         (`rnnscale.kernels.common.recompute`)."""
         kwargs = {} if shard is None else {"shard": shard}
-        h = self.mixer_norm(x)
-        with recomputed({h: self.mixer_norm.recipe(x)}):
+        h, again = self.mixer_norm(x, with_recipe=True)
+        with recomputed({h: again}):
             y, state = self.mixer(h, cu_seqlens=cu_seqlens, state=state, **kwargs)
         x = x + y
-        h = self.mlp_norm(x)
-        with recomputed({h: self.mlp_norm.recipe(x)}):
+        h, again = self.mlp_norm(x, with_recipe=True)
+        with recomputed({h: again}):
             return x + self.mlp(h), state
 
 
