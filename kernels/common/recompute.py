@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 
 _ALLOWED = [True]  # recompute_allowed's setting, innermost last
-_RECIPES: dict[int, tuple[torch.Tensor, Callable[[], torch.Tensor]]] = {}
-"""The active recipes: storage address -> (its tensor, the recipe)."""
+_RECIPES: dict[tuple[torch.device, int], tuple[torch.Tensor, int, Callable]] = {}
+"""The active recipes: (device, storage address) -> (its tensor, its version when registered,
+the recipe)."""
 
 
 @dataclass(frozen=True)
@@ -40,32 +41,52 @@ class _Saved:
 
     make: Callable[[], torch.Tensor]
     whole: torch.Size
+    dtype: torch.dtype
+    device: torch.device
     shape: torch.Size
     stride: tuple[int, ...]
     offset: int
 
 
+def _key(t: torch.Tensor) -> tuple[torch.device, int]:
+    return t.device, t.untyped_storage().data_ptr()
+
+
 def _recipe(t: torch.Tensor):
-    """The (tensor, recipe) whose storage `t` is, or None."""
+    """The (tensor, version, recipe) whose storage `t` is, or None; None too if the tensor was
+    changed in place since it was registered (the recipe would make the old values)."""
     if t.layout != torch.strided:
         return None
-    hit = _RECIPES.get(t.untyped_storage().data_ptr())
-    if hit is None or hit[0].dtype != t.dtype:
+    hit = _RECIPES.get(_key(t))
+    if hit is None or hit[0].dtype != t.dtype or hit[0]._version != hit[1]:
         return None
     return hit if hit[0].untyped_storage().nbytes() == t.untyped_storage().nbytes() else None
+
+
+def active() -> bool:
+    """Whether a `recomputed` context entered now would recompute: not while torch.compile
+    traces, not inside `recompute_allowed(False)`, with autograd on, and no one else's
+    saved-tensor hooks innermost. Callers check it before they build recipes."""
+    if torch.compiler.is_compiling() or not (_ALLOWED[-1] and torch.is_grad_enabled()):
+        return False
+    return _ours_on_top() is not False
 
 
 def covered(t: torch.Tensor) -> bool:
     """Whether autograd would keep `t` as a recipe if it were saved now: a Function that may
     keep either its input or its output (the same size) keeps the input when this is true."""
+    if torch.compiler.is_compiling() or not _ALLOWED[-1]:
+        return False
     return _recipe(t) is not None and _ours_on_top() is True
 
 
 def _pack(t: torch.Tensor):
     hit = _recipe(t)
-    return (
-        t if hit is None else _Saved(hit[1], hit[0].shape, t.shape, t.stride(), t.storage_offset())
-    )
+    if hit is None:
+        return t
+    whole = hit[0]
+    return _Saved(hit[2], whole.shape, whole.dtype, whole.device, t.shape, t.stride(),
+                  t.storage_offset())  # fmt: skip
 
 
 def _unpack(saved):
@@ -73,10 +94,12 @@ def _unpack(saved):
         return saved
     with torch.no_grad():
         whole = saved.make()
-    if whole.shape != saved.whole or not whole.is_contiguous():
+    made = (tuple(whole.shape), whole.dtype, whole.device, whole.is_contiguous())
+    if made != (tuple(saved.whole), saved.dtype, saved.device, True):
         raise RuntimeError(
-            f"a recompute recipe made a tensor of shape {tuple(whole.shape)}, the forward's was "
-            f"{tuple(saved.whole)} (contiguous): the recipe does not match its tensor"
+            f"a recompute recipe made a tensor of shape, dtype, device, contiguity {made}; the "
+            f"forward's was {(tuple(saved.whole), saved.dtype, saved.device, True)}: the recipe "
+            "does not match its tensor"
         )
     return whole.as_strided(saved.shape, saved.stride, saved.offset)
 
@@ -122,27 +145,23 @@ def recompute_allowed(allowed: bool):
 
 
 @contextlib.contextmanager
-def recomputed(recipes: dict[torch.Tensor, Callable[[], torch.Tensor]]):
+def recomputed(recipes: dict[torch.Tensor, Callable[[], torch.Tensor] | None]):
     """Autograd keeps each of `recipes`' tensors (and views of it) as its recipe in this
-    context: see the module docstring. A tensor that is not the whole of its storage is kept
-    as usual."""
-    if not (_ALLOWED[-1] and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+    context: see the module docstring. A tensor that is not the whole of its storage, or whose
+    recipe is None, is kept as usual."""
+    if not active():
         yield
         return
-    on_top = _ours_on_top()
-    if on_top is False:
-        yield
-        return
-    added = {t.untyped_storage().data_ptr(): (t, memoized(make)) for t, make in recipes.items()
-             if _whole(t)}  # fmt: skip
-    added = {ptr: hit for ptr, hit in added.items() if ptr not in _RECIPES}  # the outer's stay
+    added = {_key(t): (t, t._version, memoized(make)) for t, make in recipes.items()
+             if make is not None and _whole(t)}  # fmt: skip
+    added = {key: hit for key, hit in added.items() if key not in _RECIPES}  # the outer's stay
     _RECIPES.update(added)
     try:
-        if on_top:
+        if _ours_on_top():
             yield
         else:
             with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
                 yield
     finally:
-        for ptr in added:
-            del _RECIPES[ptr]
+        for key in added:
+            del _RECIPES[key]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from rnnscale.kernels.common.checks import check_sequences, check_shape, check_state
 from rnnscale.kernels.common.naive import step_loop
-from rnnscale.kernels.common.recompute import memoized
+from rnnscale.kernels.common.recompute import active, memoized
 
 
 def causal_conv1d(
@@ -32,7 +32,8 @@ def causal_conv1d(
     initial_state `[N, D, W - 1]`; cu_seqlens int `[N + 1]` (B = 1).
     Returns `(y [B, T, D], final_state [N, D, W - 1] or None)`, and with `with_recipe` a third:
     a function that makes y again, bit for bit, from what the convolution keeps for its
-    backward and copies of the weight and bias (`rnnscale.kernels.common.recompute`)."""
+    backward and copies of the weight and bias (`rnnscale.kernels.common.recompute`), or None
+    where no recipe would be used (`recompute.active()` false)."""
     check_shape("x", x, (None, None, None), "[B, T, D]")
     B, T, D = x.shape
     check_shape("weight", weight, (D, None), "[D, W]")
@@ -55,6 +56,8 @@ def causal_conv1d(
     final = buf[tail].permute(0, 2, 1) if output_final_state else None  # (N, D, W-1)
     if not with_recipe:
         return y.view(B, T, D), final
+    if not active():  # nothing would use it (torch.compile, recomputing off, no autograd)
+        return y.view(B, T, D), final, None
     w = weight.to(x.dtype).detach().clone()  # ZeRO-3 partitions the weight after the forward
     b = None if bias is None else bias.detach().clone()
     kept, silu = buf.detach(), activation == "silu"

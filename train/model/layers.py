@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rnnscale.kernels.common.recompute import recomputed
+from rnnscale.kernels.common.recompute import active, recomputed
 from rnnscale.kernels.conv import causal_conv1d
 from rnnscale.kernels.norm import gated_rms_norm, rms_norm
 from rnnscale.parallel.sequence import halo_state
@@ -37,7 +37,8 @@ class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (a bf16 mean of squares loses the small rows).
     `forward(x, *, with_recipe=False)`: with it, `(y, recipe)`, the recipe a function that
     makes y again, bit for bit, with a copy of the weight taken inside the forward (where
-    ZeRO-3 has it whole; `rnnscale.kernels.common.recompute`)."""
+    ZeRO-3 has it whole; `rnnscale.kernels.common.recompute`), or None where none would be
+    used."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -51,6 +52,8 @@ class RMSNorm(nn.Module):
         y = fn(*inputs, self.weight, self.eps)
         if not with_recipe:
             return y
+        if not active():  # nothing would use it (torch.compile, recomputing off, no autograd)
+            return y, None
         weight, eps, kept = self.weight.detach().clone(), self.eps, [t.detach() for t in inputs]
         return y, lambda: fn(*kept, weight, eps)
 

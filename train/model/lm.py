@@ -68,6 +68,7 @@ class LanguageModel(nn.Module):
         self.layer_types = layer_types
         self.activation_checkpointing = False  # per block; the trainer sets it from the config
         self.recompute_activations = True  # kernels.recompute_activations
+        self.compiled = False  # compile_blocks: inductor chooses what to recompute
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         hidden = mlp_hidden_size(cfg.d_model, cfg.mlp_hidden)
         self.blocks = nn.ModuleList(Block(m, cfg.d_model, hidden, cfg.norm_eps) for m in mixers)
@@ -136,7 +137,7 @@ class LanguageModel(nn.Module):
                     block, x, cu_seqlens=cu_seqlens, state=None, shard=shard, use_reentrant=False
                 )
             else:
-                with recompute_allowed(self.recompute_activations):
+                with recompute_allowed(self.recompute_activations and not self.compiled):
                     x, s = block(x, cu_seqlens=cu_seqlens, state=s, shard=shard)
             new_state.append(s)
         return self.norm(x), new_state
@@ -145,7 +146,9 @@ class LanguageModel(nn.Module):
         """`torch.compile` every block in place (`Module.compile`: the state dict keeps its
         keys), as torchtitan compiles each transformer block. The scan dispatcher is outside
         every graph (`rnnscale.train.model.scan.scan` is `torch.compiler.disable`d): our
-        chunkwise and Triton kernels run as they are, and inductor fuses what is around them."""
+        chunkwise and Triton kernels run as they are, and inductor fuses what is around them.
+        Our recomputed activations step aside: inductor's partitioner chooses what to recompute."""
+        self.compiled = True
         for block in self.blocks:
             block.compile()
 

@@ -96,19 +96,20 @@ class Mamba2(nn.Module):
         xbc, conv_state, xbc_again = self.conv(
             xbc, cu_seqlens=cu_seqlens, state=conv_state, shard=shard, with_recipe=True
         )  # the backward keeps the convolution's input and makes xbc, v, the norm's output again
-        acc = torch.promote_types(x.dtype, torch.float32)  # dt, A and the decay in fp32 or better
+        acc, dtype = torch.promote_types(x.dtype, torch.float32), x.dtype  # dt, A, decay: fp32+
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, T, H)
         g = dt * -self.A_log.to(acc).exp()  # (B, T, H), log of the decay exp(dt A)
 
         def split(xbc):  # xs, v = xs dt: (B, T, H, P); B, C (B, T, G, N) shared by H / G heads
             xs, b, c = xbc.split([e, G * N, G * N], dim=-1)
             xs = xs.view(B, T, H, P)
-            v = (xs.to(acc) * dt[..., None]).to(x.dtype)
+            v = (xs.to(acc) * dt[..., None]).to(dtype)
             return xs, b.view(B, T, G, N), c.view(B, T, G, N), v
 
         with recomputed({xbc: xbc_again}):
             xs, k, q, v = split(xbc)
-            with recomputed({v: lambda: split(xbc_again())[3]}):
+            v_again = None if xbc_again is None else lambda: split(xbc_again())[3]
+            with recomputed({v: v_again}):
                 y, h = scan("simple_gla", q, k, v, g, state=h, cu_seqlens=cu_seqlens,
                             settings=self.settings, shard=shard, scale=1.0)  # fmt: skip
             y = y.to(acc) + self.D.to(acc)[:, None] * xs.to(acc)  # y: (B, T, H, P)
@@ -116,10 +117,13 @@ class Mamba2(nn.Module):
         # z is a view of in_proj's output: a copy lets the norm keep z alone, not all of it
         y, z = y.reshape(B, T, e), z.to(acc).contiguous()
         out = gated_rms_norm(y, z, self.norm_weight, self.eps, groups=G, norm_before_gate=False)
-        w, y, z = self.norm_weight.detach().clone(), y.detach(), z.detach()  # ZeRO-3: a copy
+        out = out.to(dtype)  # what out_proj keeps: in bf16 a copy of the fp32 norm's output
+        normed_again = None
+        if xbc_again is not None:  # recomputing: a copy of the weight (ZeRO-3 partitions it)
+            w, y, z, eps = self.norm_weight.detach().clone(), y.detach(), z.detach(), self.eps
 
-        def normed_again():
-            return gated_rms_norm(y, z, w, self.eps, groups=G, norm_before_gate=False)
+            def normed_again():
+                return gated_rms_norm(y, z, w, eps, groups=G, norm_before_gate=False).to(dtype)
 
         with recomputed({out: normed_again}):
-            return self.out_proj(out.to(x.dtype)), (conv_state, h)
+            return self.out_proj(out), (conv_state, h)
