@@ -165,3 +165,14 @@ def recomputed(recipes: dict[torch.Tensor, Callable[[], torch.Tensor] | None]):
     finally:
         for key in added:
             del _RECIPES[key]
+
+
+def with_recipes(recipes: dict[torch.Tensor, Callable[[], torch.Tensor] | None], fn, *args,
+                 **kwargs):  # fmt: skip
+    """`fn(*args, **kwargs)` inside `recomputed(recipes)`; a plain call where nothing would be
+    recomputed. The form for model code: under torch.compile no context manager is traced,
+    so a graph break inside `fn` (the scan dispatcher is one) stays resumable."""
+    if not active():
+        return fn(*args, **kwargs)
+    with recomputed(recipes):
+        return fn(*args, **kwargs)

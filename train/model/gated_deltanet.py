@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rnnscale.kernels.common.recompute import recomputed
+from rnnscale.kernels.common.recompute import with_recipes
 from rnnscale.kernels.norm import l2_normalize
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import GatedRMSNorm, MixerDims, ShortConvolution, gated_output
@@ -101,13 +101,15 @@ class GatedDeltaNet(nn.Module):
         kc, ck, k_again = self.k_conv(self.k_proj(x), state=ck, **conv)
         v, cv, v_again = self.v_conv(self.v_proj(x), state=cv, **conv)
         K, V = self.head_dim, self.head_v_dim
-        with recomputed({qc: q_again, kc: k_again, v: v_again}):  # kept: the convs' inputs
-            q = l2_normalize(qc.view(B, T, H, K))  # (B, T, H, K)
-            k = l2_normalize(kc.view(B, T, n, H, K))  # (B, T, n, H, K)
-            normed = {q: lambda: l2_normalize(q_again().view(B, T, H, K)),
-                      k: lambda: l2_normalize(k_again().view(B, T, n, H, K))}  # fmt: skip
-            with recomputed(normed):
-                o, S = self._scan(q, k, v.view(B, T, n, H, V), x, S, cu_seqlens, shard)
+        convs = {qc: q_again, kc: k_again, v: v_again}  # kept: the convolutions' inputs
+        q = with_recipes(convs, l2_normalize, qc.view(B, T, H, K))  # (B, T, H, K)
+        k = with_recipes(convs, l2_normalize, kc.view(B, T, n, H, K))  # (B, T, n, H, K)
+        recipes = dict(convs)
+        if q_again is not None:  # recomputing: q and k after the L2 norm too
+            recipes[q] = lambda: l2_normalize(q_again().view(B, T, H, K))
+            recipes[k] = lambda: l2_normalize(k_again().view(B, T, n, H, K))
+        args = (q, k, v.view(B, T, n, H, V), x, S, cu_seqlens, shard)
+        o, S = with_recipes(recipes, self._scan, *args)
         gate = self.g_proj(x).view(B, T, H, V)  # o: (B, T, H, V), S: (N, H, K, V)
         return gated_output(self.o_norm, self.o_proj, o, gate), (cq, ck, cv, S)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rnnscale.kernels.common.recompute import active, recomputed
+from rnnscale.kernels.common.recompute import active, with_recipes
 from rnnscale.kernels.conv import causal_conv1d
 from rnnscale.kernels.norm import gated_rms_norm, rms_norm
 from rnnscale.parallel.sequence import halo_state
@@ -70,8 +70,7 @@ def gated_output(norm: GatedRMSNorm, proj: nn.Linear, o: torch.Tensor, gate: tor
     """`proj(norm(o, gate))` over `[B, T, H, V]` heads: the projection's backward keeps the
     recipe of the norm's output, not the rows (`rnnscale.kernels.common.recompute`)."""
     y, again = norm(o, gate, with_recipe=True)
-    with recomputed({y: again}):
-        return proj(y.flatten(-2))
+    return with_recipes({y: again}, proj, y.flatten(-2))
 
 
 class ShortConvolution(nn.Module):
@@ -123,10 +122,8 @@ class SwiGLU(nn.Module):
         g, u = self.gate(x), self.up(x)
         g_, u_ = g.detach(), u.detach()
         s = F.silu(g)
-        with recomputed({s: lambda: F.silu(g_)}):
-            p = s * u
-            with recomputed({p: lambda: F.silu(g_) * u_}):
-                return self.down(p)
+        p = with_recipes({s: lambda: F.silu(g_)}, torch.mul, s, u)
+        return with_recipes({p: lambda: F.silu(g_) * u_}, self.down, p)
 
 
 def mlp_hidden_size(d_model: int, requested: int) -> int:

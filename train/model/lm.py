@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from rnnscale.kernels.common.recompute import recompute_allowed, recomputed
+from rnnscale.kernels.common.recompute import recompute_allowed, with_recipes
 from rnnscale.parallel.sequence import group_sum
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import RMSNorm, SwiGLU, mlp_hidden_size
@@ -44,12 +44,11 @@ class Block(nn.Module):
         (`rnnscale.kernels.common.recompute`)."""
         kwargs = {} if shard is None else {"shard": shard}
         h, again = self.mixer_norm(x, with_recipe=True)
-        with recomputed({h: again}):
-            y, state = self.mixer(h, cu_seqlens=cu_seqlens, state=state, **kwargs)
+        y, state = with_recipes({h: again}, self.mixer, h, cu_seqlens=cu_seqlens, state=state,
+                                **kwargs)  # fmt: skip
         x = x + y
         h, again = self.mlp_norm(x, with_recipe=True)
-        with recomputed({h: again}):
-            return x + self.mlp(h), state
+        return x + with_recipes({h: again}, self.mlp, h), state
 
 
 class LanguageModel(nn.Module):

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rnnscale.kernels.common.recompute import recomputed
+from rnnscale.kernels.common.recompute import with_recipes
 from rnnscale.kernels.norm import gated_rms_norm
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import MixerDims, ShortConvolution
@@ -106,13 +106,14 @@ class Mamba2(nn.Module):
             v = (xs.to(acc) * dt[..., None]).to(dtype)
             return xs, b.view(B, T, G, N), c.view(B, T, G, N), v
 
-        with recomputed({xbc: xbc_again}):
-            xs, k, q, v = split(xbc)
-            v_again = None if xbc_again is None else lambda: split(xbc_again())[3]
-            with recomputed({v: v_again}):
-                y, h = scan("simple_gla", q, k, v, g, state=h, cu_seqlens=cu_seqlens,
+        kept = {xbc: xbc_again}  # the convolution's output: xs, B and C are slices of it
+        xs, k, q, v = with_recipes(kept, split, xbc)
+        if xbc_again is not None:
+            kept[v] = lambda: split(xbc_again())[3]
+        y, h = with_recipes(kept, scan, "simple_gla", q, k, v, g, state=h, cu_seqlens=cu_seqlens,
                             settings=self.settings, shard=shard, scale=1.0)  # fmt: skip
-            y = y.to(acc) + self.D.to(acc)[:, None] * xs.to(acc)  # y: (B, T, H, P)
+        skip = self.D.to(acc)[:, None]  # y: (B, T, H, P)
+        y = with_recipes(kept, lambda y: y.to(acc) + skip * xs.to(acc), y)
         # gated before the norm, each group normalised alone, then the full-width weight
         # z is a view of in_proj's output: a copy lets the norm keep z alone, not all of it
         y, z = y.reshape(B, T, e), z.to(acc).contiguous()
@@ -125,5 +126,4 @@ class Mamba2(nn.Module):
             def normed_again():
                 return gated_rms_norm(y, z, w, eps, groups=G, norm_before_gate=False).to(dtype)
 
-        with recomputed({out: normed_again}):
-            return self.out_proj(out), (conv_state, h)
+        return with_recipes({out: normed_again}, self.out_proj, out), (conv_state, h)
