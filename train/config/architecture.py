@@ -190,7 +190,7 @@ class KernelsSection:
         "Make cheap activations again in the backward instead of keeping them: the normalised "
         "rows every projection reads, SwiGLU's SiLU and product, the short convolutions' "
         "outputs, the gated norms' outputs (docs/architecture.md). The same gradients bit for "
-        "bit; a forward keeps 32-44% less; a few per cent more time on CPU. Steps aside under "
+        "bit; a forward keeps 32-45% less; a few per cent more time on CPU. Steps aside under "
         "train.activation_checkpointing and torch.compile. A run may resume with the other "
         "value.",
     )
