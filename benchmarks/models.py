@@ -103,17 +103,17 @@ def llama_flops(llama, d: int):
     return flops
 
 
-def one_step(model, optimizer, loss_fn, ids) -> None:
+def one_step(optimizer, loss_fn, ids) -> None:
     loss_fn(ids).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def step_seconds(model, optimizer, loss_fn, ids, steps: int) -> float:
+def step_seconds(optimizer, loss_fn, ids, steps: int) -> float:
     best = float("inf")
     for i in range(steps + 1):  # the first step is a warm-up
         start = time.perf_counter()
-        one_step(model, optimizer, loss_fn, ids)
+        one_step(optimizer, loss_fn, ids)
         if i:
             best = min(best, time.perf_counter() - start)
     return best
@@ -130,22 +130,22 @@ def child(name: str, T: int, d: int, layers: int, vocab: int, steps: int) -> Non
     before = rss_mb()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (1, T + 1), generator=torch.Generator().manual_seed(0))
-    seconds = step_seconds(model, optimizer, loss_fn, ids, steps)
+    seconds = step_seconds(optimizer, loss_fn, ids, steps)
     peak_mib = peak_rss_mb() - before
     params = sum(p.numel() for p in model.parameters())
-    live = live_mib(model, optimizer, loss_fn, ids)
+    live = live_mib(optimizer, loss_fn, ids)
     result = {"seconds": seconds, "peak_mib": peak_mib, "live_mib": live, "params": params,
               "flops": flops(T) if flops else None}  # fmt: skip
     print(json.dumps(result))
 
 
-def live_mib(model, optimizer, loss_fn, ids) -> float:
+def live_mib(optimizer, loss_fn, ids) -> float:
     """The live-tensor peak of one more step, MiB: the optimizer's state plus the most that
     the step's tensors hold at once (`cpu_live_bytes`: allocator bytes, what CUDA's
     max_memory_allocated counts), the parameters left out as in the resident-memory figure."""
     tensors = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    peak, _ = cpu_live_bytes(lambda: one_step(model, optimizer, loss_fn, ids))
+    peak, _ = cpu_live_bytes(lambda: one_step(optimizer, loss_fn, ids))
     return (sum(state.values()) + peak) / 2**20
 
 

@@ -44,9 +44,8 @@ def build_model(cfg: ModelSection, kernels: KernelsSection | None = None) -> Lan
     for i, name in enumerate(names):
         dims = MixerDims(cfg.d_model, cfg.num_heads, cfg.norm_eps, i, len(names), kernels)
         mixers.append(MIXERS[name](getattr(cfg, name), dims))
-    model = LanguageModel(cfg, mixers, names, loss_chunk_tokens=kernels.loss_chunk_tokens)
-    model.recompute_activations = kernels.recompute_activations
-    return model
+    return LanguageModel(cfg, mixers, names, loss_chunk_tokens=kernels.loss_chunk_tokens,
+                         recompute_activations=kernels.recompute_activations)  # fmt: skip
 
 
 __all__ = ["MIXERS", "LanguageModel", "MixerDims", "build_model"]

@@ -46,16 +46,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, *, with_recipe: bool = False):
-        return self._out(rms_norm, (x,), with_recipe)
-
-    def _out(self, fn, inputs: tuple, with_recipe: bool):
-        y = fn(*inputs, self.weight, self.eps)
-        if not with_recipe:
-            return y
-        if not active():  # nothing would use it (torch.compile, recomputing off, no autograd)
-            return y, None
-        weight, eps, kept = self.weight.detach().clone(), self.eps, [t.detach() for t in inputs]
-        return y, lambda: fn(*kept, weight, eps)
+        return normed(rms_norm, (x,), self.weight, self.eps, with_recipe=with_recipe)
 
 
 class GatedRMSNorm(RMSNorm):
@@ -63,7 +54,22 @@ class GatedRMSNorm(RMSNorm):
     module, so the weight is used inside its own forward (ZeRO-3 gathers it there)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor, *, with_recipe: bool = False):
-        return self._out(gated_rms_norm, (x, gate), with_recipe)
+        return normed(gated_rms_norm, (x, gate), self.weight, self.eps, with_recipe=with_recipe)
+
+
+def normed(fn, inputs: tuple, weight: torch.Tensor, eps: float, *, with_recipe: bool,
+           **options):  # fmt: skip
+    """`fn(*inputs, weight, eps, **options)`, a norm of `rnnscale.kernels.norm`; with
+    `with_recipe`, `(y, recipe)`: a function that makes y again, bit for bit, with a copy of
+    the weight taken now (call it inside the module's forward, where ZeRO-3 has the weight
+    whole), or None where no recipe would be used (`recompute.active()` false)."""
+    y = fn(*inputs, weight, eps, **options)
+    if not with_recipe:
+        return y
+    if not active():  # torch.compile, recomputing off, no autograd
+        return y, None
+    weight, kept = weight.detach().clone(), [t.detach() for t in inputs]
+    return y, lambda: fn(*kept, weight, eps, **options)
 
 
 def gated_output(norm: GatedRMSNorm, proj: nn.Linear, o: torch.Tensor, gate: torch.Tensor):

@@ -60,13 +60,13 @@ class LanguageModel(nn.Module):
     """
 
     def __init__(self, cfg, mixers: list[nn.Module], layer_types: list[str],
-                 loss_chunk_tokens: int = 4096):  # fmt: skip
+                 loss_chunk_tokens: int = 4096, recompute_activations: bool = True):  # fmt: skip
         super().__init__()
         self.cfg = cfg
         self.loss_chunk_tokens = loss_chunk_tokens  # kernels.loss_chunk_tokens
         self.layer_types = layer_types
         self.activation_checkpointing = False  # per block; the trainer sets it from the config
-        self.recompute_activations = True  # kernels.recompute_activations
+        self.recompute_activations = recompute_activations  # kernels.recompute_activations
         self.compiled = False  # compile_blocks: inductor chooses what to recompute
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         hidden = mlp_hidden_size(cfg.d_model, cfg.mlp_hidden)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from rnnscale.kernels.common.recompute import with_recipes
 from rnnscale.kernels.norm import gated_rms_norm
 from rnnscale.train.model import flops
-from rnnscale.train.model.layers import MixerDims, ShortConvolution
+from rnnscale.train.model.layers import MixerDims, ShortConvolution, normed
 from rnnscale.train.model.scan import scan
 
 
@@ -117,13 +117,8 @@ class Mamba2(nn.Module):
         # gated before the norm, each group normalised alone, then the full-width weight
         # z is a view of in_proj's output: a copy lets the norm keep z alone, not all of it
         y, z = y.reshape(B, T, e), z.to(acc).contiguous()
-        out = gated_rms_norm(y, z, self.norm_weight, self.eps, groups=G, norm_before_gate=False)
+        out, again = normed(gated_rms_norm, (y, z), self.norm_weight, self.eps, with_recipe=True,
+                            groups=G, norm_before_gate=False)  # fmt: skip
         out = out.to(dtype)  # what out_proj keeps: in bf16 a copy of the fp32 norm's output
-        normed_again = None
-        if xbc_again is not None:  # recomputing: a copy of the weight (ZeRO-3 partitions it)
-            w, y, z, eps = self.norm_weight.detach().clone(), y.detach(), z.detach(), self.eps
-
-            def normed_again():
-                return gated_rms_norm(y, z, w, eps, groups=G, norm_before_gate=False).to(dtype)
-
-        return with_recipes({out: normed_again}, self.out_proj, out), (conv_state, h)
+        cast_again = None if again is None else lambda: again().to(dtype)
+        return with_recipes({out: cast_again}, self.out_proj, out), (conv_state, h)
