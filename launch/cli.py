@@ -9,6 +9,7 @@
     rnnscale plan CONFIG --match-params 350M     the d_model that gives that many parameters
     rnnscale generate RUN_DIR --prompt TEXT      sample from a trained model (recurrent form)
     rnnscale export CHECKPOINT --out DIR         a checkpoint's weights for generate (safetensors)
+    rnnscale export RUN_OR_CKPT --format hf --out DIR   a Hugging Face model directory
     rnnscale ckpt reshard CHECKPOINT             its universal form: resume on other world sizes
     rnnscale data tokenizer --input GLOB --vocab-size N --out DIR    train a sentencepiece BPE
     rnnscale data prepare --input GLOB --tokenizer PATH --out DIR    corpus -> MDS shards
@@ -133,13 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _checkpoint_parsers(commands) -> None:
     """rnnscale export, rnnscale ckpt reshard."""
     export = commands.add_parser(
-        "export", help="a checkpoint's weights as safetensors, config and tokenizer"
+        "export",
+        help="a checkpoint's or a run's model: safetensors, config and tokenizer, for "
+        "rnnscale generate or for transformers (--format hf)",
     )
     export.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a committed checkpoint: .../checkpoints/step_*"
-    )
+        "checkpoint", metavar="SOURCE",
+        help="a committed checkpoint (.../checkpoints/step_*) or a finished run directory",
+    )  # fmt: skip
     export.add_argument("--out", required=True, metavar="DIR")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    export.add_argument(
+        "--format", choices=["rnnscale", "hf"], default="rnnscale",
+        help="rnnscale: model.safetensors + config.yaml (rnnscale generate, resume tools); hf: a "
+        "directory transformers loads with trust_remote_code=True (docs/evaluation.md)",
+    )  # fmt: skip
     ckpt = commands.add_parser("ckpt", help="checkpoint tools")
     ckpt_actions = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION")
     reshard = ckpt_actions.add_parser(
@@ -232,9 +241,21 @@ def _train(cfg: RunConfig) -> int:
 
 
 def _export(args) -> int:
-    from rnnscale.train.export import export_checkpoint
+    from rnnscale.train.export import export_checkpoint, source_model
 
     try:
+        if args.format == "hf":
+            import torch
+
+            from rnnscale.train.hf import export_hf
+
+            model, cfg, tokenizer = source_model(args.checkpoint, args.dtype)
+            dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+            out = export_hf(model, cfg, tokenizer, args.out, dtype)
+            kind = "" if tokenizer else " (no tokenizer: the run trained on token ids)"
+            load = f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)"
+            print(f"rnnscale: wrote {out} ({args.dtype}){kind}; load it with transformers' {load}")
+            return 0
         path = export_checkpoint(args.checkpoint, args.out, args.dtype)
     except (ValueError, FileNotFoundError) as e:
         print(f"rnnscale: {e}", file=sys.stderr)

@@ -108,16 +108,16 @@ def load_exported(
     return model.to(device).eval(), cfg
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
-    """Consolidated weights of a committed checkpoint as `out/model.safetensors` (fp32 or bf16),
-    with its `config.yaml` and the run's tokenizer: what `rnnscale generate OUT` loads, with no
-    DeepSpeed. ZeRO 0-2 checkpoints hold the whole model in `mp_rank_00_model_states.pt` (read
-    with `weights_only`); ZeRO-3 shards are merged by DeepSpeed's `zero_to_fp32`."""
+def checkpoint_model(checkpoint_dir: str | Path, dtype: str = "fp32"):
+    """`(model, cfg, tokenizer)`: the consolidated weights of a committed checkpoint (fp32 or
+    bf16), its config, and the tokenizer it was trained with (a path, or None for token data
+    without one). ZeRO 0-2 checkpoints hold the whole model in `mp_rank_00_model_states.pt`
+    (read with `weights_only`); ZeRO-3 shards are merged by DeepSpeed's `zero_to_fp32`."""
     import json
 
     from rnnscale.train import checkpoint
 
-    path, out = Path(checkpoint_dir), Path(out)
+    path = Path(checkpoint_dir)
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     problem = checkpoint.verify(path)
@@ -138,19 +138,49 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, dtype: str = 
     model.load_state_dict({k: v.to(target, copy=True) for k, v in state.items()}, assign=True)
     if cfg.model.tie_embeddings:
         model.head.weight = model.embed.weight
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path / "config.yaml", out / "config.yaml")
     fingerprint = json.loads((path / checkpoint.META).read_text())["tokenizer"]
-    if fingerprint is not None:
-        from rnnscale.data.tokenizer import fingerprint as tokenizer_fingerprint
+    if fingerprint is None:
+        return model, cfg, None
+    from rnnscale.data.tokenizer import fingerprint as tokenizer_fingerprint
 
-        tokenizer = path.parent.parent / "tokenizer.model"  # the run directory's copy
-        if not tokenizer.is_file() or tokenizer_fingerprint(tokenizer) != fingerprint:
-            tokenizer = Path(cfg.data.tokenizer)
-        if not tokenizer.is_file() or tokenizer_fingerprint(tokenizer) != fingerprint:
-            raise FileNotFoundError(
-                f"the tokenizer this checkpoint was trained with (fingerprint {fingerprint[:12]}"
-                f"...) is neither in its run directory nor at data.tokenizer={cfg.data.tokenizer}"
-            )
+    tokenizer = path.parent.parent / "tokenizer.model"  # the run directory's copy
+    if not tokenizer.is_file() or tokenizer_fingerprint(tokenizer) != fingerprint:
+        tokenizer = Path(cfg.data.tokenizer)
+    if not tokenizer.is_file() or tokenizer_fingerprint(tokenizer) != fingerprint:
+        raise FileNotFoundError(
+            f"the tokenizer this checkpoint was trained with (fingerprint {fingerprint[:12]}"
+            f"...) is neither in its run directory nor at data.tokenizer={cfg.data.tokenizer}"
+        )
+    return model, cfg, tokenizer
+
+
+def source_model(source: str | Path, dtype: str = "fp32"):
+    """`(model, cfg, tokenizer or None)` of a committed checkpoint (`checkpoint_model`), or of a
+    finished run directory (its model.safetensors, config.yaml and tokenizer.model)."""
+    from rnnscale.train import checkpoint
+
+    path = Path(source)
+    if path.is_dir() and ((path / checkpoint.META).exists() or path.name.startswith("step_")):
+        return checkpoint_model(path, dtype)
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    model, cfg = load_exported(path)
+    if dtype == "bf16":
+        model = model.bfloat16()
+    run_dir = path if path.is_dir() else path.parent
+    tokenizer = run_dir / "tokenizer.model"
+    return model, cfg, tokenizer if tokenizer.is_file() else None
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """Consolidated weights of a committed checkpoint (or a finished run directory, see
+    `source_model`) as `out/model.safetensors` (fp32 or bf16), with its `config.yaml` and the
+    run's tokenizer: what `rnnscale generate OUT` loads, with no DeepSpeed."""
+    model, cfg, tokenizer = source_model(checkpoint_dir, dtype)
+    source, out = Path(checkpoint_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile((source if source.is_dir() else source.parent) / "config.yaml",
+                    out / "config.yaml")  # fmt: skip
+    if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.model")
     return export_model(model, out)

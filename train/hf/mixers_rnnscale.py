@@ -11,8 +11,6 @@ so every row's state is still zero at its first real token, and positions count 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -119,7 +117,8 @@ class RetNet(nn.Module):
 class Mamba2(nn.Module):
     def __init__(self, o, d, H, eps, layer_idx, chunk):
         super().__init__()
-        self.e, self.P, self.N, self.G = o["expand"] * d, o["head_dim"], o["state_size"], o["n_groups"]
+        self.e, self.P = o["expand"] * d, o["head_dim"]
+        self.N, self.G = o["state_size"], o["n_groups"]
         self.H, self.eps, self.chunk = self.e // self.P, eps, chunk["simple_gla"]
         bc = self.G * self.N
         self.in_proj = nn.Linear(d, 2 * self.e + 2 * bc + self.H, bias=False)
@@ -151,9 +150,10 @@ class Mamba2(nn.Module):
 class HGRN2(nn.Module):
     def __init__(self, o, d, H, eps, layer_idx, chunk):
         super().__init__()
-        self.H, self.key_width, self.layer_idx, self.chunk = H, o["expand_ratio"], layer_idx, chunk["gla"]
-        forget = H * self.key_width
-        self.q_proj, self.f_proj = nn.Linear(d, forget, bias=False), nn.Linear(d, forget, bias=False)
+        self.H, self.key_width, self.layer_idx = H, o["expand_ratio"], layer_idx
+        self.chunk, forget = chunk["gla"], H * self.key_width
+        self.q_proj = nn.Linear(d, forget, bias=False)
+        self.f_proj = nn.Linear(d, forget, bias=False)
         self.i_proj = nn.Linear(d, d, bias=False)
         self.g_norm, self.o_proj = Norm(d, eps), nn.Linear(d, d, bias=False)
         if layer_idx > 0:
@@ -183,10 +183,13 @@ class GatedDeltaNet(nn.Module):
         self.n, self.forget, self.neg = n, o["use_forget_gate"], o["allow_neg_eigval"]
         self.chunk = chunk["delta"]
         key, value = H * self.K, H * self.V
-        self.q_proj, self.k_proj = nn.Linear(d, key, bias=False), nn.Linear(d, n * key, bias=False)
-        self.v_proj, self.b_proj = nn.Linear(d, n * value, bias=False), nn.Linear(d, n * H, bias=False)
+        self.q_proj = nn.Linear(d, key, bias=False)
+        self.k_proj = nn.Linear(d, n * key, bias=False)
+        self.v_proj = nn.Linear(d, n * value, bias=False)
+        self.b_proj = nn.Linear(d, n * H, bias=False)
         size = o["conv_size"]
-        self.q_conv, self.k_conv, self.v_conv = Conv(key, size), Conv(n * key, size), Conv(n * value, size)
+        self.q_conv, self.k_conv = Conv(key, size), Conv(n * key, size)
+        self.v_conv = Conv(n * value, size)
         if self.forget:
             self.a_proj = nn.Linear(d, H, bias=False)
             self.A_log, self.dt_bias = nn.Parameter(torch.zeros(H)), nn.Parameter(torch.zeros(H))
@@ -200,13 +203,15 @@ class GatedDeltaNet(nn.Module):
         q, cq = self.q_conv(self.q_proj(x), cq, mask)
         k, ck = self.k_conv(self.k_proj(x), ck, mask)
         v, cv = self.v_conv(self.v_proj(x), cv, mask)
-        q, k, v = l2_normalize(q.view(B, T, H, K)), l2_normalize(k.view(B, T, n, H, K)), v.view(B, T, n, H, V)
+        q, k = l2_normalize(q.view(B, T, H, K)), l2_normalize(k.view(B, T, n, H, K))
+        v = v.view(B, T, n, H, V)
         acc = acc_dtype(x)
         beta = _masked(torch.sigmoid(self.b_proj(x).to(acc)).view(B, T, n, H), mask)
         beta = 2 * beta if self.neg else beta
         g = x.new_zeros(B, T, H, dtype=acc)
         if self.forget:
-            g = -self.A_log.to(acc).exp() * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
+            dt = F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
+            g = -self.A_log.to(acc).exp() * dt
         if n == 1:
             o, S = delta_rule(q, k[:, :, 0], v[:, :, 0], g, beta[:, :, 0], K**-0.5, S, self.chunk)
         else:
@@ -264,12 +269,16 @@ class RGLRU(nn.Module):
         acc = acc_dtype(u)
         uf = u.to(acc)
         blocks = uf.unflatten(-1, (self.H, -1))
-        gate = lambda w, b: (torch.einsum("bthi,hij->bthj", blocks, w.to(acc)) + b.to(acc)).flatten(-2)  # noqa: E731
+
+        def gate(w, b):  # block-diagonal: blocks [B, T, H, K] @ w [H, K, K] + b [H, K]
+            return (torch.einsum("bthi,hij->bthj", blocks, w.to(acc)) + b.to(acc)).flatten(-2)
+
         r, i = torch.sigmoid(gate(self.w_a, self.b_a)), torch.sigmoid(gate(self.w_x, self.b_x))
         log_a = -self.c * F.softplus(-self.Lambda.to(acc)) * r
         m = (-torch.expm1(2 * log_a)).sqrt()
         if h0 is None:  # m = 1 at every row's first real token
-            real = torch.ones(B, T, dtype=torch.long, device=x.device) if mask is None else mask.long()
+            real = torch.ones(B, T, dtype=torch.long, device=x.device)
+            real = real if mask is None else mask.long()
             first = (real.cumsum(1) == 1) & (real == 1)
             m = torch.where(first[..., None], torch.ones_like(m), m)
         h, h_last = elementwise_scan(log_a.exp(), _masked(m * i * uf, mask), h0, self.chunk)
@@ -300,7 +309,8 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             if state is not None:
-                k, v, kpos = torch.cat([k0, k], 2), torch.cat([v0, v], 2), torch.cat([kpos0, kpos], 1)
+                k, v = torch.cat([k0, k], 2), torch.cat([v0, v], 2)
+                kpos = torch.cat([kpos0, kpos], 1)
             qpos = pos[:, :, None]
             see = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos)  # (B, T, L)
             if self.window is not None:
@@ -311,8 +321,8 @@ class Attention(nn.Module):
                 see = torch.where(mask[:, :, None], see, own)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=see[:, None])
         if self.window is not None:
-            keep = min(self.window - 1, k.shape[2])
-            k, v, kpos = k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], kpos[:, kpos.shape[1] - keep :]
+            drop = k.shape[2] - min(self.window - 1, k.shape[2])  # keep the last window - 1
+            k, v, kpos = k[:, :, drop:], v[:, :, drop:], kpos[:, drop:]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), (k, v, kpos, seen)
 
 

@@ -152,9 +152,8 @@ class RnnscaleForCausalLM(RnnscalePreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten().to(logits.device))  # fmt: skip
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=RnnscaleCache(new_states) if use_cache else None
-        )
+        cache = RnnscaleCache(new_states) if use_cache else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):  # fmt: skip

@@ -1,0 +1,173 @@
+"""The Hugging Face format (`rnnscale export --format hf`): tiny models of every mixer, trained a
+few steps, exported, and loaded by transformers in a fresh process that cannot import rnnscale,
+give rnnscale's logits, greedy generations and token ids."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from rnnscale.launch.cli import main as cli
+from rnnscale.train.config import dump_yaml, from_dict
+from rnnscale.train.export import export_model
+from rnnscale.train.generate import generate
+from rnnscale.train.model import build_model
+
+CASES = {
+    "gla": ["gla"],
+    "mamba2": ["mamba2"],
+    "gated_deltanet": ["gated_deltanet"],
+    "hybrid": ["gla", "attn", "swa"],
+    "zoo": ["retnet", "hgrn2", "mingru", "minlstm", "rglru", "gated_deltanet"],
+}
+TEXTS = ["def f(x):\n    return x + 12345", "naïve café, 東京  two  spaces\ttab", "x"]
+PROMPT = [1, 7, 30, 12, 9]
+
+
+def _config(pattern, run_dir):
+    return from_dict({
+        "run": {"dir": str(run_dir)},
+        "model": {
+            "vocab_size": 300, "d_model": 32, "num_layers": len(pattern), "num_heads": 2,
+            "mixer_pattern": pattern, "swa": {"window": 6}, "hgrn2": {"expand_ratio": 8},
+            "mamba2": {"head_dim": 8, "state_size": 8, "n_groups": 2},
+            "gated_deltanet": {"num_householder": 2} if len(pattern) > 1 else {},
+        },
+        "kernels": {"chunk_size": {"gla": 16, "simple_gla": 16, "delta": 16, "scan": 16}},
+    })  # fmt: skip
+
+
+def _train(model, steps=4):
+    """A few AdamW steps on random tokens: weights away from their init (biases, norms)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 300, (2, 40), generator=g)
+        model.loss(ids, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from rnnscale.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    lines = [f"def f{i}(x):\n    return x * {i * 37} + 'naïve café'" for i in range(300)]
+    (root / "corpus.txt").write_text("\n".join(lines))
+    train_tokenizer([str(root / "corpus.txt")], 300, root / "out")
+    return root / "out" / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer):
+    """Every case trained, written as a finished run directory and exported with `rnnscale
+    export RUN --format hf` (in this process); then one fresh process loads them all."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hf")
+    expect = {}
+    for name, pattern in CASES.items():
+        run_dir = root / name / "run"
+        run_dir.mkdir(parents=True)
+        cfg = _config(pattern, run_dir)
+        model = _train(build_model(cfg.model, cfg.kernels))
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        export_model(model, run_dir)
+        (run_dir / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+        assert (
+            cli(["export", str(run_dir), "--format", "hf", "--out", str(root / name / "hf")]) == 0
+        )
+        ids = torch.randint(3, 300, (2, 45))
+        with torch.no_grad():
+            logits, _ = model(ids)
+            short, _ = model(ids[1:, 12:])
+        expect[name] = {"ids": ids.tolist(), "logits": logits, "short": short[0],
+                        "greedy": generate(model, PROMPT, 8, temperature=0)}  # fmt: skip
+    script = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+        class NoRnnscale(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "rnnscale" or name.startswith("rnnscale."):
+                    raise ImportError("rnnscale is not installed here")
+        sys.meta_path.insert(0, NoRnnscale())
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        inputs, out = json.load(open({str(root / "inputs.json")!r})), {{}}
+        for name, ids in inputs["ids"].items():
+            d = {str(root)!r} + "/" + name + "/hf"
+            model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
+            tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+            ids = torch.tensor(ids)
+            mask = torch.ones_like(ids)
+            mask[1, :12] = 0  # row 1: its last 33 tokens, left-padded
+            with torch.no_grad():
+                logits = model(ids).logits
+                padded = model(ids, attention_mask=mask).logits[1, 12:]
+            prompt = torch.tensor([inputs["prompt"]])
+            greedy = model.generate(prompt, max_new_tokens=8, do_sample=False,
+                                    attention_mask=torch.ones_like(prompt))
+            out[name] = {{"logits": logits.tolist(), "padded": padded.tolist(),
+                         "greedy": greedy[0, 5:].tolist(),
+                         "tokens": [tok(t)["input_ids"] for t in inputs["texts"]],
+                         "decoded": [tok.decode(tok(t)["input_ids"], skip_special_tokens=True)
+                                     for t in inputs["texts"]],
+                         "modules": sorted(m for m in sys.modules if m.startswith("rnnscale"))}}
+        json.dump(out, open({str(root / "outputs.json")!r}, "w"))
+    """)  # fmt: skip
+    inputs = {"ids": {n: e["ids"] for n, e in expect.items()}, "prompt": PROMPT, "texts": TEXTS}
+    (root / "inputs.json").write_text(json.dumps(inputs))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                         "HF_MODULES_CACHE": str(root / "modules")})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root, expect, json.loads((root / "outputs.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_transformers_gives_rnnscales_logits_and_generations(exported, name):
+    root, expect, got = exported
+    assert got[name]["modules"] == []  # the fresh process never imported rnnscale
+    want = expect[name]
+    torch.testing.assert_close(torch.tensor(got[name]["logits"]), want["logits"],
+                               atol=2e-5, rtol=1e-5)  # fmt: skip
+    # left padding is invisible: the padded row's logits are those of its tokens alone
+    torch.testing.assert_close(torch.tensor(got[name]["padded"]), want["short"],
+                               atol=2e-5, rtol=1e-5)  # fmt: skip
+    assert got[name]["greedy"] == want["greedy"]  # generate() with the recurrent cache
+
+
+def test_transformers_tokenizer_gives_the_runs_ids(exported, tokenizer):
+    import sentencepiece
+
+    _, _, got = exported
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    assert got["gla"]["tokens"] == [[1, *sp.encode(t)] for t in TEXTS]
+    assert got["gla"]["decoded"] == TEXTS
+
+
+def test_export_writes_a_complete_directory(exported):
+    root, _, _ = exported
+    d = root / "hybrid" / "hf"
+    names = {p.name for p in d.iterdir()}
+    files = {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+             "generation_config.json", "modeling_rnnscale.py", "layers_rnnscale.py"}  # fmt: skip
+    assert files <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    config = json.loads((d / "config.json").read_text())
+    assert config["layer_types"] == ["gla", "attn", "swa"]
+    assert config["rnnscale_model"]["mixer_pattern"] == ["gla", "attn", "swa"]
+    from safetensors.torch import load_file
+
+    weights = load_file(d / "model.safetensors")
+    assert "embed.weight" in weights and "head.weight" not in weights  # tied: stored once
+
+
+def test_export_hf_names_a_missing_source(tmp_path, capsys):
+    assert cli(["export", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
