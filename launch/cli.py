@@ -10,6 +10,7 @@
     rnnscale generate RUN_DIR --prompt TEXT      sample from a trained model (recurrent form)
     rnnscale export CHECKPOINT --out DIR         a checkpoint's weights for generate (safetensors)
     rnnscale export RUN_OR_CKPT --format hf --out DIR   a Hugging Face model directory
+    rnnscale import-hf DIR [--out YAML]          the model section (model.init_from) to go on
     rnnscale ckpt reshard CHECKPOINT             its universal form: resume on other world sizes
     rnnscale data tokenizer --input GLOB --vocab-size N --out DIR    train a sentencepiece BPE
     rnnscale data prepare --input GLOB --tokenizer PATH --out DIR    corpus -> MDS shards
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return _monitor(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "import-hf":
+        from rnnscale.launch.cli_hf import run_import
+
+        return run_import(args)
     if args.command == "ckpt":
         return _ckpt(args)
     if args.command in ("submit", "jobs"):
@@ -116,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(commands)
     _checkpoint_parsers(commands)
+    from rnnscale.launch.cli_hf import add_hf_parsers
+
+    add_hf_parsers(commands)
     from rnnscale.launch.jobs import add_parsers
 
     add_parsers(commands)

@@ -171,3 +171,72 @@ def test_export_writes_a_complete_directory(exported):
 def test_export_hf_names_a_missing_source(tmp_path, capsys):
     assert cli(["export", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["zoo", "hybrid"])
+def test_export_import_export_is_identical(exported, tmp_path, name):
+    """`rnnscale import-hf` gives the model section (with model.init_from) and chunk sizes; a
+    model built from it with those weights exports to the same bytes, file by file."""
+    from rnnscale.train.config import load_config
+    from rnnscale.train.hf import export_hf
+    from rnnscale.train.hf.load import load_initial_weights
+
+    root, _, _ = exported
+    source = root / name / "hf"
+    assert cli(["import-hf", str(source), "--out", str(tmp_path / "model.yaml")]) == 0
+    cfg = load_config(tmp_path / "model.yaml")
+    assert cfg.model.init_from == str(source.resolve())
+    model = build_model(cfg.model, cfg.kernels)
+    load_initial_weights(model, cfg)
+    export_hf(model, cfg, source / "tokenizer.model", tmp_path / "again")
+    assert _files(tmp_path / "again") == _files(source)
+
+
+def test_init_from_refuses_another_architecture(exported, tmp_path):
+    from rnnscale.train.config import ConfigError, load_config
+    from rnnscale.train.hf.load import check_source
+
+    root, _, _ = exported
+    assert cli(["import-hf", str(root / "gla" / "hf"), "--out", str(tmp_path / "m.yaml")]) == 0
+    cfg = load_config(tmp_path / "m.yaml", ["model.d_model=64", "model.gla.expand_k=1.0"])
+    with pytest.raises(ConfigError, match=r"is another architecture \(d_model: 32 there, 64 "
+                       r"here; mixers: .*\): set the model section to its own"):  # fmt: skip
+        check_source(cfg)
+
+
+def test_a_run_goes_on_from_an_exported_model(exported, repo_root, tmp_path):
+    """Run A trains and evaluates; its export, imported (`import-hf`, `model.init_from`), scores
+    A's validation batches exactly as A's last evaluation did, and run B's first training loss
+    is that model's loss on B's first batch: B starts where A ended."""
+    from rnnscale.train import trainer
+    from rnnscale.train.batches import RowShape, make_batches, make_val_batches
+    from rnnscale.train.config import load_config
+    from rnnscale.train.hf.load import load_initial_weights
+
+    common = ["train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=4",
+              "train.eval_batches=2", "log.progress_bar=false"]  # fmt: skip
+    a = load_config(repo_root / "configs" / "debug_cpu.yaml",
+                    [*common, f"run.dir={tmp_path / 'a'}", "train.max_steps=3",
+                     "train.eval_interval=3"])  # fmt: skip
+    trainer.run(a)
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [x["eval_loss"] for x in lines if "eval_loss" in x][-1]
+    assert (
+        cli(["export", str(tmp_path / "a"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    )
+    assert cli(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b.yaml")]) == 0
+    b = load_config(tmp_path / "b.yaml", [*common, f"run.dir={tmp_path / 'b'}",
+                                          "train.max_steps=1"])  # fmt: skip
+    trainer.run(b)
+    first = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    model = build_model(b.model, b.kernels)
+    load_initial_weights(model, b)
+    val = make_val_batches(a.data, RowShape.of(a), a.run.seed, 2)
+    assert trainer.evaluate(model, val, "cpu")["eval_loss"] == last_eval
+    batch = next(make_batches(b.data, RowShape.of(b), b.run.seed, tmp_path / "b"))
+    assert first["step"] == 1
+    assert first["loss"] == trainer.evaluate(model, [batch], "cpu")["eval_loss"]

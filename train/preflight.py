@@ -50,7 +50,8 @@ def _async_io_compatible() -> bool:
 def check_inputs(cfg: RunConfig, world: int, files: bool = True) -> None:
     """What a job of `world` ranks would refuse at its start: the parallel sizes, the batch
     arithmetic and, with `files` (where this process sees the workers' files), the tokenizer
-    against the model, the data streams, an explicitly named checkpoint to resume, and room
+    against the model, the data streams, an explicitly named checkpoint to resume, the weights
+    of model.init_from (their architecture and tokenizer), and room
     under checkpoint.dir for one checkpoint."""
     plan(cfg, world)
     if not files:
@@ -60,6 +61,10 @@ def check_inputs(cfg: RunConfig, world: int, files: bool = True) -> None:
         check_tokenizer(cfg.data, cfg.model.vocab_size)
     if cfg.checkpoint.resume not in ("auto", "none"):
         named_checkpoint(cfg.checkpoint.resume)
+    if cfg.model.init_from:
+        from rnnscale.train.hf.load import check_source
+
+        check_source(cfg)
     check_checkpoint_room(cfg)
 
 

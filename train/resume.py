@@ -19,13 +19,13 @@ from rnnscale.train.progress import Progress
 
 def checkpoint_meta(cfg: RunConfig) -> dict:
     """What a checkpoint records of the run beside its step and world size: what a resume must
-    keep (the architecture, i.e. the `model` section; the tokenizer; the sequence-parallel
-    size) and the ZeRO stage. The `kernels` section is not in it: a run may resume with other
-    chunk sizes or another backend."""
+    keep (the architecture, i.e. the `model` section less `init_from`, where the weights
+    started; the tokenizer; the sequence-parallel size) and the ZeRO stage. The `kernels`
+    section is not in it: a run may resume with other chunk sizes or another backend."""
     return {
         "zero_stage": cfg.parallel.zero_stage,
         "sequence_parallel_size": cfg.parallel.sequence_parallel_size,
-        "model": to_dict(cfg)["model"],
+        "model": {k: v for k, v in to_dict(cfg)["model"].items() if k != "init_from"},
         "tokenizer": _tokenizer_fingerprint(cfg),
     }
 

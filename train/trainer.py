@@ -113,7 +113,7 @@ def _train(cfg: RunConfig, device, threads: tuple[int, str]) -> dict:
                        layout.sequence_parallel_size, *threads, resume_from)  # fmt: skip
     notice(start_banner(cfg, facts))
     check_room_at_start(cfg, parameters)
-    engine, groups = _engine(cfg, ds_config, layout, device)
+    engine, groups = _engine(cfg, ds_config, layout, device, fresh=resume_from is None)
     shape = RowShape.of(cfg)
     batches = make_batches(cfg.data, shape, cfg.run.seed, cfg.run_dir, layout)
     val_batches = []
@@ -177,9 +177,10 @@ class _Job:
     watchdog: Watchdog | None = None
 
 
-def _engine(cfg: RunConfig, ds_config: dict, layout, device):
-    """The model (built partitioned under ZeRO-3: no rank ever holds all of it), optimizer and
-    schedule inside the DeepSpeed engine; and the sequence-parallel groups (None at P = 1)."""
+def _engine(cfg: RunConfig, ds_config: dict, layout, device, fresh: bool):
+    """The model (built partitioned under ZeRO-3: no rank ever holds all of it; a `fresh` run
+    with model.init_from takes those weights), optimizer and schedule inside the DeepSpeed
+    engine; and the sequence-parallel groups (None at P = 1)."""
     import deepspeed
 
     groups = None
@@ -190,6 +191,11 @@ def _engine(cfg: RunConfig, ds_config: dict, layout, device):
     stage3 = cfg.parallel.zero_stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext():
         model = build_model(cfg.model, cfg.kernels)
+    if fresh and cfg.model.init_from:
+        from rnnscale.train.hf.load import load_initial_weights
+
+        load_initial_weights(model, cfg)
+        notice(f"weights from model.init_from={cfg.model.init_from}")
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     if cfg.train.compile:
         model.compile_blocks()

@@ -133,6 +133,13 @@ class ModelSection:
     init_std: float = doc(
         0.02, "Standard deviation of the normal init of linear and embedding.", gt=0
     )
+    init_from: str = doc(
+        "", "Start a new run from these weights instead of the random init: a directory "
+        "`rnnscale export --format hf` wrote, or a finished run directory (or its "
+        "model.safetensors). Its architecture must be this section's (`rnnscale import-hf DIR` "
+        "prints the section); a resumed run takes its checkpoint's weights instead.",
+        why="empty: random init",
+    )  # fmt: skip
     gla: GLASection = section(GLASection, "Options of the gla mixer (Gated Linear Attention).")
     retnet: RetNetSection = section(RetNetSection, "Options of the retnet mixer (retention).")
     mamba2: Mamba2Section = section(Mamba2Section, "Options of the mamba2 mixer (SSD).")

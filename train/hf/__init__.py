@@ -68,7 +68,7 @@ def hf_config(cfg: RunConfig) -> dict:
         "eos_token_id": EOS,
         "pad_token_id": EOS,
         "torch_dtype": "float32",
-        "rnnscale_model": to_dict(m),
+        "rnnscale_model": {k: v for k, v in to_dict(m).items() if k != "init_from"},
     }
 
 
