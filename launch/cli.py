@@ -11,6 +11,7 @@
     rnnscale export CHECKPOINT --out DIR         a checkpoint's weights for generate (safetensors)
     rnnscale export RUN_OR_CKPT --format hf --out DIR   a Hugging Face model directory
     rnnscale import-hf DIR [--out YAML]          the model section (model.init_from) to go on
+    rnnscale eval SOURCE --tasks T1,T2           lm-evaluation-harness tasks on a trained model
     rnnscale ckpt reshard CHECKPOINT             its universal form: resume on other world sizes
     rnnscale data tokenizer --input GLOB --vocab-size N --out DIR    train a sentencepiece BPE
     rnnscale data prepare --input GLOB --tokenizer PATH --out DIR    corpus -> MDS shards
@@ -50,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return _monitor(args)
     if args.command == "export":
         return _export(args)
-    if args.command == "import-hf":
-        from rnnscale.launch.cli_hf import run_import
+    if args.command in ("import-hf", "eval"):
+        from rnnscale.launch.cli_hf import run_eval, run_import
 
-        return run_import(args)
+        return run_import(args) if args.command == "import-hf" else run_eval(args)
     if args.command == "ckpt":
         return _ckpt(args)
     if args.command in ("submit", "jobs"):

@@ -155,13 +155,19 @@ def checkpoint_model(checkpoint_dir: str | Path, dtype: str = "fp32"):
 
 
 def source_model(source: str | Path, dtype: str = "fp32"):
-    """`(model, cfg, tokenizer or None)` of a committed checkpoint (`checkpoint_model`), or of a
-    finished run directory (its model.safetensors, config.yaml and tokenizer.model)."""
+    """`(model, cfg, tokenizer or None)` of a committed checkpoint (`checkpoint_model`), of a
+    finished run directory (its model.safetensors, config.yaml and tokenizer.model), or of a
+    directory `rnnscale export --format hf` wrote."""
     from rnnscale.train import checkpoint
 
     path = Path(source)
     if path.is_dir() and ((path / checkpoint.META).exists() or path.name.startswith("step_")):
         return checkpoint_model(path, dtype)
+    if (path / "config.json").is_file():  # a Hugging Face directory rnnscale exported
+        from rnnscale.train.hf.load import hf_model
+
+        model, cfg, tokenizer = hf_model(path)
+        return (model.bfloat16() if dtype == "bf16" else model), cfg, tokenizer
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     model, cfg = load_exported(path)

@@ -20,11 +20,13 @@ def generate(
     stop_id: int | None = None,
     num_tokens: int | None = None,
     generator: torch.Generator | None = None,
+    stop=None,
 ) -> list[int]:
     """The new tokens after `prompt` (at most `max_new_tokens`; stops after `stop_id`).
     temperature 0 is greedy; top_p < 1 samples from the smallest set of tokens whose
     probabilities reach top_p (nucleus sampling). `num_tokens`: only ids below it are drawn
-    (a vocabulary padded beyond the tokenizer's pieces)."""
+    (a vocabulary padded beyond the tokenizer's pieces). `stop(tokens)`: a test on the new
+    tokens after each one (e.g. a stop string in their text): True ends the generation."""
     if not prompt:
         raise ValueError("the prompt must hold at least one token (e.g. BOS)")
     device = next(model.parameters()).device
@@ -37,7 +39,7 @@ def generate(
             last[num_tokens:] = float("-inf")
         token = sample(last, temperature, top_p, generator)
         out.append(token)
-        if token == stop_id:
+        if token == stop_id or (stop is not None and stop(out)):
             break
         logits, state = model(torch.tensor([[token]], device=device), state=state)
     return out

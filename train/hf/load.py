@@ -112,12 +112,10 @@ def _gathered(p: torch.nn.Parameter):
     return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
 
 
-def import_section(path: str | Path) -> str:
-    """The `model:` YAML section (with `init_from`) that starts a run from the source, and the
-    `kernels.chunk_size` it ran with (the same sums in the same order)."""
-    import yaml
-
-    from rnnscale.train.config import from_dict, to_dict
+def source_config(path: str | Path) -> tuple[RunConfig, Path | None]:
+    """The run config (`model` and `kernels.chunk_size`, `model.init_from` the source; the
+    rest defaults) of a model from `path`, and its tokenizer or None."""
+    from rnnscale.train.config import from_dict
 
     config, _, tokenizer = read_source(path)
     model = config.get("rnnscale_model")
@@ -127,11 +125,35 @@ def import_section(path: str | Path) -> str:
                  "mixer_pattern": config["layer_types"], "mlp_hidden": config["mlp_hidden"],
                  "norm_eps": config["norm_eps"],
                  "tie_embeddings": config["tie_word_embeddings"], **config["mixers"]}  # fmt: skip
-    cfg = from_dict({"model": model, "kernels": {"chunk_size": config.get("chunk_sizes", {})}})
-    model = {**to_dict(cfg.model), "init_from": str(Path(path).resolve())}
-    kernels = {"chunk_size": to_dict(cfg.kernels.chunk_size)}
-    text = yaml.safe_dump({"model": model, "kernels": kernels}, sort_keys=False,
-                          default_flow_style=None)  # fmt: skip
+    model = {**model, "init_from": str(Path(path).resolve())}
+    chunks = config.get("chunk_sizes", {})
+    return from_dict({"model": model, "kernels": {"chunk_size": chunks}}), tokenizer
+
+
+def hf_model(path: str | Path):
+    """`(model, cfg, tokenizer or None)` of a directory `rnnscale export --format hf` wrote,
+    as rnnscale's own model (eval mode)."""
+    from rnnscale.train.model import build_model
+
+    cfg, tokenizer = source_config(path)
+    model = build_model(cfg.model, cfg.kernels)
+    load_initial_weights(model, cfg)
+    return model.eval(), cfg, tokenizer
+
+
+def import_section(path: str | Path) -> str:
+    """The `model:` YAML section (with `init_from`) that starts a run from the source, and the
+    `kernels.chunk_size` it ran with (the same sums in the same order)."""
+    import yaml
+
+    from rnnscale.train.config import to_dict
+
+    cfg, tokenizer = source_config(path)
+    section = {
+        "model": to_dict(cfg.model),
+        "kernels": {"chunk_size": to_dict(cfg.kernels.chunk_size)},
+    }
+    text = yaml.safe_dump(section, sort_keys=False, default_flow_style=None)
     if tokenizer is not None:
         text += f"# its tokenizer: data.tokenizer={tokenizer.resolve()}\n"
     return text
