@@ -50,7 +50,7 @@ def run(tmp_path_factory):
     (root / "corpus.txt").write_text("\n".join(f"the {a} eats {f}." for a, f in PAIRS * 40))
     train_tokenizer([str(root / "corpus.txt")], 290, root / "run")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(root / "run" / "tokenizer.model"))
-    cfg = from_dict({"run": {"dir": str(root / "run")},
+    cfg = from_dict({"run": {"dir": str(root / "run")}, "train": {"seq_len": 32},
                      "model": {"vocab_size": 320, "d_model": 32, "num_layers": 2,
                                "num_heads": 2, "mixer_pattern": ["gla", "attn"]}})  # fmt: skip
     torch.manual_seed(0)
@@ -118,3 +118,13 @@ def test_packed_scores_equal_one_request_at_a_time(run):
     with torch.no_grad():
         loss = model.loss(ids[:, :-1], ids[:, 1:]).item()
     assert rolling == pytest.approx(-loss * (ids.shape[1] - 1), rel=1e-5)
+
+
+def test_length_suite_asks_for_a_passkey(run):
+    """With a tokenizer the length suite hides a five-digit key in filler text at lengths from
+    half to `factor` times the training length and asks for it (this model never learned to)."""
+    run_dir, _, _ = run
+    assert cli(["eval", str(run_dir), "--suite", "length", "--factor", "2", "--rows", "1"]) == 0
+    result = json.loads((run_dir / "eval" / "length.json").read_text())
+    assert [p["target_tokens"] for p in result["passkey"]] == [16, 32, 64]
+    assert all(0 <= p["accuracy"] <= 1 and p["tokens"] > 0 for p in result["passkey"])

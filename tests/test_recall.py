@@ -5,8 +5,8 @@ really moves information along the sequence, not just that a loss goes down."""
 
 import pytest
 import torch
-from recall_task import AssociativeRecall
 
+from rnnscale.data.recall import AssociativeRecall
 from rnnscale.train.config import load_config
 from rnnscale.train.model import MIXERS, build_model
 

@@ -1,0 +1,75 @@
+"""`rnnscale eval --suite recall|length`: a tiny model trained on associative recall recalls
+well above chance where it was trained, and both suites write their JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rnnscale.data.recall import AssociativeRecall
+from rnnscale.launch.cli import main as cli
+from rnnscale.train.config import dump_yaml, load_config
+from rnnscale.train.export import export_model
+from rnnscale.train.model import build_model
+
+
+@pytest.fixture(scope="module")
+def recall_run(tmp_path_factory, repo_root_module):
+    """configs/tiny/gla.yaml trained on recall rows of 4 pairs (16 tokens), as a finished run."""
+    task = AssociativeRecall(num_keys=8, num_values=8, pairs=4, queries=4, seed=0)
+    run_dir = tmp_path_factory.mktemp("suites") / "run"
+    cfg = load_config(repo_root_module / "configs" / "tiny" / "gla.yaml",
+                      [f"model.vocab_size={task.vocab_size}", "train.seq_len=16",
+                       f"run.dir={run_dir}"])  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.kernels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(300):
+        batch = task.batch(step, 16)
+        model.loss(batch["input_ids"], batch["labels"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    export_model(model.eval(), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def repo_root_module():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
+
+
+def test_recall_suite_finds_the_trained_recall(recall_run, capsys):
+    assert cli(["eval", str(recall_run), "--suite", "recall", "--num-keys", "8", "--num-values",
+                "8", "--pairs", "2,4,8", "--lengths", "16,32"]) == 0  # fmt: skip
+    assert "rnnscale: recall: best" in capsys.readouterr().out
+    result = json.loads((recall_run / "eval" / "recall.json").read_text())
+    got = {(r["pairs"], r["length"]): r["accuracy"] for r in result["results"]}
+    assert set(got) == {(2, 16), (2, 32), (4, 16), (4, 32), (8, 32)}  # 8 pairs need 32 tokens
+    assert result["chance"] == 1 / 8
+    assert got[(4, 16)] > 0.4  # as trained; chance is 0.125
+    assert (recall_run / "eval" / "recall.png").stat().st_size > 0
+
+
+def test_length_suite_scores_past_the_training_length(recall_run, capsys):
+    assert cli(["eval", str(recall_run), "--suite", "length", "--factor", "4", "--rows", "2"]) == 0
+    result = json.loads((recall_run / "eval" / "length.json").read_text())
+    assert result["train_seq_len"] == 16 and result["positions"][-1] < 64 <= 4 * 16
+    assert len(result["loss"]) == 32 and all(x > 0 for x in result["loss"])
+    assert result["loss_beyond_train_len"] is not None
+    assert "passkey" not in result  # the run trained on token ids: no text to hide a key in
+    assert (recall_run / "eval" / "length.png").stat().st_size > 0
+
+
+def test_eval_names_what_is_missing(recall_run, tmp_path, capsys):
+    assert cli(["eval", str(recall_run)]) == 2
+    assert "eval needs --tasks (lm-eval) or --suite recall|length" in capsys.readouterr().err
+    assert cli(["eval", str(recall_run), "--tasks", "x"]) == 2
+    assert "has no tokenizer.model" in capsys.readouterr().err
+    assert cli(["eval", str(recall_run), "--suite", "recall", "--pairs", "two"]) == 2
+    assert "--pairs takes whole numbers" in capsys.readouterr().err

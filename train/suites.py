@@ -1,0 +1,189 @@
+"""The evaluations recurrent models are judged by, built in: `rnnscale eval RUN --suite recall`
+and `--suite length` (docs/evaluation.md). Each returns a JSON-able dict; `draw` makes its PNG.
+
+- recall: multi-query associative recall (`rnnscale.data.recall`, Zoology's MQAR) accuracy at
+  several numbers of key/value pairs and row lengths (a gap of filler tokens between the pairs
+  and the queries: the distance the state must hold them over), against chance (1 / values).
+- length: (1) the loss at every position of rows `factor` times the training length, cut from
+  the validation data read as one stream (documents back to back, nothing reset: a state that
+  runs past what training showed it), averaged over rows and binned; (2) passkey retrieval: a
+  five-digit key hidden at several depths in filler text of growing length, then asked for;
+  right when greedy decoding gives its digits (needs the run's tokenizer).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import torch
+
+from rnnscale.data.recall import IGNORE, AssociativeRecall
+from rnnscale.train.generate import generate
+
+
+@torch.no_grad()
+def recall_accuracy(model, task: AssociativeRecall, rows: int, batches: int, device="cpu"):
+    """The share of answers whose most likely next token is right, over `batches` batches of
+    `rows` held-out rows (indices from 10^6: never those a training run draws)."""
+    right = total = 0
+    for i in range(batches):
+        batch = task.batch(10**6 + i, rows)
+        logits, _ = model(batch["input_ids"].to(device))
+        labels = batch["labels"].to(device)
+        scored = labels != IGNORE
+        right += int((logits.argmax(-1)[scored] == labels[scored]).sum())
+        total += int(scored.sum())
+    return right / total
+
+
+def recall_suite(model, vocab_size: int, *, pairs=(4, 8, 16, 32), lengths=(64, 256, 1024),
+                 num_keys: int = 0, num_values: int = 0, rows: int = 16, batches: int = 2,
+                 device="cpu") -> dict:  # fmt: skip
+    """Accuracy for every (pairs, length) that fits (every key asked once: length >= 4 pairs).
+    Keys and values split the ids above the specials in two (or `num_keys`, `num_values`); the
+    last of them is the filler."""
+    keys = num_keys or (vocab_size - 4) // 2
+    values = num_values or vocab_size - 4 - keys
+    if 3 + keys + values + 1 > vocab_size:
+        raise ValueError(f"--num-keys {keys} + --num-values {values} + 4 ids exceed the "
+                         f"vocabulary ({vocab_size})")  # fmt: skip
+    results = []
+    for n, length in itertools.product(pairs, lengths):
+        if n > keys or length < 4 * n:
+            continue
+        task = AssociativeRecall(keys, values, n, n, seed=0, length=length)
+        accuracy = recall_accuracy(model, task, rows, batches, device)
+        results.append({"pairs": n, "length": length, "accuracy": accuracy})
+    return {"suite": "recall", "num_keys": keys, "num_values": values, "chance": 1 / values,
+            "rows": rows * batches, "results": results}  # fmt: skip
+
+
+def validation_stream(cfg, tokens: int):
+    """At least `tokens` tokens of the run's validation documents, back to back: data.val_streams
+    (mds; the training streams if there are none), or the synthetic chain's held-out documents."""
+    if cfg.data.source == "synthetic":
+        from rnnscale.data.synthetic import HELD_OUT, MarkovDocuments
+
+        chain = MarkovDocuments(cfg.model.vocab_size, cfg.data.mean_doc_len, cfg.run.seed,
+                                first_index=HELD_OUT)  # fmt: skip
+        docs = (chain[i] for i in itertools.count())
+    else:
+        from rnnscale.data.loader import held_out_documents
+
+        streams = cfg.data.val_streams or cfg.data.streams
+        docs = held_out_documents([s.path for s in streams], 0, 1)
+    got, parts = 0, []
+    for doc in docs:
+        parts.append(np.asarray(doc, dtype=np.int64))
+        got += len(doc)
+        if got >= tokens:
+            return np.concatenate(parts)[:tokens]
+    raise ValueError(f"the validation data holds {got:,} tokens; the length suite needs "
+                     f"{tokens:,} (fewer --rows or a smaller --factor)")  # fmt: skip
+
+
+@torch.no_grad()
+def loss_by_position(model, stream: np.ndarray, rows: int, length: int, bins: int, device):
+    """Mean next-token loss of `rows` rows of `length` tokens, in `bins` equal position bins:
+    `(bin starts, losses)`."""
+    ids = torch.as_tensor(stream[: rows * length]).view(rows, length).to(device)
+    logits, _ = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:],
+                                             reduction="none").mean(0)  # fmt: skip
+    edges = np.linspace(0, length - 1, bins + 1).astype(int)
+    return edges[:-1].tolist(), [float(loss[a:b].mean()) for a, b in itertools.pairwise(edges)]
+
+
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+         "memorize it. I will quiz you about the important information there. ")  # fmt: skip
+
+
+def passkey_prompt(sp, tokens: int, depth: float, key: int) -> list[int]:
+    """BOS, the intro, filler to about `tokens` tokens with the key's line at `depth` of it, and
+    the question."""
+    line = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "What is the pass key? The pass key is"
+    fixed = len(sp.encode(INTRO + line + question)) + 1
+    repeats = max(0, (tokens - fixed) // len(sp.encode(FILLER)))
+    before = round(repeats * depth)
+    text = INTRO + FILLER * before + line + FILLER * (repeats - before) + question
+    return [sp.bos_id(), *sp.encode(text)]
+
+
+def passkey(model, sp, lengths, depths=(0.1, 0.5, 0.9), keys: int = 3, device="cpu") -> list:
+    """Accuracy of greedy retrieval at every length (over depths x keys prompts)."""
+    rng, out = random.Random(0), []
+    for length in lengths:
+        right, sizes = 0, []
+        for depth, _ in itertools.product(depths, range(keys)):
+            key = rng.randint(10000, 99999)
+            prompt = passkey_prompt(sp, length, depth, key)
+            answer = sp.decode(generate(model, prompt, len(sp.encode(f" {key}")) + 2,
+                                        temperature=0))  # fmt: skip
+            right += str(key) in answer.split(".")[0]
+            sizes.append(len(prompt))
+        out.append({"tokens": round(float(np.mean(sizes))), "target_tokens": length,
+                    "accuracy": right / len(sizes)})  # fmt: skip
+    return out
+
+
+def length_suite(model, cfg, sp=None, *, factor: int = 8, rows: int = 4, bins: int = 32,
+                 device="cpu") -> dict:  # fmt: skip
+    """Loss by position up to `factor` x train.seq_len, and passkey retrieval at 1/2, 1, 2, ...
+    `factor` x train.seq_len when the run has a tokenizer (`sp`)."""
+    seq = cfg.train.seq_len
+    length = factor * seq
+    stream = validation_stream(cfg, rows * length)
+    starts, losses = loss_by_position(model, stream, rows, length, bins, device)
+    inside = [x for s, x in zip(starts, losses) if s < seq]
+    beyond = [x for s, x in zip(starts, losses) if s >= seq]
+    result = {"suite": "length", "train_seq_len": seq, "factor": factor, "rows": rows,
+              "positions": starts, "loss": losses,
+              "loss_within_train_len": float(np.mean(inside)) if inside else None,
+              "loss_beyond_train_len": float(np.mean(beyond)) if beyond else None}  # fmt: skip
+    if sp is not None:
+        lengths = [seq // 2] + [seq * 2**i for i in range(int(np.log2(factor)) + 1)]
+        result["passkey"] = passkey(model, sp, lengths, device=device)
+    return result
+
+
+def draw(result: dict, png) -> bool:
+    """The suite's PNG (False where matplotlib is missing)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    if result["suite"] == "recall":
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        for length in sorted({r["length"] for r in result["results"]}):
+            rs = [r for r in result["results"] if r["length"] == length]
+            ax.plot([r["pairs"] for r in rs], [r["accuracy"] for r in rs], "o-",
+                    label=f"{length} tokens")  # fmt: skip
+        ax.axhline(result["chance"], color="gray", ls="--", label="chance")
+        ax.set(xscale="log", xlabel="key/value pairs", ylabel="recall accuracy", ylim=(0, 1.02),
+               title="Multi-query associative recall")  # fmt: skip
+    else:
+        panels = 2 if "passkey" in result else 1
+        fig = Figure(figsize=(6 * panels, 4))
+        ax = fig.add_subplot(1, panels, 1)
+        ax.plot(result["positions"], result["loss"], "-")
+        ax.axvline(result["train_seq_len"], color="gray", ls="--", label="training length")
+        ax.set(xlabel="token position", ylabel="loss", title="Loss by position")
+        if "passkey" in result:
+            pk = fig.add_subplot(1, panels, 2)
+            pk.plot([p["tokens"] for p in result["passkey"]],
+                    [p["accuracy"] for p in result["passkey"]], "o-")  # fmt: skip
+            pk.axvline(result["train_seq_len"], color="gray", ls="--")
+            pk.set(xscale="log", xlabel="prompt tokens", ylabel="passkey accuracy",
+                   ylim=(-0.02, 1.02), title="Passkey retrieval")  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(png))
+    return True
