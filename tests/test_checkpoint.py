@@ -166,7 +166,7 @@ def test_a_run_resumes_with_other_kernel_settings(repo_root, tmp_path, monkeypat
 @pytest.mark.parametrize("stage", [0, 3])
 def test_export_of_a_checkpoint_is_the_trained_model(repo_root, tmp_path, stage):
     """The last step's checkpoint, exported, holds the weights the run exported at its end;
-    bf16 is their rounding; `rnnscale generate` loads it."""
+    bf16 is their rounding; `rnnscale generate` loads it; the run directory exports too."""
     from safetensors.torch import load_file
     from test_cli import rnnscale
 
@@ -192,6 +192,12 @@ def test_export_of_a_checkpoint_is_the_trained_model(repo_root, tmp_path, stage)
                  "--max-new-tokens", "4", cwd=repo_root)  # fmt: skip
     assert r.returncode == 0, r.stderr
     r = rnnscale("export", str(tmp_path), "--out", str(tmp_path / "x"), cwd=repo_root)
+    assert r.returncode == 0, r.stderr  # a finished run directory exports its final model
+    again = load_file(tmp_path / "x" / "model.safetensors")
+    assert all(torch.equal(again[k], final[k]) for k in final)
+    (tmp_path / "checkpoints" / "step_000000099").mkdir()
+    r = rnnscale("export", str(tmp_path / "checkpoints" / "step_000000099"), "--out",
+                 str(tmp_path / "y"), cwd=repo_root)  # fmt: skip
     assert r.returncode == 2 and "is not a committed checkpoint" in r.stderr
 
 

@@ -73,3 +73,19 @@ def test_eval_names_what_is_missing(recall_run, tmp_path, capsys):
     assert "has no tokenizer.model" in capsys.readouterr().err
     assert cli(["eval", str(recall_run), "--suite", "recall", "--pairs", "two"]) == 2
     assert "--pairs takes whole numbers" in capsys.readouterr().err
+
+
+def test_training_runs_the_suites_at_every_evaluation(repo_root_module, tmp_path):
+    """train.eval_suites: the suites' numbers are logged with every evaluation."""
+    from rnnscale.train import trainer
+
+    cfg = load_config(repo_root_module / "configs" / "debug_cpu.yaml",
+                      [f"run.dir={tmp_path}", "train.max_steps=2", "train.eval_interval=2",
+                       "train.eval_batches=1", "train.eval_suites=[recall,length]",
+                       "log.progress_bar=false"])  # fmt: skip
+    trainer.run(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (last,) = [x for x in lines if "eval_loss" in x]
+    assert 0 <= last["eval_recall_acc"] <= 1 and "eval_recall_acc_16_pairs" in last
+    assert last["eval_loss_beyond_train_len"] > 0 and last["eval_loss_within_train_len"] > 0
+    assert "eval_passkey_acc" not in last  # synthetic data: no tokenizer

@@ -86,8 +86,11 @@ def _pattern(layer_types: list[str]) -> str:
 def eval_line(step: int, metrics: dict) -> str:
     tokens = metrics.get("eval_tokens")
     count = f" over {int(tokens):,} tokens" if tokens else ""
+    suites = "".join(f", {name.removeprefix('eval_')} {metrics[name]:.3f}" for name in
+                     ("eval_recall_acc", "eval_loss_beyond_train_len", "eval_passkey_acc")
+                     if name in metrics)  # fmt: skip
     return (f"eval at step {step}: loss {metrics['eval_loss']:.4f}, perplexity "
-            f"{metrics['eval_ppl']:.2f}{count}")  # fmt: skip
+            f"{metrics['eval_ppl']:.2f}{count}{suites}")  # fmt: skip
 
 
 def end_summary(cfg: RunConfig, summary: dict, prompt_hint: str) -> str:

@@ -187,3 +187,47 @@ def draw(result: dict, png) -> bool:
     fig.tight_layout()
     FigureCanvasAgg(fig).print_png(str(png))
     return True
+
+
+class TrainingSuites:
+    """`train.eval_suites` at every evaluation: `metrics(model)` gives flat `eval_*` scalars.
+    Every rank runs the same forwards (ZeRO-3 gathers its parameters in them); the validation
+    stream is read once. Smaller than `rnnscale eval`'s defaults: rows of train.seq_len for
+    recall, 4 x train.seq_len for length, one passkey depth."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device, self.stream, self.sp = cfg, device, None, None
+        tokenizer = cfg.run_dir / "tokenizer.model"
+        if "length" in cfg.train.eval_suites and tokenizer.is_file():
+            import sentencepiece
+
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+
+    @torch.no_grad()
+    def metrics(self, model) -> dict:
+        cfg, out = self.cfg, {}
+        was_training = model.training
+        model.eval()
+        seq = cfg.train.seq_len
+        if "recall" in cfg.train.eval_suites:
+            pairs = [n for n in (4, 8, 16, 32) if 4 * n <= seq] or [max(1, seq // 4)]
+            result = recall_suite(model, cfg.model.vocab_size, pairs=pairs, lengths=(seq,),
+                                  rows=16, batches=1, device=self.device)  # fmt: skip
+            for r in result["results"]:
+                out[f"eval_recall_acc_{r['pairs']}_pairs"] = r["accuracy"]
+            out["eval_recall_acc"] = float(np.mean([r["accuracy"] for r in result["results"]]))
+        if "length" in cfg.train.eval_suites:
+            rows, length = 2, 4 * seq
+            if self.stream is None:
+                self.stream = validation_stream(cfg, rows * length)
+            starts, losses = loss_by_position(model, self.stream, rows, length, 32, self.device)
+            out["eval_loss_within_train_len"] = float(np.mean(
+                [x for s, x in zip(starts, losses) if s < seq]))  # fmt: skip
+            out["eval_loss_beyond_train_len"] = float(np.mean(
+                [x for s, x in zip(starts, losses) if s >= seq]))  # fmt: skip
+            if self.sp is not None:
+                found = passkey(model, self.sp, [seq, 4 * seq], depths=(0.5,), keys=2,
+                                device=self.device)  # fmt: skip
+                out["eval_passkey_acc"] = float(np.mean([p["accuracy"] for p in found]))
+        model.train(was_training)
+        return out

@@ -134,6 +134,10 @@ def _train(cfg: RunConfig, device, threads: tuple[int, str]) -> dict:
                      load_s=round(load_s, 4), pid=os.getpid(),
                      parameters=parameters,
                      host=socket.gethostname())  # fmt: skip
+    if cfg.train.eval_suites and cfg.train.eval_interval > 0:
+        from rnnscale.train.suites import TrainingSuites
+
+        job.suites = TrainingSuites(cfg, device)
     job.preemption = Preemption.for_run(cfg)
     job.watchdog = Watchdog(cfg.train.hang_timeout_s, job.logger).start()
     try:
@@ -175,6 +179,7 @@ class _Job:
     logger: Logger | None = None
     preemption: Preemption | None = None
     watchdog: Watchdog | None = None
+    suites: object = None  # rnnscale.train.suites.TrainingSuites (train.eval_suites), or None
 
 
 def _engine(cfg: RunConfig, ds_config: dict, layout, device, fresh: bool):
@@ -233,6 +238,8 @@ def _loop(job: _Job, cfg: RunConfig, progress: Progress) -> tuple[Progress, dict
         metrics["peak_memory_gb"] = peak_memory_gb(job.device)
         if job.val_batches and (step % cfg.train.eval_interval == 0 or last):
             metrics.update(evaluate(job.engine, job.val_batches, job.device, job.groups))
+            if job.suites is not None:
+                metrics.update(job.suites.metrics(job.engine))
             notice(eval_line(step, metrics))
             if job.groups is not None:  # sp_bytes count the training steps only
                 job.groups.stats.take()

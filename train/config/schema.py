@@ -139,6 +139,13 @@ class TrainSection:
         ge=0,
         why="0: never",
     )
+    eval_suites: list[Literal["recall", "length"]] = doc(
+        [],
+        "Built-in suites run at every evaluation too, logged beside eval_loss (metrics.jsonl, "
+        "TensorBoard, wandb): recall (eval_recall_acc: associative recall at train.seq_len, 4 "
+        "to 32 pairs) and length (eval_loss_within_train_len, eval_loss_beyond_train_len over "
+        "rows 4 x train.seq_len; eval_passkey_acc with a tokenizer). docs/evaluation.md.",
+    )
     max_consecutive_skips: int = doc(
         5,
         "A step whose loss or gradient is not finite is skipped (no update) and counted; after "
@@ -322,4 +329,9 @@ class RunConfig:
             "data.val_streams",
             "train.eval_interval > 0 with data.source=mds needs validation streams "
             "(e.g. [{path: data/val-shards}]), or set train.eval_interval=0",
+        )
+        require(
+            not t.eval_suites or t.eval_interval > 0,
+            "train.eval_suites",
+            "run at every evaluation: set train.eval_interval > 0 too, or leave them out",
         )
