@@ -112,8 +112,18 @@ def exported(tmp_path_factory, tokenizer):
             prompt = torch.tensor([inputs["prompt"]])
             greedy = model.generate(prompt, max_new_tokens=8, do_sample=False,
                                     attention_mask=torch.ones_like(prompt))
+            # beam search reorders the cache: each beam's score is its tokens' log-probability
+            beams = model.generate(prompt, max_new_tokens=5, num_beams=3, num_return_sequences=3,
+                                   do_sample=False, length_penalty=0.0, output_scores=True,
+                                   return_dict_in_generate=True,
+                                   attention_mask=torch.ones_like(prompt))
+            beam = []
+            for seq, score in zip(beams.sequences, beams.sequences_scores):
+                with torch.no_grad():
+                    lp = torch.log_softmax(model(seq[None]).logits[0, 4:-1], -1)
+                beam.append([float(score), float(lp.gather(1, seq[5:, None]).sum())])
             out[name] = {{"logits": logits.tolist(), "padded": padded.tolist(),
-                         "greedy": greedy[0, 5:].tolist(),
+                         "greedy": greedy[0, 5:].tolist(), "beam": beam,
                          "tokens": [tok(t)["input_ids"] for t in inputs["texts"]],
                          "decoded": [tok.decode(tok(t)["input_ids"], skip_special_tokens=True)
                                      for t in inputs["texts"]],
@@ -140,6 +150,8 @@ def test_transformers_gives_rnnscales_logits_and_generations(exported, name):
     torch.testing.assert_close(torch.tensor(got[name]["padded"]), want["short"],
                                atol=2e-5, rtol=1e-5)  # fmt: skip
     assert got[name]["greedy"] == want["greedy"]  # generate() with the recurrent cache
+    scores, log_probs = zip(*got[name]["beam"])
+    assert scores == pytest.approx(log_probs, abs=1e-4)
 
 
 def test_transformers_tokenizer_gives_the_runs_ids(exported, tokenizer):
