@@ -8,7 +8,8 @@ answers a_j are scored (every other label is IGNORE = -100); a prediction is rig
 likely token after q_j is a_j. Without the pairs the best a model can do is guess a value: loss
 ln(num_values), accuracy 1 / num_values.
 
-Ids: 0-2 the specials, keys from FIRST_KEY, then the values, then one filler id.
+Ids: 0-2 the specials, keys from FIRST_KEY, then the values. The gap is filled with id 0 (the
+unknown piece: never a key or a value), as Zoology fills its gaps with 0.
 """
 
 from __future__ import annotations
@@ -40,13 +41,11 @@ class AssociativeRecall:
         self.pairs, self.queries, self.seed = pairs, queries, seed
         self.gap = length - 2 * (pairs + queries) if length else 0
 
-    @property
-    def filler(self) -> int:
-        return FIRST_KEY + self.num_keys + self.num_values
+    filler = 0
 
     @property
     def vocab_size(self) -> int:
-        return self.filler + 1
+        return FIRST_KEY + self.num_keys + self.num_values
 
     @property
     def seq_len(self) -> int:

@@ -252,3 +252,13 @@ def test_a_run_goes_on_from_an_exported_model(exported, repo_root, tmp_path):
     batch = next(make_batches(b.data, RowShape.of(b), b.run.seed, tmp_path / "b"))
     assert first["step"] == 1
     assert first["loss"] == trainer.evaluate(model, [batch], "cpu")["eval_loss"]
+
+
+def test_exported_model_refuses_right_padding(exported):
+    from transformers import AutoModelForCausalLM
+
+    root, _, _ = exported
+    model = AutoModelForCausalLM.from_pretrained(root / "gla" / "hf", trust_remote_code=True)
+    ids = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 2]])
+    with pytest.raises(ValueError, match="rnnscale models take left padding only"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))

@@ -9,6 +9,7 @@ import torch
 from rnnscale.data.recall import AssociativeRecall
 from rnnscale.train.config import load_config
 from rnnscale.train.model import MIXERS, build_model
+from rnnscale.train.suites import fit_recall
 
 STEPS, ROWS, LR = 300, 32, 3e-3
 # below 85% of the memoryless loss; at the time of writing the worst mixer (hgrn2) reached
@@ -23,15 +24,7 @@ def test_tiny_config_learns_associative_recall(name, repo_root):
     cfg.model.vocab_size = task.vocab_size
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.kernels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    first = None
-    for step in range(STEPS):
-        batch = task.batch(step, ROWS)
-        loss = model.loss(batch["input_ids"], batch["labels"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        first = loss.item() if first is None else first
+    first, _ = fit_recall(model, task, STEPS, ROWS, LR)
     with torch.no_grad():  # rows never trained on
         held_out = [task.batch(10**6 + i, 64) for i in range(4)]
         loss = sum(model.loss(b["input_ids"], b["labels"]).item() for b in held_out) / 4

@@ -4,44 +4,22 @@ well above chance where it was trained, and both suites write their JSON and PNG
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-import torch
 
-from rnnscale.data.recall import AssociativeRecall
 from rnnscale.launch.cli import main as cli
-from rnnscale.train.config import dump_yaml, load_config
-from rnnscale.train.export import export_model
-from rnnscale.train.model import build_model
+from rnnscale.train.config import load_config
+from rnnscale.train.suites import recall_trained_run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
-def recall_run(tmp_path_factory, repo_root_module):
+def recall_run(tmp_path_factory):
     """configs/tiny/gla.yaml trained on recall rows of 4 pairs (16 tokens), as a finished run."""
-    task = AssociativeRecall(num_keys=8, num_values=8, pairs=4, queries=4, seed=0)
     run_dir = tmp_path_factory.mktemp("suites") / "run"
-    cfg = load_config(repo_root_module / "configs" / "tiny" / "gla.yaml",
-                      [f"model.vocab_size={task.vocab_size}", "train.seq_len=16",
-                       f"run.dir={run_dir}"])  # fmt: skip
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.kernels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(300):
-        batch = task.batch(step, 16)
-        model.loss(batch["input_ids"], batch["labels"]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    export_model(model.eval(), run_dir)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def repo_root_module():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parents[1]
+    return recall_trained_run(CONFIGS / "tiny" / "gla.yaml", run_dir, steps=600, rows=32)
 
 
 def test_recall_suite_finds_the_trained_recall(recall_run, capsys):
@@ -75,11 +53,11 @@ def test_eval_names_what_is_missing(recall_run, tmp_path, capsys):
     assert "--pairs takes whole numbers" in capsys.readouterr().err
 
 
-def test_training_runs_the_suites_at_every_evaluation(repo_root_module, tmp_path):
+def test_training_runs_the_suites_at_every_evaluation(tmp_path):
     """train.eval_suites: the suites' numbers are logged with every evaluation."""
     from rnnscale.train import trainer
 
-    cfg = load_config(repo_root_module / "configs" / "debug_cpu.yaml",
+    cfg = load_config(CONFIGS / "debug_cpu.yaml",
                       [f"run.dir={tmp_path}", "train.max_steps=2", "train.eval_interval=2",
                        "train.eval_batches=1", "train.eval_suites=[recall,length]",
                        "log.progress_bar=false"])  # fmt: skip

@@ -38,17 +38,54 @@ def recall_accuracy(model, task: AssociativeRecall, rows: int, batches: int, dev
     return right / total
 
 
+def fit_recall(model, task: AssociativeRecall, steps: int, rows: int, lr: float = 3e-3):
+    """Train `model` on `task` (AdamW, no weight decay; batches 0 .. steps - 1 of `rows` rows):
+    the first and last losses. For tests and the figures of docs/evaluation.md."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        batch = task.batch(step, rows)
+        loss = model.loss(batch["input_ids"], batch["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def recall_trained_run(config, run_dir, steps: int, rows: int):
+    """A finished run directory (config.yaml, model.safetensors) of the model of the run config
+    `config`, trained on recall rows of 4 pairs (16 tokens; 8 keys, 8 values) by `fit_recall`:
+    a model that knows the task, for tests/test_suites.py and benchmarks/evaluation.py."""
+    from pathlib import Path
+
+    from rnnscale.train.config import dump_yaml, load_config
+    from rnnscale.train.export import export_model
+    from rnnscale.train.model import build_model
+
+    task = AssociativeRecall(num_keys=8, num_values=8, pairs=4, queries=4, seed=0)
+    run_dir = Path(run_dir)
+    cfg = load_config(config, [f"model.vocab_size={task.vocab_size}", "train.seq_len=16",
+                               f"run.dir={run_dir}"])  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.kernels)
+    fit_recall(model, task, steps, rows)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    export_model(model.eval(), run_dir)
+    return run_dir
+
+
 def recall_suite(model, vocab_size: int, *, pairs=(4, 8, 16, 32), lengths=(64, 256, 1024),
                  num_keys: int = 0, num_values: int = 0, rows: int = 16, batches: int = 2,
                  device="cpu") -> dict:  # fmt: skip
     """Accuracy for every (pairs, length) that fits (every key asked once: length >= 4 pairs).
-    Keys and values split the ids above the specials in two (or `num_keys`, `num_values`); the
-    last of them is the filler."""
-    keys = num_keys or (vocab_size - 4) // 2
-    values = num_values or vocab_size - 4 - keys
-    if 3 + keys + values + 1 > vocab_size:
-        raise ValueError(f"--num-keys {keys} + --num-values {values} + 4 ids exceed the "
-                         f"vocabulary ({vocab_size})")  # fmt: skip
+    Keys and values split the ids above the specials in two (or `num_keys`, `num_values`)."""
+    keys = num_keys or (vocab_size - 3) // 2
+    values = num_values or vocab_size - 3 - keys
+    if 3 + keys + values > vocab_size or keys < 1 or values < 1:
+        raise ValueError(f"--num-keys {keys} and --num-values {values} do not fit beside the 3 "
+                         f"special ids in the vocabulary ({vocab_size})")  # fmt: skip
     results = []
     for n, length in itertools.product(pairs, lengths):
         if n > keys or length < 4 * n:
@@ -157,8 +194,15 @@ def draw(result: dict, png) -> bool:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         return False
+
+    def log2(axes):  # powers of two as plain numbers
+        axes.set_xscale("log", base=2)
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axes.xaxis.set_minor_formatter(NullFormatter())
+
     if result["suite"] == "recall":
         fig = Figure(figsize=(6, 4))
         ax = fig.add_subplot()
@@ -167,7 +211,8 @@ def draw(result: dict, png) -> bool:
             ax.plot([r["pairs"] for r in rs], [r["accuracy"] for r in rs], "o-",
                     label=f"{length} tokens")  # fmt: skip
         ax.axhline(result["chance"], color="gray", ls="--", label="chance")
-        ax.set(xscale="log", xlabel="key/value pairs", ylabel="recall accuracy", ylim=(0, 1.02),
+        log2(ax)
+        ax.set(xlabel="key/value pairs", ylabel="recall accuracy", ylim=(0, 1.02),
                title="Multi-query associative recall")  # fmt: skip
     else:
         panels = 2 if "passkey" in result else 1
@@ -181,8 +226,9 @@ def draw(result: dict, png) -> bool:
             pk.plot([p["tokens"] for p in result["passkey"]],
                     [p["accuracy"] for p in result["passkey"]], "o-")  # fmt: skip
             pk.axvline(result["train_seq_len"], color="gray", ls="--")
-            pk.set(xscale="log", xlabel="prompt tokens", ylabel="passkey accuracy",
-                   ylim=(-0.02, 1.02), title="Passkey retrieval")  # fmt: skip
+            log2(pk)
+            pk.set(xlabel="prompt tokens", ylabel="passkey accuracy", ylim=(-0.02, 1.02),
+                   title="Passkey retrieval")  # fmt: skip
     ax.legend()
     fig.tight_layout()
     FigureCanvasAgg(fig).print_png(str(png))
