@@ -1,4 +1,5 @@
-"""The CUDA tests of `make gpu-check`: `pytest tests/scans -m gpu`, one process per test, side by
+"""The CUDA tests of `make gpu-check`: `pytest tests/scans tests/test_hf.py -m gpu` (the kernels,
+and an exported model on the GPU), one process per test, side by
 side, each with a time limit; outcomes and failures from their JUnit XML (or, for a process
 killed before writing it, from its -v lines).
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from gpu_common import ROOT, Run, kill_group
 
-TESTS = "tests/scans"
+TESTS = "tests/scans tests/test_hf.py"
 
 
 def pytest_env(env: dict, cache: str) -> dict:
@@ -34,7 +35,7 @@ def pytest_env(env: dict, cache: str) -> dict:
 def collect(env: dict) -> subprocess.Popen:
     """`pytest TESTS -m gpu --collect-only`, started now (it imports torch: seconds), read by
     `start_pytests`."""
-    cmd = [sys.executable, "-m", "pytest", TESTS, "-m", "gpu", "--collect-only", "-q",
+    cmd = [sys.executable, "-m", "pytest", *TESTS.split(), "-m", "gpu", "--collect-only", "-q",
            "-p", "no:cacheprovider", "-o", "addopts="]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip

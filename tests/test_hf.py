@@ -262,3 +262,28 @@ def test_exported_model_refuses_right_padding(exported):
     ids = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 2]])
     with pytest.raises(ValueError, match="rnnscale models take left padding only"):
         model(ids, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+
+
+@pytest.mark.gpu
+def test_exported_model_runs_on_the_gpu(tmp_path):
+    """The exported hybrid on CUDA (fp32): rnnscale's CPU logits and greedy tokens; bf16 runs."""
+    from transformers import AutoModelForCausalLM
+
+    from rnnscale.train.hf import export_hf
+
+    cfg = _config(CASES["hybrid"] + ["gated_deltanet", "mamba2"], tmp_path / "run")
+    model = _train(build_model(cfg.model, cfg.kernels))
+    export_hf(model, cfg, None, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    hf = hf.cuda().eval()
+    ids = torch.randint(3, 300, (2, 45))
+    with torch.no_grad():
+        want, _ = model(ids)
+        got = hf(ids.cuda()).logits.cpu()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    prompt = torch.tensor([PROMPT])
+    greedy = hf.generate(prompt.cuda(), max_new_tokens=8, do_sample=False,
+                         attention_mask=torch.ones_like(prompt).cuda())  # fmt: skip
+    assert greedy[0, len(PROMPT) :].tolist() == generate(model, PROMPT, 8, temperature=0)
+    with torch.no_grad():
+        assert torch.isfinite(hf.bfloat16()(ids.cuda()).logits).all()
