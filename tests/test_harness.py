@@ -128,3 +128,30 @@ def test_length_suite_asks_for_a_passkey(run):
     result = json.loads((run_dir / "eval" / "length.json").read_text())
     assert [p["target_tokens"] for p in result["passkey"]] == [16, 32, 64]
     assert all(0 <= p["accuracy"] <= 1 and p["tokens"] > 0 for p in result["passkey"])
+
+
+def test_training_suites_on_streaming_data_ask_for_a_passkey(run, tmp_path):
+    """train.eval_suites on MDS shards: the length suite reads the run's own validation batches
+    and, with data.tokenizer, asks for a passkey; recall beside it."""
+    from rnnscale.data.prepare import prepare
+    from rnnscale.train import trainer
+    from rnnscale.train.config import load_config
+
+    run_dir, _, _ = run
+    tok = run_dir / "tokenizer.model"
+    for name, n in (("train", 60), ("val", 30)):
+        docs = [{"text": f"the {a} eats {f}."} for a, f in PAIRS * n]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+        prepare([str(tmp_path / f"{name}.jsonl")], tok, tmp_path / name, progress=False)
+    cfg = load_config(run_dir / "config.yaml",
+                      [f"run.dir={tmp_path / 'run'}", "data.source=mds",
+                       f"data.streams=[{{path: {tmp_path / 'train'}}}]",
+                       f"data.val_streams=[{{path: {tmp_path / 'val'}}}]", f"data.tokenizer={tok}",
+                       "train.max_steps=2", "train.eval_interval=2", "train.eval_batches=4",
+                       "train.micro_batch_size=4", "train.global_batch_size=4",
+                       "train.eval_suites=[recall,length]", "log.progress_bar=false"])  # fmt: skip
+    trainer.run(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (last,) = [x for x in lines if "eval_loss" in x]
+    assert 0 <= last["eval_passkey_acc"] <= 1 and 0 <= last["eval_recall_acc"] <= 1
+    assert last["eval_loss_beyond_train_len"] > 0

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ CASES = {
     "hybrid": ["gla", "attn", "swa"],
     "zoo": ["retnet", "hgrn2", "mingru", "minlstm", "rglru", "gated_deltanet"],
 }
-TEXTS = ["def f(x):\n    return x + 12345", "naïve café, 東京  two  spaces\ttab", "x"]
+TEXTS = ["def f(x):\n    return x + 12345", "naïve café, 東京  two  spaces\ttab", "x", "a</s>b<s>"]
 PROMPT = [1, 7, 30, 12, 9]
 
 
@@ -127,6 +128,8 @@ def exported(tmp_path_factory, tokenizer):
                          "tokens": [tok(t)["input_ids"] for t in inputs["texts"]],
                          "decoded": [tok.decode(tok(t)["input_ids"], skip_special_tokens=True)
                                      for t in inputs["texts"]],
+                         "specials": [tok.decode([tok.bos_token_id]),
+                                      tok.decode(tok(inputs["texts"][2])["input_ids"])],
                          "modules": sorted(m for m in sys.modules if m.startswith("rnnscale"))}}
         json.dump(out, open({str(root / "outputs.json")!r}, "w"))
     """)  # fmt: skip
@@ -161,6 +164,8 @@ def test_transformers_tokenizer_gives_the_runs_ids(exported, tokenizer):
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
     assert got["gla"]["tokens"] == [[1, *sp.encode(t)] for t in TEXTS]
     assert got["gla"]["decoded"] == TEXTS
+    # special tokens decode to their text (lm-eval's hf model looks for "<s>" to add BOS)
+    assert got["gla"]["specials"] == ["<s>", "<s>x"]
 
 
 def test_export_writes_a_complete_directory(exported):
@@ -287,3 +292,38 @@ def test_exported_model_runs_on_the_gpu(tmp_path):
     assert greedy[0, len(PROMPT) :].tolist() == generate(model, PROMPT, 8, temperature=0)
     with torch.no_grad():
         assert torch.isfinite(hf.bfloat16()(ids.cuda()).logits).all()
+
+
+def test_init_from_under_zero3_on_two_ranks_starts_where_one_rank_does(exported, tmp_path):
+    """model.init_from into a model ZeRO-3 built partitioned (2 gloo ranks, torchrun): the
+    first step's loss is that of the same weights on one rank, whole."""
+    from launcher import losses, run_ranks
+
+    root, _, _ = exported
+    assert cli(["import-hf", str(root / "hybrid" / "hf"), "--out", str(tmp_path / "m.yaml")]) == 0
+    common = [str(tmp_path / "m.yaml"), "train.max_steps=1", "train.seq_len=32",
+              "train.global_batch_size=4", "log.progress_bar=false", "log.tensorboard=false",
+              "log.wandb.mode=disabled"]  # fmt: skip
+    bin_dir = Path(sys.executable).parent
+    one = [sys.executable, "-m", "rnnscale.train", *common, f"run.dir={tmp_path / 'one'}",
+           "train.micro_batch_size=4", "parallel.zero_stage=0"]  # fmt: skip
+    two = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+           "rnnscale.train", *common, f"run.dir={tmp_path / 'two'}", "train.micro_batch_size=2",
+           "parallel.zero_stage=3", "parallel.stage3_param_persistence_threshold=0"]  # fmt: skip
+    for cmd in (one, two):
+        r = run_ranks(cmd, cwd=Path(__file__).resolve().parents[1], timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "weights from model.init_from" in r.stdout + r.stderr
+    assert losses(tmp_path / "two")[1] == pytest.approx(losses(tmp_path / "one")[1], abs=1e-5)
+    # and that is the exported model's loss on the first rows, not a random init's
+    from rnnscale.train.batches import RowShape, make_batches
+    from rnnscale.train.config import load_config
+    from rnnscale.train.hf.load import load_initial_weights
+    from rnnscale.train.trainer import evaluate
+
+    cfg = load_config(tmp_path / "m.yaml", common[1:] + ["train.micro_batch_size=4"])
+    model = build_model(cfg.model, cfg.kernels)
+    load_initial_weights(model, cfg)
+    batch = next(make_batches(cfg.data, RowShape.of(cfg), cfg.run.seed, tmp_path / "x"))
+    want = evaluate(model, [batch], "cpu")["eval_loss"]
+    assert losses(tmp_path / "one")[1] == pytest.approx(want, abs=1e-6)

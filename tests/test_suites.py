@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from rnnscale.launch.cli import main as cli
 from rnnscale.train.config import load_config
@@ -67,3 +68,20 @@ def test_training_runs_the_suites_at_every_evaluation(tmp_path):
     assert 0 <= last["eval_recall_acc"] <= 1 and "eval_recall_acc_16_pairs" in last
     assert last["eval_loss_beyond_train_len"] > 0 and last["eval_loss_within_train_len"] > 0
     assert "eval_passkey_acc" not in last  # synthetic data: no tokenizer
+
+
+def test_training_suites_refuse_what_cannot_work():
+    from rnnscale.train.config import ConfigError
+    from rnnscale.train.suites import TrainingSuites
+
+    base = ["train.eval_suites=[length]", "train.eval_interval=2"]
+    with pytest.raises(ConfigError, match="which sequence parallelism is there to avoid"):
+        load_config(CONFIGS / "debug_cpu.yaml", [*base, "parallel.sequence_parallel_size=2"])
+    with pytest.raises(ConfigError, match="set train.eval_interval > 0 too"):
+        load_config(CONFIGS / "debug_cpu.yaml", ["train.eval_suites=[recall]"])
+    cfg = load_config(CONFIGS / "debug_cpu.yaml", base)
+    cfg.data.source = "mds"  # the validation batches the run holds: one row of 64 tokens
+    row = {"input_ids": torch.ones(1, 64, dtype=torch.long), "labels": torch.ones(1, 64)}
+    with pytest.raises(ConfigError, match=r"= 512 validation tokens; the validation batches "
+                       r"hold 64: raise train.eval_batches"):  # fmt: skip
+        TrainingSuites(cfg, "cpu", [row])

@@ -78,7 +78,8 @@ def harness_lm(model, sp, *, batch_tokens: int = 8192, device="cpu"):
 
             tokens = generate(self.model, [self.bos, *self.sp.encode(context)],
                               int(options.get("max_gen_toks", 256)), temperature=temperature,
-                              stop_id=self.eos, stop=found if until else None)  # fmt: skip
+                              stop_id=self.eos, stop=found if until else None,
+                              num_tokens=self.sp.get_piece_size())  # fmt: skip
             text = self.sp.decode([t for t in tokens if t != self.eos])
             for u in until:
                 text = text.split(u)[0]
@@ -108,35 +109,42 @@ def score(model, pairs, batch_tokens: int, device) -> list[tuple[float, bool]]:
     return out  # type: ignore[return-value]
 
 
-def _continuation(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
-    """`logits [n, V]` predicting `targets` (n of them): summed log-probability and greedy match."""
-    logp = torch.log_softmax(logits.float(), -1)
-    t = torch.tensor(targets, device=logits.device)
-    return float(logp.gather(1, t[:, None]).sum()), bool((logp.argmax(-1) == t).all())
+def _targets(seq: list[int], context: int, start: int, stop: int) -> list[int]:
+    """The labels of positions `start .. stop - 1` of `seq`: the next token where it belongs to
+    the continuation (the tokens after the first `context`), IGNORE_INDEX elsewhere."""
+    from rnnscale.train.model.loss import IGNORE_INDEX
+
+    return [seq[p + 1] if context - 1 <= p < len(seq) - 1 else IGNORE_INDEX
+            for p in range(start, stop)]  # fmt: skip
 
 
 def _score_row(model, pairs, row: list[int], out: list, device) -> None:
-    """The sequences of `row` packed into one row as documents."""
+    """The sequences of `row` packed into one row as documents; only the continuations' tokens
+    are scored (the model's chunked scores: no `[tokens, vocab]` logits)."""
     seqs = [pairs[i][0] + pairs[i][1] for i in row]
     lengths = torch.tensor([0, *[len(s) for s in seqs]])
     cu = lengths.cumsum(0).to(device=device, dtype=torch.int32)
     ids = torch.tensor([t for s in seqs for t in s], device=device)[None]
-    logits, _ = model(ids, cu_seqlens=cu)
-    for i, start in zip(row, cu[:-1].tolist()):
-        ctx, cont = pairs[i]
-        first = start + len(ctx) - 1  # the logits that predict the continuation's first token
-        out[i] = _continuation(logits[0, first : first + len(cont)], cont)
+    labels = [y for i, s in zip(row, seqs) for y in _targets(s, len(pairs[i][0]), 0, len(s))]
+    (nll, right), _ = model(ids, labels=torch.tensor([labels], device=device), cu_seqlens=cu,
+                            scores=True)  # fmt: skip
+    for i, start, end in zip(row, cu[:-1].tolist(), cu[1:].tolist()):
+        first = start + len(pairs[i][0]) - 1  # predicts the continuation's first token
+        out[i] = (-float(nll[0, first : end - 1].sum()), bool(right[0, first : end - 1].all()))
 
 
 def _score_long(model, ctx, cont, batch_tokens: int, device) -> tuple[float, bool]:
     """One sequence longer than a row, in pieces of `batch_tokens` that carry the state."""
-    seq, state, pieces = ctx + cont, None, []
-    for start in range(0, len(seq), batch_tokens):
-        ids = torch.tensor([seq[start : start + batch_tokens]], device=device)
-        logits, state = model(ids, state=state)
-        pieces.append(logits[0])
-    logits = torch.cat(pieces)[len(ctx) - 1 : len(seq) - 1]
-    return _continuation(logits, cont)
+    seq, state, total, greedy = ctx + cont, None, 0.0, True
+    for start in range(0, len(seq) - 1, batch_tokens):
+        stop = min(start + batch_tokens, len(seq) - 1)
+        ids = torch.tensor([seq[start:stop]], device=device)
+        labels = torch.tensor([_targets(seq, len(ctx), start, stop)], device=device)
+        (nll, right), state = model(ids, labels=labels, state=state, scores=True)
+        scored = labels[0] != -100
+        total -= float(nll[0, scored].sum())
+        greedy = greedy and bool(right[0, scored].all())
+    return total, greedy
 
 
 def run_tasks(model, sp, tasks: list[str], *, include_path: str | None = None,

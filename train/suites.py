@@ -30,11 +30,10 @@ def recall_accuracy(model, task: AssociativeRecall, rows: int, batches: int, dev
     right = total = 0
     for i in range(batches):
         batch = task.batch(10**6 + i, rows)
-        logits, _ = model(batch["input_ids"].to(device))
         labels = batch["labels"].to(device)
-        scored = labels != IGNORE
-        right += int((logits.argmax(-1)[scored] == labels[scored]).sum())
-        total += int(scored.sum())
+        (_, hits), _ = model(batch["input_ids"].to(device), labels=labels, scores=True)
+        right += int(hits.sum())
+        total += int((labels != IGNORE).sum())
     return right / total
 
 
@@ -122,14 +121,20 @@ def validation_stream(cfg, tokens: int):
 
 
 @torch.no_grad()
-def loss_by_position(model, stream: np.ndarray, rows: int, length: int, bins: int, device):
-    """Mean next-token loss of `rows` rows of `length` tokens, in `bins` equal position bins:
-    `(bin starts, losses)`."""
+def loss_by_position(model, stream: np.ndarray, rows: int, length: int, device) -> np.ndarray:
+    """The next-token loss at every position `[length - 1]`, the mean over `rows` rows of
+    `length` tokens, a row at a time (the model's chunked scores: no whole logits)."""
     ids = torch.as_tensor(stream[: rows * length]).view(rows, length).to(device)
-    logits, _ = model(ids[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:],
-                                             reduction="none").mean(0)  # fmt: skip
-    edges = np.linspace(0, length - 1, bins + 1).astype(int)
+    total = torch.zeros(length - 1, dtype=torch.float64, device=device)
+    for row in ids:
+        (nll, _), _ = model(row[None, :-1], labels=row[None, 1:], scores=True)
+        total += nll[0]
+    return (total / rows).cpu().numpy()
+
+
+def binned(loss: np.ndarray, bins: int) -> tuple[list[int], list[float]]:
+    """`(bin starts, mean losses)` over `bins` equal bins of positions (for the curve)."""
+    edges = np.linspace(0, len(loss), bins + 1).astype(int)
     return edges[:-1].tolist(), [float(loss[a:b].mean()) for a, b in itertools.pairwise(edges)]
 
 
@@ -161,7 +166,7 @@ def passkey(model, sp, lengths, depths=(0.1, 0.5, 0.9), keys: int = 3, device="c
             key = rng.randint(10000, 99999)
             prompt = passkey_prompt(sp, length, depth, key)
             answer = sp.decode(generate(model, prompt, len(sp.encode(f" {key}")) + 2,
-                                        temperature=0))  # fmt: skip
+                                        temperature=0, num_tokens=sp.get_piece_size()))  # fmt: skip
             right += str(key) in answer.split(".")[0]
             sizes.append(len(prompt))
         out.append({"tokens": round(float(np.mean(sizes))), "target_tokens": length,
@@ -176,17 +181,22 @@ def length_suite(model, cfg, sp=None, *, factor: int = 8, rows: int = 4, bins: i
     seq = cfg.train.seq_len
     length = factor * seq
     stream = validation_stream(cfg, rows * length)
-    starts, losses = loss_by_position(model, stream, rows, length, bins, device)
-    inside = [x for s, x in zip(starts, losses) if s < seq]
-    beyond = [x for s, x in zip(starts, losses) if s >= seq]
+    loss = loss_by_position(model, stream, rows, length, device)
+    starts, losses = binned(loss, bins)
     result = {"suite": "length", "train_seq_len": seq, "factor": factor, "rows": rows,
-              "positions": starts, "loss": losses,
-              "loss_within_train_len": float(np.mean(inside)) if inside else None,
-              "loss_beyond_train_len": float(np.mean(beyond)) if beyond else None}  # fmt: skip
+              "positions": starts, "loss": losses, **within_and_beyond(loss, seq)}  # fmt: skip
     if sp is not None:
-        lengths = [seq // 2] + [seq * 2**i for i in range(int(np.log2(factor)) + 1)]
+        doublings = [seq * 2**i for i in range(int(np.log2(factor)) + 1)]
+        lengths = sorted({seq // 2, *doublings, factor * seq})
         result["passkey"] = passkey(model, sp, lengths, device=device)
     return result
+
+
+def within_and_beyond(loss: np.ndarray, seq: int) -> dict:
+    """The mean loss of the predictions made from at most `seq` tokens (positions 0 .. seq - 1,
+    as training makes them) and of those made from more."""
+    beyond = float(loss[seq:].mean()) if len(loss) > seq else None
+    return {"loss_within_train_len": float(loss[:seq].mean()), "loss_beyond_train_len": beyond}
 
 
 def draw(result: dict, png) -> bool:
@@ -237,17 +247,41 @@ def draw(result: dict, png) -> bool:
 
 class TrainingSuites:
     """`train.eval_suites` at every evaluation: `metrics(model)` gives flat `eval_*` scalars.
-    Every rank runs the same forwards (ZeRO-3 gathers its parameters in them); the validation
-    stream is read once. Smaller than `rnnscale eval`'s defaults: rows of train.seq_len for
-    recall, 4 x train.seq_len for length, one passkey depth."""
+    Every rank runs the same forwards (ZeRO-3 gathers its parameters in them) and decides the
+    same: the passkey runs where data.tokenizer is set (every rank checked it at the start).
+    The length suite's stream is read here, at the start (too little validation data stops the
+    run now, not hours later): the synthetic held-out documents, or the validation batches the
+    run already holds (a second reader of the same streams would clash with the first). Smaller
+    than `rnnscale eval`'s defaults: recall rows of train.seq_len, length rows of 4 x
+    train.seq_len, one passkey depth."""
 
-    def __init__(self, cfg, device):
+    ROWS, FACTOR = 2, 4
+
+    def __init__(self, cfg, device, val_batches):
         self.cfg, self.device, self.stream, self.sp = cfg, device, None, None
-        tokenizer = cfg.run_dir / "tokenizer.model"
-        if "length" in cfg.train.eval_suites and tokenizer.is_file():
-            import sentencepiece
+        if "length" not in cfg.train.eval_suites:
+            return
+        tokens = self.ROWS * self.FACTOR * cfg.train.seq_len
+        if cfg.data.source == "synthetic":
+            self.stream = validation_stream(cfg, tokens)
+            return
+        from rnnscale.train.model.loss import IGNORE_INDEX
 
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+        rows = [b["input_ids"][r] for b in val_batches for r in range(len(b["input_ids"]))
+                if bool((b["labels"][r] != IGNORE_INDEX).any())]  # fmt: skip
+        held = sum(len(r) for r in rows)
+        if held < tokens:
+            from rnnscale.train.config import ConfigError
+
+            raise ConfigError(
+                f"train.eval_suites: length scores {self.ROWS} rows of {self.FACTOR} x "
+                f"train.seq_len = {tokens:,} validation tokens; the validation batches hold "
+                f"{held:,}: raise train.eval_batches (or leave length out)"
+            )
+        self.stream = torch.cat(rows).numpy()[:tokens]
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer)
 
     @torch.no_grad()
     def metrics(self, model) -> dict:
@@ -263,16 +297,10 @@ class TrainingSuites:
                 out[f"eval_recall_acc_{r['pairs']}_pairs"] = r["accuracy"]
             out["eval_recall_acc"] = float(np.mean([r["accuracy"] for r in result["results"]]))
         if "length" in cfg.train.eval_suites:
-            rows, length = 2, 4 * seq
-            if self.stream is None:
-                self.stream = validation_stream(cfg, rows * length)
-            starts, losses = loss_by_position(model, self.stream, rows, length, 32, self.device)
-            out["eval_loss_within_train_len"] = float(np.mean(
-                [x for s, x in zip(starts, losses) if s < seq]))  # fmt: skip
-            out["eval_loss_beyond_train_len"] = float(np.mean(
-                [x for s, x in zip(starts, losses) if s >= seq]))  # fmt: skip
+            loss = loss_by_position(model, self.stream, self.ROWS, self.FACTOR * seq, self.device)
+            out.update({f"eval_{k}": v for k, v in within_and_beyond(loss, seq).items()})
             if self.sp is not None:
-                found = passkey(model, self.sp, [seq, 4 * seq], depths=(0.5,), keys=2,
+                found = passkey(model, self.sp, [seq, self.FACTOR * seq], depths=(0.5,), keys=2,
                                 device=self.device)  # fmt: skip
                 out["eval_passkey_acc"] = float(np.mean([p["accuracy"] for p in found]))
         model.train(was_training)

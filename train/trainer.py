@@ -137,7 +137,7 @@ def _train(cfg: RunConfig, device, threads: tuple[int, str]) -> dict:
     if cfg.train.eval_suites and cfg.train.eval_interval > 0:
         from rnnscale.train.suites import TrainingSuites
 
-        job.suites = TrainingSuites(cfg, device)
+        job.suites = TrainingSuites(cfg, device, val_batches)
     job.preemption = Preemption.for_run(cfg)
     job.watchdog = Watchdog(cfg.train.hang_timeout_s, job.logger).start()
     try:

@@ -335,3 +335,9 @@ class RunConfig:
             "train.eval_suites",
             "run at every evaluation: set train.eval_interval > 0 too, or leave them out",
         )
+        require(
+            not t.eval_suites or self.parallel.sequence_parallel_size == 1,
+            "train.eval_suites",
+            "score whole rows on every rank, which sequence parallelism is there to avoid: "
+            "leave them out and run rnnscale eval --suite after training",
+        )

@@ -121,6 +121,7 @@ def _write_tokenizer(model_file: Path, out: Path) -> None:
         "add_eos_token": False,
         "padding_side": "left",
         "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
         "model_max_length": 10**30,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -48,13 +48,19 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def short_conv(x, weight, bias, state, activation):
     """Causal depthwise convolution `[B, T, D]` by `weight [D, W]`, continuing `state` (the last
-    W - 1 inputs, `[B, D, W - 1]`, zeros at a sequence start). Returns `(y, new state)`."""
+    W - 1 inputs, `[B, D, W - 1]`, zeros at a sequence start). Returns `(y, new state)`. Summed
+    tap by tap in x's dtype, oldest first, then the bias: rnnscale's order, so bf16 agrees too."""
     B, T, D = x.shape
     W = weight.shape[1]
     past = x.new_zeros(B, D, W - 1) if state is None else state.to(x.dtype)
     window = torch.cat([past, x.transpose(1, 2)], dim=2)  # (B, D, W - 1 + T)
-    b = None if bias is None else bias.to(x.dtype)
-    y = F.conv1d(window, weight.to(x.dtype)[:, None], b, groups=D).transpose(1, 2)
+    w = weight.to(x.dtype)
+    y = window[:, :, :T] * w[:, :1]
+    for j in range(1, W):
+        y = y.addcmul_(window[:, :, j : j + T], w[:, j : j + 1])
+    if bias is not None:
+        y = y.add_(bias.to(x.dtype)[:, None])
+    y = y.transpose(1, 2)
     if activation == "silu":
         y = F.silu(y)
     return y, window[:, :, window.shape[2] - (W - 1) :]
@@ -104,20 +110,20 @@ def linear_attention(q, k, v, g, scale, state=None, chunk_size=64):
     q, k, vc, g = (_chunks(x, C, acc) for x in (q, k, v, g))  # (B, H, N, C, *)
     b = g.cumsum(-2)  # decay from the chunk's start, inclusive
     future = ~torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    if g.shape[-1] == 1:  # one decay per head: a C x C decay matrix
-        decay = (b[..., :, None, 0] - b[..., None, :, 0]).masked_fill(future, float("-inf"))
-        A = (q @ k.transpose(-1, -2)) * decay.exp()
-    else:  # a decay per key channel: C x C x K, differences only (never exp of a positive)
-        diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(future[..., None], -torch.inf)
-        A = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, diff.exp())
-    o = (scale * A) @ vc  # inside each chunk
-    q_in = scale * q * b.exp()  # reads the state at the chunk's start
-    k_out = k * (b[..., -1:, :] - b).exp()  # decayed to the chunk's end
-    last = b[..., -1, :].exp()[..., None]  # (B, H, N, K, 1)
     outs = []
-    for i in range(q.shape[2]):
-        outs.append(o[:, :, i] + q_in[:, :, i] @ S)
-        S = last[:, :, i] * S + k_out[:, :, i].transpose(-1, -2) @ vc[:, :, i]
+    for i in range(q.shape[2]):  # one chunk at a time: C x C (x K) scores, not N of them
+        qi, ki, vi, bi = q[:, :, i], k[:, :, i], vc[:, :, i], b[:, :, i]  # (B, H, C, *)
+        if g.shape[-1] == 1:  # one decay per head: a C x C decay matrix
+            decay = (bi[..., :, None, 0] - bi[..., None, :, 0]).masked_fill(future, -torch.inf)
+            A = (qi @ ki.transpose(-1, -2)) * decay.exp()
+        else:  # a decay per key channel: C x C x K, differences only (never exp of a positive)
+            diff = bi[..., :, None, :] - bi[..., None, :, :]
+            diff = diff.masked_fill(future[..., None], -torch.inf)
+            A = torch.einsum("bhik,bhjk,bhijk->bhij", qi, ki, diff.exp())
+        # inside the chunk, then the state at its start; the state decayed to its end
+        outs.append((scale * A) @ vi + (scale * qi * bi.exp()) @ S)
+        S = bi[..., -1, :].exp()[..., None] * S
+        S = S + (ki * (bi[..., -1:, :] - bi).exp()).transpose(-1, -2) @ vi
     return _unchunk(torch.stack(outs, 2), T).to(v.dtype), S
 
 

@@ -79,27 +79,35 @@ def check_source(cfg: RunConfig) -> Path:
 
 @torch.no_grad()
 def load_initial_weights(model: torch.nn.Module, cfg: RunConfig) -> None:
-    """Copy the weights of `cfg.model.init_from` into `model` (built from `cfg`; under ZeRO-3
-    already partitioned: each parameter is gathered, written by rank 0 and partitioned again)."""
-    from safetensors.torch import load_file
+    """Copy the weights of `cfg.model.init_from` into `model` (built from `cfg`), one tensor at
+    a time from the file (never the whole model in host memory at once). Under ZeRO-3 (already
+    partitioned) each parameter is gathered, written by rank 0 alone (the only rank that reads
+    the file) and partitioned again; names and shapes are checked on every rank first."""
+    from safetensors import safe_open
 
-    state = load_file(check_source(cfg))
+    weights = check_source(cfg)
     params = dict(model.named_parameters())  # a tied head is named once, as embed.weight
-    if "embed.weight" not in state and "head.weight" in state and cfg.model.tie_embeddings:
-        state["embed.weight"] = state.pop("head.weight")  # safetensors kept the other alias
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params) - {"head.weight"})
-    if missing or unexpected:
-        raise ConfigError(
-            f"model.init_from: {cfg.model.init_from} does not hold this model's weights "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    for name, p in params.items():
-        with _gathered(p):
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise ConfigError(f"model.init_from: {name} is {tuple(state[name].shape)} there, "
-                                  f"{tuple(p.shape)} here")  # fmt: skip
-            p.copy_(state[name].to(p.dtype))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with safe_open(str(weights), framework="pt") as f:
+        stored = {name: name for name in f.keys()}
+        if "embed.weight" not in stored and "head.weight" in stored and cfg.model.tie_embeddings:
+            stored["embed.weight"] = stored.pop("head.weight")  # safetensors kept the other alias
+        missing = sorted(set(params) - set(stored))
+        unexpected = sorted(set(stored) - set(params) - {"head.weight"})
+        if missing or unexpected:
+            raise ConfigError(
+                f"model.init_from: {cfg.model.init_from} does not hold this model's weights "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        for name, p in params.items():
+            there = tuple(f.get_slice(stored[name]).get_shape())
+            here = tuple(getattr(p, "ds_shape", p.shape))
+            if there != here:
+                raise ConfigError(f"model.init_from: {name} is {there} there, {here} here")
+        for name, p in params.items():
+            with _gathered(p):
+                if rank == 0 or not hasattr(p, "ds_id"):
+                    p.copy_(f.get_tensor(stored[name]).to(p.dtype))
 
 
 def _gathered(p: torch.nn.Parameter):

@@ -3,6 +3,7 @@ DIR, trust_remote_code=True)`): the run's own sentencepiece model (`tokenizer.mo
 `encode` gives exactly the ids rnnscale trained on (byte fallback, digits split, no dummy prefix,
 no normalisation), with BOS before every text as rnnscale's documents start. Padding is on the
 left with EOS (the vocabulary has no padding piece; rnnscale models never see padded positions).
+Special tokens decode to their own text ("<s>"), and the same text in an input is text.
 Imports nothing from rnnscale."""
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class RnnscaleTokenizer(PreTrainedTokenizer):
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
         kwargs.setdefault("padding_side", "left")
         kwargs.setdefault("clean_up_tokenization_spaces", False)
+        # "<s>" written in a text is text, as rnnscale's data prepare encodes it
+        kwargs.setdefault("split_special_tokens", True)
         super().__init__(unk_token=unk_token, bos_token=bos_token, eos_token=eos_token,
                          pad_token=pad_token, add_bos_token=add_bos_token,
                          add_eos_token=add_eos_token, **kwargs)  # fmt: skip
@@ -57,7 +60,16 @@ class RnnscaleTokenizer(PreTrainedTokenizer):
         return self.sp.id_to_piece(index)
 
     def convert_tokens_to_string(self, tokens):
-        return self.sp.decode_pieces(tokens)
+        """The pieces' text; a special token as its own text ("<s>"), which sentencepiece
+        would decode to nothing."""
+        out, pieces = "", []
+        for token in tokens:
+            if token in self.all_special_tokens:
+                out += self.sp.decode_pieces(pieces) + token
+                pieces = []
+            else:
+                pieces.append(token)
+        return out + self.sp.decode_pieces(pieces)
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         bos = [self.bos_token_id] if self.add_bos_token else []

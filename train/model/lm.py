@@ -12,7 +12,7 @@ from rnnscale.kernels.common.recompute import recompute_allowed, with_recipes
 from rnnscale.parallel.sequence import group_sum
 from rnnscale.train.model import flops
 from rnnscale.train.model.layers import RMSNorm, SwiGLU, mlp_hidden_size
-from rnnscale.train.model.loss import IGNORE_INDEX, chunked_cross_entropy
+from rnnscale.train.model.loss import IGNORE_INDEX, chunked_cross_entropy, chunked_token_scores
 
 
 @contextlib.contextmanager
@@ -91,11 +91,13 @@ class LanguageModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(
-        self, input_ids: torch.Tensor, *, labels=None, cu_seqlens=None, state=None, shard=None
-    ):
+    def forward(self, input_ids: torch.Tensor, *, labels=None, cu_seqlens=None, state=None,
+                shard=None, scores: bool = False):  # fmt: skip
         """With `labels`: the loss (see `loss`), as the DeepSpeed engine calls it; else
-        `(logits, state)`.
+        `(logits, state)`. With `labels` and `scores` (evaluation, no shard): `((nll, right),
+        state)`, each `[B, T]`: every label's cross-entropy and whether it is the most likely
+        token, computed `kernels.loss_chunk_tokens` tokens at a time (no whole logits; under
+        ZeRO-3 the head is whole only inside this forward).
 
         shard: under sequence parallelism, the `rnnscale.parallel.sequence.Shard` this rank
             holds; input_ids and labels are then its slice, cu_seqlens the slice's own (its
@@ -104,6 +106,10 @@ class LanguageModel(nn.Module):
         hidden, state = self.hidden_states(
             input_ids, cu_seqlens=cu_seqlens, state=state, shard=shard
         )
+        if labels is not None and scores:
+            nll, right = chunked_token_scores(hidden.flatten(0, 1), self.head.weight,
+                                              labels.flatten(), self.loss_chunk_tokens)  # fmt: skip
+            return (nll.view(labels.shape), right.view(labels.shape)), state
         if labels is not None:
             labels = labels.flatten()
             count = None

@@ -76,3 +76,23 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, needs_grad, count)
+
+
+@torch.no_grad()
+def chunked_token_scores(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, without the `[N, V]` logits: the cross-entropy `[N]` (fp32) of `hidden [N, D]
+    @ weight^T` against `labels [N]`, and whether the most likely token is the label `[N]`
+    (evaluation: log-likelihoods and greedy matches; IGNORE_INDEX labels score 0 and False)."""
+    nll = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    right = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    w = weight.float()
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        logits = hidden[start : start + chunk_tokens].float() @ w.T  # (C, V)
+        y = labels[start : start + chunk_tokens]
+        ok = y != IGNORE_INDEX
+        target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
+        nll[start : start + chunk_tokens] = (logits.logsumexp(-1) - target) * ok
+        right[start : start + chunk_tokens] = (logits.argmax(-1) == y) & ok
+    return nll, right
