@@ -122,9 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(commands)
     _checkpoint_parsers(commands)
-    from rnnscale.launch.cli_hf import add_hf_parsers
-
-    add_hf_parsers(commands)
     from rnnscale.launch.jobs import add_parsers
 
     add_parsers(commands)
@@ -141,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _checkpoint_parsers(commands) -> None:
-    """rnnscale export, rnnscale ckpt reshard."""
+    """rnnscale export, rnnscale ckpt reshard; import-hf and eval (launch/cli_hf.py)."""
     export = commands.add_parser(
         "export",
         help="a checkpoint's or a run's model: safetensors, config and tokenizer, for "
@@ -158,6 +155,9 @@ def _checkpoint_parsers(commands) -> None:
         help="rnnscale: model.safetensors + config.yaml (rnnscale generate, resume tools); hf: a "
         "directory transformers loads with trust_remote_code=True (docs/evaluation.md)",
     )  # fmt: skip
+    from rnnscale.launch.cli_hf import add_hf_parsers
+
+    add_hf_parsers(commands)
     ckpt = commands.add_parser("ckpt", help="checkpoint tools")
     ckpt_actions = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION")
     reshard = ckpt_actions.add_parser(

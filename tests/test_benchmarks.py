@@ -4,6 +4,7 @@ Timings are never asserted."""
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -193,7 +194,10 @@ def test_checkpoint_benchmark_runs(smoke):
         "sync save, step loop held up (s)",
         "async save, step loop held up + slower steps (s)",
     ]
-    assert all(float(row[3]) > 0 for row in table)
+    assert all(float(row[3]) > 0 for row in table[:3])  # bandwidths and a blocking save
+    # the async save's cost is the steps it slowed beside their median: noise around a small
+    # number, below zero on a machine where other work slowed the plain run's steps more
+    assert math.isfinite(float(table[3][3]))
 
 
 def test_sequence_parallel_benchmark_runs(smoke):
