@@ -39,8 +39,9 @@ class ParallelGroups:
     (`stage_1_and_2.get_grad_norm_direct`); clipping would then use a wrong norm.
     """
 
-    def __init__(self, layout: ParallelLayout):
+    def __init__(self, layout: ParallelLayout, state_exchange: str = "scan", scan_blocks: int = 4):
         self.layout = layout
+        self.state_exchange, self.scan_blocks = state_exchange, scan_blocks
         P, world, rank = layout.sequence_parallel_size, layout.world_size, layout.rank
         self.size, self.world, self.rank = P, world, rank
         self.sequence_rank, self.data_parallel_rank = layout.sequence_rank, layout.data_rank
@@ -104,8 +105,10 @@ class ParallelGroups:
     def shard(self, length: int, cu_seqlens: torch.Tensor | None = None, device=None) -> Shard:
         """This rank's slice of rows `length` tokens long (`cu_seqlens`: one packed row), its
         tensors on `device` (default: cu_seqlens', or the CPU)."""
-        return Shard.of(self.sequence_group, self.sequence_rank, self.size, length, cu_seqlens,
-                        self.stats, device)  # fmt: skip
+        shard = Shard.of(self.sequence_group, self.sequence_rank, self.size, length, cu_seqlens,
+                         self.stats, device)  # fmt: skip
+        shard.state_exchange, shard.scan_blocks = self.state_exchange, self.scan_blocks
+        return shard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +171,8 @@ class Shard:
         rank but the first; packed: unless a document starts exactly there).
     positions: `[length]` every token's position inside its own document (or row).
     first_length: tokens of the slice's first sequence (a host int: no device sync per layer).
+    state_exchange, scan_blocks: how recurrent states pass between the ranks
+        (`rnnscale.parallel.state_exchange`; parallel.sp_state_exchange, sp_scan_blocks).
     """
 
     group: object
@@ -182,7 +187,9 @@ class Shard:
     positions: torch.Tensor
     stats: CommStats
     first_length: int = 0
-    exchanges: int = 0  # halo exchanges so far: each one's messages carry its own tag
+    exchanges: int = 0  # point-to-point exchanges so far: each one's messages carry own tags
+    state_exchange: str = "scan"
+    scan_blocks: int = 4
 
     @classmethod
     def of(cls, group, rank, size, total, global_cu_seqlens=None, stats=None,
@@ -264,8 +271,7 @@ class _Halo(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tail, shard):
-        ctx.shard, ctx.tag = shard, 2 * shard.exchanges  # the backward answers with tag + 1
-        shard.exchanges += 1
+        ctx.shard, ctx.tag = shard, message_tag(shard)  # the backward answers with tag + 1
         received = torch.zeros_like(tail)
         _exchange(shard, tail.contiguous(), received, ctx.tag, forward=True)
         shard.stats.record(
@@ -280,6 +286,14 @@ class _Halo(torch.autograd.Function):
         _exchange(shard, grad.contiguous(), back, ctx.tag + 1, forward=False)
         shard.stats.record("halo", grad.numel() * grad.element_size() * (shard.rank > 0))
         return back, None
+
+
+def message_tag(shard: Shard) -> int:
+    """The first of 128 message tags of a new point-to-point exchange (a halo, or a state
+    scan's pieces forward and back), the same on every rank of the group: each exchange's
+    messages pair with their own receives, whatever order a backward runs them in."""
+    shard.exchanges += 1
+    return 128 * (shard.exchanges - 1)
 
 
 def _exchange(shard: Shard, send, recv, tag: int, forward: bool) -> None:

@@ -4,10 +4,11 @@ recurrent states (docs/scans.md section 5).
 Each rank runs the kernel on its slice from a zero state and gets its slice's affine map of
 the incoming state, `S_out = A(S_in) + S_loc`: A is exp(sum of g) per head (scalar decay), per
 key (GLA), the product of a (elementwise scan), or a K x K matrix (delta rule), and zero when a
-document starts inside the slice. One all-gather of (A, S_loc) per layer, in fp32; rank r
-composes the maps of ranks 0 .. r-1 in fp32 (starting from the caller's initial state on rank
-0, or zero) to get its true incoming state S_in, then corrects its outputs by the term S_in
-adds, which is linear in S_in:
+document starts inside the slice. The maps compose in fp32, from the caller's initial state on
+rank 0 (or zero), into each rank's true incoming state S_in (`rnnscale.parallel.
+state_exchange`: a chain that passes one state from rank to rank, or one all-gather of every
+rank's (A, S_loc)); each rank then corrects its outputs by the term S_in adds, which is linear
+in S_in:
 
     scalar / per-key decay:  o_t += scale (q_t * exp(c_t))^T S_in   c_t: sum of g up to t
     elementwise scan:        h_t += (a_1 ... a_t) * h_in
@@ -33,6 +34,7 @@ from rnnscale.kernels.gla import chunk_gla
 from rnnscale.kernels.scan import linear_scan
 from rnnscale.kernels.simple_gla import chunk_simple_gla
 from rnnscale.parallel.sequence import Shard, gather_states
+from rnnscale.parallel.state_exchange import scan_states
 
 
 def _first_length(T: int, cu_seqlens: torch.Tensor | None, shard: Shard) -> int:
@@ -56,11 +58,16 @@ def _check_state(shard: Shard, initial_state, cu_seqlens) -> bool:
 
 def _incoming(shard: Shard, A, S_last, initial_state, apply, receives: bool) -> torch.Tensor:
     """This rank's true incoming state (fp32) from every rank's `(A, S_last)`, or zeros when
-    its first sequence receives none. `apply(A, S)` is the family's map.
+    its first sequence receives none. `apply(A, S)` is the family's map. The shard's
+    `state_exchange` passes the states: a `scan` along the ranks, or an `allgather`.
 
     Every rank's result depends on the gathered tensor, so the all-gather's backward (itself a
     collective) runs on every rank, and every rank builds the same graph."""
     A, S_last = A.float(), S_last.float()
+    if shard.state_exchange == "scan":
+        S_init = torch.zeros_like(S_last) if initial_state is None else initial_state.float()
+        S_in = scan_states(shard, A, S_last, S_init, apply, shard.scan_blocks)
+        return S_in * float(receives)
     parts = gather_states(shard, torch.cat([A.reshape(-1), S_last.reshape(-1)]))  # (P, n)
     S_in = torch.zeros_like(S_last) if initial_state is None else initial_state.float()
     for j in range(shard.rank):

@@ -111,7 +111,9 @@ def _kernel_cases(groups) -> dict:
         S = leaves[-1].detach().clone().requires_grad_()
         o_sp, final_sp = parallel(*local, shard=shard, initial_state=S)
         last = final_sp.sum() if shard.rank == shard.size - 1 else 0.0 * final_sp.sum()
-        grads = torch.autograd.grad((o_sp * shard.local(weights)).sum() + last, [*local, S])
+        grads = torch.autograd.grad((o_sp * shard.local(weights)).sum() + last, [*local, S],
+                                    allow_unused=True)  # fmt: skip
+        grads = [torch.zeros_like(S) if g is None else g for g in grads]  # scan: S on rank 0
         errs = [_relative(o_sp, shard.local(o).detach())]
         if shard.rank == shard.size - 1:
             errs.append(_relative(final_sp, final.detach()))
@@ -123,8 +125,18 @@ def _kernel_cases(groups) -> dict:
     return errors
 
 
+def _recurrent_state_numel(model) -> int:
+    """Elements of one row's recurrent state in the layer's own decoding state: the matrix
+    `[1, H, K, V]` or the vector `[1, D]` (not the convolutions' `[1, D, w]` or a count)."""
+    _, (state,) = model(torch.zeros(1, 4, dtype=torch.long))
+    tensors = [state] if torch.is_tensor(state) else state
+    (recurrent,) = [x for x in tensors if torch.is_tensor(x) and x.dim() in (2, 4)]
+    return recurrent.numel()
+
+
 def _bytes_per_layer(groups, length: int) -> dict:
-    """SP bytes one rank sends for one forward and backward of each recurrent mixer."""
+    """SP bytes one rank sends for one forward and backward of each recurrent mixer (one row),
+    with the elements of its recurrent state."""
     sent = {}
     for name in MIXERS:
         if name in ("attn", "swa"):
@@ -135,7 +147,7 @@ def _bytes_per_layer(groups, length: int) -> dict:
         groups.stats.take()
         logits, _ = model(shard.local(ids), shard=shard)
         logits.sum().backward()
-        sent[name] = groups.stats.take()
+        sent[name] = {**groups.stats.take(), "numel": _recurrent_state_numel(model)}
     return sent
 
 
@@ -149,7 +161,7 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
     from rnnscale.parallel.layout import ParallelLayout
     from rnnscale.parallel.sequence import ParallelGroups
 
-    groups = ParallelGroups(ParallelLayout(world, world, rank))
+    groups = ParallelGroups(ParallelLayout(world, world, rank))  # the scan exchange
     results = {}
     if job == "equal":
         for packed in (False, True):
@@ -170,8 +182,14 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
             gated_deltanet={"num_householder": 2, "allow_neg_eigval": True},
         )  # fmt: skip
         results.update(_kernel_cases(groups))
+        # the all-gather exchange (parallel.sp_state_exchange=allgather)
+        groups.state_exchange = "allgather"
+        results.update({f"allgather:{k}": v for k, v in _kernel_cases(groups).items()})
+        results["allgather:hybrid:packed"] = _compare_model(groups, HYBRID, True)
     else:
-        results = {str(length): _bytes_per_layer(groups, length) for length in (4096, 16384)}
+        for groups.state_exchange in ("scan", "allgather"):
+            for length in (256, 1024):
+                results[f"{groups.state_exchange}:{length}"] = _bytes_per_layer(groups, length)
     if rank == 0:
         print(json.dumps(results, indent=1))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -191,20 +209,28 @@ def _run(world: int, tmp_path, job: str) -> list[dict]:
 def test_every_mixer_and_a_hybrid_equal_the_single_rank_run(tmp_path, world):
     results = _run(world, tmp_path, "equal")
     worst = {case: max(r[case] for r in results) for case in results[0]}
-    assert len(worst) == 2 * (len(MIXERS) + 1) + 3 + 8
+    assert len(worst) == 2 * (len(MIXERS) + 1) + 3 + 2 * 8 + 1
     bad = {case: err for case, err in worst.items() if not err < TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
 
 
-def test_recurrent_layers_send_the_same_bytes_at_any_length(tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_recurrent_layers_send_one_state_each_way_at_any_length(tmp_path, world):
+    """Runtime counts of every recurrent mixer equal the accounting formulas: the scan sends
+    one fp32 state to each neighbour (never the transition), at any length and any P; the
+    all-gather sends (P - 1) (transition + state) each way. GLA's transition: a decay per key."""
     from rnnscale.parallel.sequence import state_passing_bytes
+    from rnnscale.parallel.state_exchange import scan_bytes
 
-    results = _run(2, tmp_path, "bytes")
-    for rank in results:
-        assert rank["4096"] == rank["16384"]
-        for name, sent in rank["4096"].items():
-            assert sent.get("state", 0) > 0, name
-    # GLA, one layer: A has H x K entries (a decay per key), S has H x K x V; as predicted
+    results = _run(world, tmp_path, "bytes")
     gla = _model(["gla"]).blocks[0].mixer
     H, K, V = gla.num_heads, gla.key_dim // gla.num_heads, gla.value_dim // gla.num_heads
-    assert results[0]["4096"]["gla"]["state"] == state_passing_bytes(2, H * K, H * K * V)
+    for rank, counts in enumerate(results):
+        assert counts["scan:256"] == counts["scan:1024"]
+        assert counts["allgather:256"] == counts["allgather:1024"]
+        for name, sent in counts["scan:256"].items():
+            assert sent["state"] == scan_bytes(world, rank, sent["numel"]), (rank, name, sent)
+            assert sent["state"] <= 2 * 4 * sent["numel"]
+        both = [counts["allgather:256"][n]["state"] for n in ("gla", "gated_deltanet")]
+        assert both[0] == state_passing_bytes(world, H * K, H * K * V)
+        assert both[1] > 2 * (world - 1) * 4 * counts["scan:256"]["gated_deltanet"]["numel"]

@@ -192,7 +192,7 @@ def _engine(cfg: RunConfig, ds_config: dict, layout, device, fresh: bool):
     if layout.sequence_parallel_size > 1:
         from rnnscale.parallel.sequence import ParallelGroups
 
-        groups = ParallelGroups(layout)
+        groups = ParallelGroups(layout, cfg.parallel.sp_state_exchange, cfg.parallel.sp_scan_blocks)
     stage3 = cfg.parallel.zero_stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext():
         model = build_model(cfg.model, cfg.kernels)

@@ -39,6 +39,20 @@ class ParallelSection:
         "parallel replicas. Must divide the ranks and train.seq_len. See docs/parallelism.md.",
         gt=0,
     )
+    sp_state_exchange: Literal["scan", "allgather"] = doc(
+        "scan",
+        "How the ranks of a sequence group pass recurrent states: scan (each rank receives one "
+        "state from the previous rank and sends one on, a chain; the backward mirrors it: "
+        "|S| bytes each way per layer at any P) or allgather (every rank gathers every rank's "
+        "transition and state: (P - 1) x (|A| + |S|)). Same values; see docs/parallelism.md.",
+    )
+    sp_scan_blocks: int = doc(
+        4,
+        "scan: pieces each state travels in (along rows x heads), each forwarded as soon as it "
+        "arrives, so the last rank waits P - 1 piece hops plus one state, not P - 1 states.",
+        ge=1,
+        le=64,
+    )
     stage3_prefetch_bucket_size: int = doc(
         50_000_000, "ZeRO-3: elements of parameters fetched ahead of use.", gt=0
     )
