@@ -4,8 +4,9 @@ weak scaling on this machine.
     .venv/bin/python benchmarks/sequence_parallel.py [--smoke] [--steps N]
 
 1. **Bytes per layer** (one rank, forward and backward), from the accounting functions the
-   training collectives record with (`rnnscale.parallel.sequence`): our state passing for the
-   recurrent layers of the 1.3B recipes (GLA, Gated DeltaNet, Mamba2; fp32 states) beside
+   training collectives record with (`rnnscale.parallel.sequence`, `.state_exchange`): our
+   state passing for the recurrent layers of the 1.3B recipes (GLA, Gated DeltaNet, Mamba2;
+   fp32 states), by the `scan` exchange (the most any rank sends) and the `allgather`, beside
    DeepSpeed Ulysses' all-to-alls and an all-gather of keys and values for an attention layer
    of the same width (16 heads of 128, bf16, one row), at T = 16K, 64K and 1M tokens and
    P = 2, 4 and 8 ranks per sequence. Formulas, so they hold at any scale; the runtime counts
@@ -14,7 +15,7 @@ weak scaling on this machine.
    P = 2 on 2T (2 processes, each one thread, ZeRO-2, fp32, one row per step), for a recurrent
    model (4 GLA layers) and a hybrid (Gated DeltaNet, sliding-window attention, Mamba2, GLA).
    Efficiency = step time at P = 1 / step time at P = 2 (1.0: the longer sequence costs
-   nothing more per rank). Median of the steps after the first.
+   nothing more per rank), with each state exchange. Median of the steps after the first.
 
 Nothing here is asserted on; tests/test_benchmarks.py runs `--smoke`.
 """
@@ -79,6 +80,7 @@ def recurrent_shapes() -> dict[str, tuple[int, int]]:
 
 def bytes_table() -> None:
     from rnnscale.parallel.sequence import kv_gather_bytes, state_passing_bytes, ulysses_bytes
+    from rnnscale.parallel.state_exchange import scan_bytes
 
     a = ATTENTION
     print("bytes one rank sends per layer, forward + backward (MB = 1e6 bytes); attention: "
@@ -99,9 +101,12 @@ def bytes_table() -> None:
         }
         peer = f"{uly['64K'] / 1e6:.1f}"
         for name, (transition, state) in shapes.items():
-            ours = state_passing_bytes(P, transition, state)
-            cells = " | ".join(f"{ours / 1e6:.2f}" for _ in LENGTHS)
-            print(f"| {name}, state passing | {P} | {cells} | {ours / uly['64K']:.2%} | {peer} |")
+            for way, ours in (
+                ("scan", max(scan_bytes(P, r, state) for r in range(P))),
+                ("allgather", state_passing_bytes(P, transition, state)),
+            ):
+                cells = " | ".join(f"{ours / 1e6:.2f}" for _ in LENGTHS)
+                print(f"| {name}, {way} | {P} | {cells} | {ours / uly['64K']:.2%} | {peer} |")
         print(
             f"| attention, Ulysses all-to-all | {P} | "
             + " | ".join(f"{uly[t] / 1e6:.1f}" for t in LENGTHS)
@@ -123,22 +128,27 @@ def weak_scaling(T: int, steps: int, models: dict[str, list[str]]) -> None:
     print(f"weak scaling on this machine: P = 1 on T = {T}, P = 2 on T = {2 * T} (one thread "
           f"per process, ZeRO-2, fp32, one row, median of steps 2-{steps})")  # fmt: skip
     print()
-    print(f"| model | peer: step P=1, T={T} (s) | step P=2, T={2 * T} (s) | efficiency |")
-    print("|---|---|---|---|")
+    print(f"| model | peer: step P=1, T={T} (s) | exchange | step P=2, T={2 * T} (s) "
+          "| efficiency |")  # fmt: skip
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="rnnscale-sp-bench-") as tmp:
         for name, model in models.items():
-            times = []
-            for P in (1, 2):
-                run_dir = Path(tmp) / f"{name.replace(' ', '_')}-{P}"
+            runs = [(1, "scan"), (2, "scan"), (2, "allgather")]
+            times = {}
+            for P, way in runs:
+                run_dir = Path(tmp) / f"{name.replace(' ', '_')}-{P}-{way}"
                 cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(P),
                        "-m", "rnnscale.train", *COMMON, *model, f"train.seq_len={P * T}",
                        f"parallel.sequence_parallel_size={P}", f"train.max_steps={steps}",
-                       f"run.dir={run_dir}"]  # fmt: skip
+                       f"parallel.sp_state_exchange={way}", f"run.dir={run_dir}"]  # fmt: skip
                 r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                 if r.returncode != 0:
                     raise SystemExit(f"{name} P={P} failed:\n{r.stderr[-3000:]}")
-                times.append(step_time(run_dir))
-            print(f"| {name} | {times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f} |")
+                times[P, way] = step_time(run_dir)
+            one = times[1, "scan"]
+            for (P, way), t in times.items():
+                if P == 2:
+                    print(f"| {name} | {one:.3f} | {way} | {t:.3f} | {one / t:.2f} |")
 
 
 def main() -> int:

@@ -106,7 +106,7 @@ BENCHES = [
         "DeepSpeed Ulysses' all-to-alls and an all-gather of K/V for attention of the same "
         "width (bytes); the same training at P = 1 (weak scaling)",
         2,
-        "bytes per layer against T: state passing, Ulysses, K/V all-gather",
+        "bytes per layer against T: state passing (scan, all-gather), Ulysses, K/V all-gather",
         "DeepSpeed Ulysses and a K/V all-gather for attention of the same width",
     ),
 ]
@@ -312,18 +312,20 @@ def plot_sequence_parallel(text: str, plt):
     lengths = [int(head[i][2:-1]) * scale[head[i][-1]] for i in columns]
     sizes = list(dict.fromkeys(row[1] for row in rows))
     figure, axes = plt.subplots(1, len(sizes), figsize=(12, 4.8), sharey=True, layout="constrained")
-    styles = {"state passing": ("-o", 6), "Ulysses": ("--s", 9), "K/V": (":D", 5)}
+    styles = {", scan": ("-o", 6), ", allgather": ("-.^", 5), "Ulysses": ("--s", 9),
+              "K/V": (":D", 5)}  # fmt: skip
     for ax, P in zip(axes, sizes):
         for row in (r for r in rows if r[1] == P):
             style, size = next(v for k, v in styles.items() if k in row[0])
             ax.plot(lengths, [number(row[i]) for i in columns], style, markersize=size,
-                    label=row[0].replace(", state passing", ""))  # fmt: skip
+                    label=row[0])  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel="T (tokens)", title=f"P = {P}")
     axes[0].set_ylabel("MB one rank sends per layer, fwd+bwd")
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
-    return figure, ("Sequence parallelism, bytes per layer against T: state passing (solid) vs the "
-                    "peers, attention under Ulysses and a K/V all-gather")  # fmt: skip
+    return figure, ("Sequence parallelism, bytes per layer against T: state passing by the scan "
+                    "(solid) and the all-gather (dash-dot) vs the peers, attention under Ulysses "
+                    "and a K/V all-gather")  # fmt: skip
 
 
 def plot_checkpoint(text: str, plt):

@@ -204,7 +204,11 @@ def test_sequence_parallel_benchmark_runs(smoke):
     table = rows(smoke["sequence_parallel"], "layer")
     names = [row[0] for row in table]
     assert names.count("attention, Ulysses all-to-all") == 3  # P = 2, 4, 8
-    recurrent = [row for row in table if row[0].endswith("state passing")]
-    assert len(recurrent) == 9 and all(len(set(row[2:5])) == 1 for row in recurrent)  # no T
+    scan = [row for row in table if row[0].endswith(", scan")]
+    gather = [row for row in table if row[0].endswith(", allgather")]
+    assert len(scan) == len(gather) == 9
+    assert all(len(set(row[2:5])) == 1 for row in scan + gather)  # no T
+    assert all(float(a[2]) < float(b[2]) for a, b in zip(scan, gather, strict=True))
     scaling = rows(smoke["sequence_parallel"], "model")
-    assert [row[0] for row in scaling] == ["gla x4"] and float(scaling[-1][3]) > 0
+    assert [(row[0], row[2]) for row in scaling] == [("gla x4", "scan"), ("gla x4", "allgather")]
+    assert all(float(row[4]) > 0 for row in scaling)
