@@ -116,9 +116,14 @@ def bytes_table() -> None:
               + " | ".join(f"{kv[t] / 1e6:.1f}" for t in LENGTHS) + f" | - | {peer} |")  # fmt: skip
 
 
-def step_time(run_dir: Path) -> float:
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    return statistics.median(s["step_time_s"] for s in steps[1:])
+def step_time(run_dir: Path) -> tuple[float, float, float]:
+    """Median, lowest and highest step time after the first step."""
+    times = [json.loads(line)["step_time_s"] for line in (run_dir / "metrics.jsonl").open()][1:]
+    return statistics.median(times), min(times), max(times)
+
+
+def spread(t: tuple[float, float, float]) -> str:
+    return f"{t[0]:.3f} ({t[1]:.3f}-{t[2]:.3f})"
 
 
 def weak_scaling(T: int, steps: int, models: dict[str, list[str]]) -> None:
@@ -126,7 +131,8 @@ def weak_scaling(T: int, steps: int, models: dict[str, list[str]]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     print()
     print(f"weak scaling on this machine: P = 1 on T = {T}, P = 2 on T = {2 * T} (one thread "
-          f"per process, ZeRO-2, fp32, one row, median of steps 2-{steps})")  # fmt: skip
+          f"per process, ZeRO-2, fp32, one row; step times: median (lowest-highest) of steps "
+          f"2-{steps}; efficiency: the ratio of the medians)")  # fmt: skip
     print()
     print(f"| model | peer: step P=1, T={T} (s) | exchange | step P=2, T={2 * T} (s) "
           "| efficiency |")  # fmt: skip
@@ -148,7 +154,7 @@ def weak_scaling(T: int, steps: int, models: dict[str, list[str]]) -> None:
             one = times[1, "scan"]
             for (P, way), t in times.items():
                 if P == 2:
-                    print(f"| {name} | {one:.3f} | {way} | {t:.3f} | {one / t:.2f} |")
+                    print(f"| {name} | {spread(one)} | {way} | {spread(t)} | {one[0] / t[0]:.2f} |")
 
 
 def main() -> int:

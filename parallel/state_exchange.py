@@ -12,9 +12,10 @@ its own kernel pass (`rnnscale.parallel.state_passing`); rank r needs
   computes `A_r(S_in) + S_r` and sends that one state to rank r + 1; the backward runs the
   mirror chain from the last rank to the first with the gradient of each S_in. A rank sends
   |S| elements in each direction in which it has a neighbour, at any P and T, and never A.
-  The state travels in `blocks` pieces along its first two axes (rows x heads, or rows x
-  channels for the elementwise scan), each piece forwarded as soon as it arrives, so the
-  last rank waits P - 1 piece hops plus one whole state, not P - 1 whole states. Every rank
+  The state travels in up to `blocks` pieces along its first two axes (rows x heads, or rows
+  x channels for the elementwise scan; none under MIN_PIECE_BYTES), all their receives posted
+  at once and each piece forwarded as soon as it arrives, so the last rank waits P - 1 piece
+  hops plus one whole state, not P - 1 whole states. Every rank
   has run its own slice from a zero state before the exchange (the work that does not need
   S_in), and corrects its outputs once S_in is there. Forward values are the all-gather's bit
   for bit: both fold the same maps in the same order in fp32.
@@ -28,6 +29,9 @@ import torch.distributed as dist
 from rnnscale.parallel.sequence import Shard, message_tag
 
 MAX_BLOCKS = 64  # pieces per exchange: the backward's tags start MAX_BLOCKS after the forward's
+# a piece smaller than this costs more in message latency than pipelining saves: a state of
+# fewer bytes travels whole (GPU links: ~5-10 us per message, ~1 MB in that time on NVLink)
+MIN_PIECE_BYTES = 256 * 1024
 
 
 def scan_bytes(P: int, rank: int, state_numel: int, itemsize: int = 4) -> int:
@@ -37,9 +41,12 @@ def scan_bytes(P: int, rank: int, state_numel: int, itemsize: int = 4) -> int:
     return itemsize * state_numel * (int(rank < P - 1) + int(rank > 0))
 
 
-def _pieces(n: int, blocks: int) -> list[slice]:
-    """`blocks` (or n, if fewer) contiguous ranges covering 0 .. n."""
-    blocks = max(1, min(blocks, n, MAX_BLOCKS))
+def _pieces(state: torch.Tensor, blocks: int) -> list[slice]:
+    """Contiguous ranges of the state's first axis covering it: `blocks` of them, or fewer
+    when the state is small (no piece under MIN_PIECE_BYTES) or has fewer rows."""
+    n = state.shape[0]
+    most = -(-state.numel() * state.element_size() // max(MIN_PIECE_BYTES, 1))
+    blocks = max(1, min(blocks, most, n, MAX_BLOCKS))
     bounds = [n * i // blocks for i in range(blocks + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -48,8 +55,11 @@ def _send(shard: Shard, tensor: torch.Tensor, peer: int, tag: int):
     return dist.isend(tensor, group=shard.group, group_dst=peer, tag=tag)
 
 
-def _receive(shard: Shard, tensor: torch.Tensor, peer: int, tag: int) -> None:
-    dist.irecv(tensor, group=shard.group, group_src=peer, tag=tag).wait()
+def _receives(shard: Shard, into: torch.Tensor, pieces, peer: int, tag: int) -> list:
+    """Every piece's receive posted at once (the sender's pieces then match at once): the
+    handles, in piece order."""
+    return [dist.irecv(into[part], group=shard.group, group_src=peer, tag=tag + i)
+            for i, part in enumerate(pieces)]  # fmt: skip
 
 
 class _ScanStates(torch.autograd.Function):
@@ -62,12 +72,13 @@ class _ScanStates(torch.autograd.Function):
         rank, P = shard.rank, shard.size
         tag = message_tag(shard)
         ctx.shard, ctx.map, ctx.tag = shard, apply, tag
-        ctx.pieces = pieces = _pieces(S_last.shape[0], blocks)
+        ctx.pieces = pieces = _pieces(S_last, blocks)
         S_in = S_init.clone() if rank == 0 else torch.empty_like(S_last)
+        receives = _receives(shard, S_in, pieces, rank - 1, tag) if rank > 0 else []
         sends = []
         for i, part in enumerate(pieces):
-            if rank > 0:
-                _receive(shard, S_in[part], rank - 1, tag + i)
+            if receives:
+                receives[i].wait()
             if rank < P - 1:
                 out = (apply(A[part], S_in[part]) + S_last[part]).contiguous()
                 sends.append((_send(shard, out, rank + 1, tag + i), out))
@@ -85,10 +96,11 @@ class _ScanStates(torch.autograd.Function):
         G_in = grad.clone()  # becomes the whole gradient of this rank's S_in
         G_out = torch.zeros_like(S_in)  # the gradient of S_out, from the next rank
         dA = torch.zeros_like(A)
+        receives = _receives(shard, G_out, ctx.pieces, rank + 1, tag) if rank < P - 1 else []
         sends = []
         for i, part in enumerate(ctx.pieces):
-            if rank < P - 1:
-                _receive(shard, G_out[part], rank + 1, tag + i)
+            if receives:
+                receives[i].wait()
                 with torch.enable_grad():
                     a = A[part].detach().requires_grad_()
                     s = S_in[part].detach().requires_grad_()

@@ -212,3 +212,28 @@ def test_sequence_parallel_benchmark_runs(smoke):
     scaling = rows(smoke["sequence_parallel"], "model")
     assert [(row[0], row[2]) for row in scaling] == [("gla x4", "scan"), ("gla x4", "allgather")]
     assert all(float(row[4]) > 0 for row in scaling)
+
+
+def test_the_sequence_parallel_model_costs_what_its_formulas_say():
+    """benchmarks/sp_model.py: one hop, a ring all-gather and a pipelined chain cost their
+    alpha-beta formulas; the scan's modelled exchange grows with P - 1 hops of one state, the
+    all-gather's with P - 1 states and transitions, so the scan is never slower for a recipe;
+    Ulysses is refused where the heads do not divide by P."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sp_model as m
+
+    links = m.Links(per_node=2, alpha_intra=1.0, alpha_inter=10.0, bw_intra=4.0, bw_inter=1.0)
+    assert m.chain(links, 2, 8, 1) == 1.0 + 2.0  # one NVLink hop
+    assert m.chain(links, 3, 8, 2) == (1.0 + 1.0) + (10.0 + 4.0) + 4.0  # a node boundary
+    assert m.ring_allgather(links, 4, 8) == 3 * (10.0 + 8.0)
+    layers = m.recipe_layers(ROOT / "configs/recipes/gated_deltanet-attn-1.3b.yaml")
+    gdn = layers[0]
+    assert (gdn.kind, gdn.state, gdn.transition) == ("recurrent", 8 * 208 * 416, 8 * 208 * 208)
+    assert m.layer_time(layers[3], 16, 1 << 20, "ulysses", 1e15, m.Links(), 4) is None
+    rate = 4e14
+    for name in ("gla-1.3b", "gated_deltanet-1.3b"):
+        recipe = m.recipe_layers(ROOT / f"configs/recipes/{name}.yaml")
+        for P in (2, 16, 256):
+            scan, gather = (m.efficiency(recipe, P, 16384, {"recurrent": way}, rate, m.Links(), 4)
+                            for way in ("scan", "allgather"))  # fmt: skip
+            assert 0 < gather <= scan <= 1

@@ -48,8 +48,9 @@ class ParallelSection:
     )
     sp_scan_blocks: int = doc(
         4,
-        "scan: pieces each state travels in (along rows x heads), each forwarded as soon as it "
-        "arrives, so the last rank waits P - 1 piece hops plus one state, not P - 1 states.",
+        "scan: the most pieces each state travels in (along rows x heads; none under 256 KiB), "
+        "each forwarded as soon as it arrives, so the last rank waits P - 1 piece hops plus "
+        "one state, not P - 1 states.",
         ge=1,
         le=64,
     )
