@@ -11,11 +11,13 @@ weak scaling on this machine.
    of the same width (16 heads of 128, bf16, one row), at T = 16K, 64K and 1M tokens and
    P = 2, 4 and 8 ranks per sequence. Formulas, so they hold at any scale; the runtime counts
    are checked against them in tests/test_sequence_parallel.py.
-2. **Weak scaling, measured**: `rnnscale.train.run` under torchrun, P = 1 on T tokens and
-   P = 2 on 2T (2 processes, each one thread, ZeRO-2, fp32, one row per step), for a recurrent
-   model (4 GLA layers) and a hybrid (Gated DeltaNet, sliding-window attention, Mamba2, GLA).
-   Efficiency = step time at P = 1 / step time at P = 2 (1.0: the longer sequence costs
-   nothing more per rank), with each state exchange. Median of the steps after the first.
+2. **Weak scaling, measured**: `rnnscale.train.run` under torchrun, P = 2 on 2T tokens (2
+   processes, each one thread, ZeRO-2, fp32, one row per step) with each state exchange,
+   against two peers on T tokens per rank: 1 rank alone, and 2 data-parallel ranks (the same
+   two processes sharing the machine's two cores and memory, the same gradient reductions),
+   for a recurrent model (4 GLA layers) and a hybrid (Gated DeltaNet, sliding-window
+   attention, Mamba2, GLA). Efficiency = the peer's step time / P = 2's (1.0: the longer
+   sequence costs nothing more per rank). Median of the steps after the first.
 
 Nothing here is asserted on; tests/test_benchmarks.py runs `--smoke`.
 """
@@ -43,11 +45,22 @@ MODELS = {
                            "model.num_layers=4", "model.swa.window=128",
                            "model.mamba2.head_dim=32"],
 }  # fmt: skip
-COMMON = ["configs/debug_cpu.yaml", "model.d_model=128", "model.num_heads=4",
-          "kernels.chunk_size.gla=64", "train.micro_batch_size=1", "train.global_batch_size=1",
-          "train.log_interval=1", "parallel.zero_stage=2", "log.progress_bar=false",
-          "log.wandb.mode=disabled", "log.tensorboard=false", "train.eval_interval=0",
-          "schedule.warmup_steps=0", "train.peak_tflops=1"]  # fmt: skip
+COMMON = [
+    "configs/debug_cpu.yaml",
+    "model.d_model=128",
+    "model.num_heads=4",
+    "kernels.chunk_size.gla=64",
+    "train.micro_batch_size=1",
+    "train.log_interval=1",
+    "parallel.zero_stage=2",
+    "log.progress_bar=false",
+    "log.wandb.mode=disabled",
+    "log.tensorboard=false",
+    "train.eval_interval=0",
+    "schedule.warmup_steps=0",
+    "train.peak_tflops=1",
+    "launch.threads_per_rank=1",
+]  # fmt: skip  (P = 1 would take both cores otherwise)
 
 
 def recurrent_shapes() -> dict[str, tuple[int, int]]:
@@ -126,35 +139,46 @@ def spread(t: tuple[float, float, float]) -> str:
     return f"{t[0]:.3f} ({t[1]:.3f}-{t[2]:.3f})"
 
 
-def weak_scaling(T: int, steps: int, models: dict[str, list[str]]) -> None:
+def train_step(tmp: str, name: str, model: list[str], ranks: int, P: int, T: int, steps: int,
+               way: str) -> tuple[float, float, float]:  # fmt: skip
+    """Step times of `rnnscale.train` under torchrun: `ranks` processes, sequence groups of P,
+    one row of T tokens per sequence group per step."""
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    run_dir = Path(tmp) / f"{name.replace(' ', '_')}-{ranks}-{P}-{way}"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(ranks), "-m", "rnnscale.train",
+           *COMMON, *model, f"train.seq_len={T}", f"parallel.sequence_parallel_size={P}",
+           f"train.global_batch_size={ranks // P}", f"train.max_steps={steps}",
+           f"parallel.sp_state_exchange={way}", f"run.dir={run_dir}"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{name} ({ranks} ranks, P={P}) failed:\n{r.stderr[-3000:]}")
+    return step_time(run_dir)
+
+
+def weak_scaling(T: int, steps: int, models: dict[str, list[str]]) -> None:
     print()
-    print(f"weak scaling on this machine: P = 1 on T = {T}, P = 2 on T = {2 * T} (one thread "
-          f"per process, ZeRO-2, fp32, one row; step times: median (lowest-highest) of steps "
-          f"2-{steps}; efficiency: the ratio of the medians)")  # fmt: skip
+    print(f"weak scaling on this machine: P = 2 on T = {2 * T} against 1 rank on T = {T} and "
+          f"against 2 data-parallel ranks on T = {T} each (the same 2 processes on the 2 cores, "
+          f"the same ZeRO-2 reductions); one thread per process, fp32, one row per sequence "
+          f"group; step times: median (lowest-highest) of steps 2-{steps}; efficiency: the "
+          f"ratio of the medians")  # fmt: skip
     print()
-    print(f"| model | peer: step P=1, T={T} (s) | exchange | step P=2, T={2 * T} (s) "
-          "| efficiency |")  # fmt: skip
-    print("|---|---|---|---|---|")
+    print(
+        f"| model | peer: 1 rank, T={T} (s) | peer: 2 data-parallel ranks, T={T} (s) | "
+        f"exchange | P=2, T={2 * T} (s) | efficiency vs 1 rank | vs 2 data-parallel ranks |"
+    )
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="rnnscale-sp-bench-") as tmp:
         for name, model in models.items():
-            runs = [(1, "scan"), (2, "scan"), (2, "allgather")]
-            times = {}
-            for P, way in runs:
-                run_dir = Path(tmp) / f"{name.replace(' ', '_')}-{P}-{way}"
-                cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(P),
-                       "-m", "rnnscale.train", *COMMON, *model, f"train.seq_len={P * T}",
-                       f"parallel.sequence_parallel_size={P}", f"train.max_steps={steps}",
-                       f"parallel.sp_state_exchange={way}", f"run.dir={run_dir}"]  # fmt: skip
-                r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise SystemExit(f"{name} P={P} failed:\n{r.stderr[-3000:]}")
-                times[P, way] = step_time(run_dir)
-            one = times[1, "scan"]
-            for (P, way), t in times.items():
-                if P == 2:
-                    print(f"| {name} | {spread(one)} | {way} | {spread(t)} | {one[0] / t[0]:.2f} |")
+            one = train_step(tmp, name, model, 1, 1, T, steps, "scan")
+            data = train_step(tmp, name, model, 2, 1, T, steps, "scan")
+            for way in ("scan", "allgather"):
+                t = train_step(tmp, name, model, 2, 2, 2 * T, steps, way)
+                print(
+                    f"| {name} | {spread(one)} | {spread(data)} | {way} | {spread(t)} | "
+                    f"{one[0] / t[0]:.2f} | {data[0] / t[0]:.2f} |"
+                )
 
 
 def main() -> int:

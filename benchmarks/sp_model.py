@@ -10,7 +10,8 @@ except ring attention's block passing (which is built to overlap). Per layer and
 
 - compute: 3 x the layer's model FLOPs per token (its own `flops_per_token`, the MLP included)
   x L, at `--mfu` of `--peak-tflops`; attention's FLOPs grow with T (Ulysses and ring both give
-  each rank 1/P of the causal T x T work);
+  each rank 1/P of the causal T x T work); at P > 1 a recurrent layer also corrects its outputs
+  by S_in (2 |S| per token; the delta rule also runs K more value columns, 6 H K^2);
 - scan: a chain of P - 1 hops each way (forward states, backward gradients), the state of
   4 |S| bytes in `--blocks` pieces: sum over hops of (alpha + piece / bandwidth) plus
   (blocks - 1) pieces on the slowest hop;
@@ -74,6 +75,7 @@ class Layer:
     state: int = 0  # |S| elements per row
     width: int = 0  # attention: d (heads x head dim)
     heads: int = 0
+    sp_flops: int = 0  # recurrent, P > 1: forward FLOPs per token of the state's correction
 
 
 def chain(links: Links, P: int, nbytes: float, blocks: int) -> float:
@@ -109,6 +111,7 @@ def layer_time(layer: Layer, P: int, T: int, way: str, rate: float, links: Links
     if layer.kind in ("head", "local"):  # a halo's few tokens are left out
         return compute
     if layer.kind == "recurrent":
+        compute += 3 * layer.sp_flops * L / rate if P > 1 else 0.0
         if way == "scan":
             return compute + 2 * chain(links, P, 4 * layer.state, blocks)
         return compute + 2 * ring_allgather(links, P, 4 * (layer.transition + layer.state))
@@ -159,13 +162,16 @@ def recipe_layers(path: Path, overrides: list[str] = ()) -> list[Layer]:
         flops = functools.partial(_block_flops, m, mlp)
         if hasattr(m, "head_v_dim"):  # gated_deltanet: a K x K transition per head
             H, K, V = m.num_heads, m.head_dim, m.head_v_dim
-            layers.append(Layer("recurrent", flops, H * K * K, H * K * V))
+            # the read of S_in (2 K V) and the kernel's K more value columns (6 K K: its read
+            # and write along the key, and the query's read)
+            extra = 2 * H * K * V + 6 * H * K * K
+            layers.append(Layer("recurrent", flops, H * K * K, H * K * V, sp_flops=extra))
         elif hasattr(m, "state_size"):  # mamba2: a decay per head
             H, N, Pd = m.num_heads, m.state_size, m.head_dim
-            layers.append(Layer("recurrent", flops, H, H * N * Pd))
+            layers.append(Layer("recurrent", flops, H, H * N * Pd, sp_flops=2 * H * N * Pd))
         elif hasattr(m, "key_dim"):  # gla: a decay per key
             H, K, V = m.num_heads, m.key_dim // m.num_heads, m.value_dim // m.num_heads
-            layers.append(Layer("recurrent", flops, H * K, H * K * V))
+            layers.append(Layer("recurrent", flops, H * K, H * K * V, sp_flops=2 * H * K * V))
         elif getattr(m, "window", None) is not None:  # swa: a halo of window - 1 tokens
             layers.append(Layer("local", flops))
         else:  # attention
@@ -268,7 +274,8 @@ def measured_here() -> tuple[int, list[list[str]]]:
 
 def here_table(blocks: int) -> list[tuple[str, float, float]]:
     """This machine at P = 2: the model (links measured by ping-pong, compute calibrated to the
-    measured P = 1 step) against the measured efficiency of the same runs."""
+    step of 2 data-parallel ranks on T tokens each: the same two processes sharing the cores)
+    against the measured efficiency of the same runs against those ranks."""
     from sequence_parallel import COMMON, MODELS
 
     T, rows = measured_here()
@@ -279,17 +286,18 @@ def here_table(blocks: int) -> list[tuple[str, float, float]]:
     links = loopback_links()
     print(f"\nthis machine, P = 2: modelled with gloo links measured by a ping-pong (alpha "
           f"{links.alpha_intra * 1e6:.0f} us, {links.bw_intra / 1e9:.2f} GB/s) and compute "
-          "calibrated to the measured P = 1 step; measured: docs/performance.md, "
-          "benchmarks/sequence_parallel.py")  # fmt: skip
+          "calibrated to the measured step of 2 data-parallel ranks on T tokens each; measured: "
+          "docs/performance.md, benchmarks/sequence_parallel.py")  # fmt: skip
     print()
-    print("| model | exchange | T at P = 1 | measured efficiency | modelled efficiency |")
+    print("| model | exchange | T per rank | measured efficiency vs 2 data-parallel ranks | "
+          "modelled |")  # fmt: skip
     print("|---|---|---|---|---|")
     out = []
-    for model, one, way, _two, measured in rows:
+    for model, _one, data, way, _two, _vs_one, measured in rows:
         layers = recipe_layers(ROOT / COMMON[0], [*COMMON[1:], *MODELS[model]])
         ways = {"recurrent": way, "attention": "ring"}
         flops = sum(3 * x.flops(T) * T for x in layers)
-        rate = flops / float(one.split()[0])  # the model's P = 1 step = the measured median
+        rate = flops / float(data.split()[0])  # compute as fast as the data-parallel ranks
         modelled = efficiency(layers, 2, T, ways, rate, links, blocks)
         print(f"| {model} | {way} | {T} | {measured} | {modelled:.3f} |")
         out.append((f"{model}, {way}", float(measured), modelled))

@@ -104,8 +104,9 @@ BENCHES = [
         "benchmarks/sequence_parallel.py",
         "benchmarks/sequence_parallel.py --smoke",
         "DeepSpeed Ulysses' all-to-alls and an all-gather of K/V for attention of the same "
-        "width (bytes); the same training at P = 1 (weak scaling)",
-        2,
+        "width (bytes); the same training on T tokens per rank by 1 rank and by 2 data-parallel "
+        "ranks (weak scaling)",
+        3,
         "bytes per layer against T: state passing (scan, all-gather), Ulysses, K/V all-gather",
         "DeepSpeed Ulysses and a K/V all-gather for attention of the same width",
     ),

@@ -14,13 +14,13 @@ in S_in:
     elementwise scan:        h_t += (a_1 ... a_t) * h_in
     delta rule:              o_t += (scale q_t^T M_t ... M_1) S_in   M: the token transitions
 
-The delta rule's row vectors and its A come from the kernel itself: a second call with K value
-columns of zeros whose initial state is the identity (the state's columns evolve
-independently) returns `scale q^T M_t..M_1` as its output and A as its final state (the
-alternative in docs/scans.md section 5 is a second pass with S_in; this one needs no wait for
-S_in). Only the first document of a slice receives S_in; the correction is written in torch
-ops, so autograd carries the gradients to q, the gates, k and beta, and through the
-all-gather's backward (an all-to-all of the per-piece gradients) to the earlier ranks. Every
+The delta rule's row vectors and its A come from the kernel itself: K more value columns of
+zeros whose initial state is the identity (the state's columns evolve independently) give
+`scale q^T M_t..M_1` as output and A as final state, in the same call as the values on the
+PyTorch path and in a second call on the Triton path (the alternative in docs/scans.md section
+5 is a second pass with S_in; this needs no wait for S_in). Only the first document of a slice
+receives S_in; the correction is written in torch ops, so autograd carries the gradients to q,
+the gates, k and beta, and through the exchange's backward to the earlier ranks. Every
 function takes and returns what its kernel does (`(out, final_state)`, final state `[N, ...]`
 per local sequence).
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from rnnscale.kernels.common.backend import resolve_backend
 from rnnscale.kernels.delta import chunk_delta_product, chunk_gated_delta_rule
 from rnnscale.kernels.gla import chunk_gla
 from rnnscale.kernels.scan import linear_scan
@@ -129,17 +130,24 @@ def _delta(kernel, inputs, shard, initial_state, cu_seqlens, options):
     receives = _check_state(shard, initial_state, cu_seqlens)
     B, _, H, K = q.shape
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    o, final = kernel(q, k, v, g, beta, initial_state=None, output_final_state=True,
-                      cu_seqlens=cu_seqlens, **options)  # fmt: skip
-    # K value columns of zeros starting from the identity carry q^T M_t..M_1 and A: the same
-    # kernel in a second call (not V + K columns in one, so its tiles keep their size)
+    # K value columns of zeros starting from the identity carry q^T M_t..M_1 and A
     first = N if cu_seqlens is None else 1  # the sequences whose incoming state is passed
-    start = torch.zeros(N, H, K, K, dtype=torch.float32, device=q.device)
+    V = v.shape[-1]
+    start = torch.zeros(N, H, K, V + K, dtype=torch.float32, device=q.device)
     if receives:  # else A = 0 and the rows are zero: nothing reaches this slice
-        start[:first] = torch.eye(K, device=q.device)
-    zeros = v.new_zeros(*v.shape[:-1], K)
-    rows, A_all = kernel(q, k, zeros, g, beta, initial_state=start, output_final_state=True,
-                         cu_seqlens=cu_seqlens, **options)  # fmt: skip
+        start[:first, ..., V:] = torch.eye(K, device=q.device)
+    both = torch.cat([v, v.new_zeros(*v.shape[:-1], K)], dim=-1)
+    if resolve_backend(options.get("backend", "auto"), q) == "torch":
+        # one call with V + K value columns from [0 | I]: the columns evolve independently,
+        # and the chunks' WY factors (the costly part) are computed once for both
+        out, last = kernel(q, k, both, g, beta, initial_state=start, output_final_state=True,
+                           cu_seqlens=cu_seqlens, **options)  # fmt: skip
+        o, rows, final, A_all = out[..., :V], out[..., V:], last[..., :V], last[..., V:]
+    else:  # Triton: a second call, so that the tiles keep their size
+        o, final = kernel(q, k, v, g, beta, initial_state=None, output_final_state=True,
+                          cu_seqlens=cu_seqlens, **options)  # fmt: skip
+        rows, A_all = kernel(q, k, both[..., V:], g, beta, initial_state=start[..., V:],
+                             output_final_state=True, cu_seqlens=cu_seqlens, **options)  # fmt: skip
     # rows: (B, T, H, K), zero past the first doc; A_all: (N, H, K, K)
     A = _last(A_all, cu_seqlens)  # zero when the last sequence is not the first
     S_in = _incoming(shard, A, _last(final, cu_seqlens), initial_state, torch.matmul, receives)
