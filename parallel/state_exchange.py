@@ -41,18 +41,23 @@ def scan_bytes(P: int, rank: int, state_numel: int, itemsize: int = 4) -> int:
     return itemsize * state_numel * (int(rank < P - 1) + int(rank > 0))
 
 
-def _pieces(state: torch.Tensor, blocks: int) -> list[slice]:
+def _pieces(state: torch.Tensor, blocks: int, P: int) -> list[slice]:
     """Contiguous ranges of the state's first axis covering it: `blocks` of them, or fewer
-    when the state is small (no piece under MIN_PIECE_BYTES) or has fewer rows."""
-    n = state.shape[0]
-    most = -(-state.numel() * state.element_size() // max(MIN_PIECE_BYTES, 1))
+    when the state is small (no piece under MIN_PIECE_BYTES) or has fewer rows, and one at
+    P = 2 (a single hop: pieces would only add messages)."""
+    n, nbytes = state.shape[0], state.numel() * state.element_size()
+    most = nbytes // MIN_PIECE_BYTES if MIN_PIECE_BYTES > 0 else n
+    most = most if P > 2 else 1
     blocks = max(1, min(blocks, most, n, MAX_BLOCKS))
     bounds = [n * i // blocks for i in range(blocks + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _send(shard: Shard, tensor: torch.Tensor, peer: int, tag: int):
-    return dist.isend(tensor, group=shard.group, group_dst=peer, tag=tag)
+    """Start sending `tensor`, counted by what it holds: the handle, and the tensor to keep
+    alive until the handle is waited on."""
+    shard.stats.record("state", tensor.numel() * tensor.element_size())
+    return dist.isend(tensor, group=shard.group, group_dst=peer, tag=tag), tensor
 
 
 def _receives(shard: Shard, into: torch.Tensor, pieces, peer: int, tag: int) -> list:
@@ -72,7 +77,7 @@ class _ScanStates(torch.autograd.Function):
         rank, P = shard.rank, shard.size
         tag = message_tag(shard)
         ctx.shard, ctx.map, ctx.tag = shard, apply, tag
-        ctx.pieces = pieces = _pieces(S_last, blocks)
+        ctx.pieces = pieces = _pieces(S_last, blocks, P)
         S_in = S_init.clone() if rank == 0 else torch.empty_like(S_last)
         receives = _receives(shard, S_in, pieces, rank - 1, tag) if rank > 0 else []
         sends = []
@@ -81,10 +86,9 @@ class _ScanStates(torch.autograd.Function):
                 receives[i].wait()
             if rank < P - 1:
                 out = (apply(A[part], S_in[part]) + S_last[part]).contiguous()
-                sends.append((_send(shard, out, rank + 1, tag + i), out))
-        for work, _ in sends:
-            work.wait()
-        shard.stats.record("state", S_last.numel() * S_last.element_size() * (rank < P - 1))
+                sends.append(_send(shard, out, rank + 1, tag + i))
+        for work, _ in sends:  # a send completes once the receiver has posted its receive
+            work.wait()  # (gloo; NCCL's stream waits likewise): the ranks keep step per layer
         ctx.save_for_backward(A, S_in)
         return S_in
 
@@ -109,10 +113,9 @@ class _ScanStates(torch.autograd.Function):
                 G_in[part] += ds
             if rank > 0:
                 piece = G_in[part].contiguous()
-                sends.append((_send(shard, piece, rank - 1, tag + i), piece))
+                sends.append(_send(shard, piece, rank - 1, tag + i))
         for work, _ in sends:
             work.wait()
-        shard.stats.record("state", G_in.numel() * G_in.element_size() * (rank > 0))
         return dA, G_out, G_in if rank == 0 else None, None, None, None
 
 

@@ -136,8 +136,9 @@ def _delta(kernel, inputs, shard, initial_state, cu_seqlens, options):
     start = torch.zeros(N, H, K, V + K, dtype=torch.float32, device=q.device)
     if receives:  # else A = 0 and the rows are zero: nothing reaches this slice
         start[:first, ..., V:] = torch.eye(K, device=q.device)
-    both = torch.cat([v, v.new_zeros(*v.shape[:-1], K)], dim=-1)
+    zeros = v.new_zeros(*v.shape[:-1], K)
     if resolve_backend(options.get("backend", "auto"), q) == "torch":
+        both = torch.cat([v, zeros], dim=-1)
         # one call with V + K value columns from [0 | I]: the columns evolve independently,
         # and the chunks' WY factors (the costly part) are computed once for both
         out, last = kernel(q, k, both, g, beta, initial_state=start, output_final_state=True,
@@ -146,7 +147,7 @@ def _delta(kernel, inputs, shard, initial_state, cu_seqlens, options):
     else:  # Triton: a second call, so that the tiles keep their size
         o, final = kernel(q, k, v, g, beta, initial_state=None, output_final_state=True,
                           cu_seqlens=cu_seqlens, **options)  # fmt: skip
-        rows, A_all = kernel(q, k, both[..., V:], g, beta, initial_state=start[..., V:],
+        rows, A_all = kernel(q, k, zeros, g, beta, initial_state=start[..., V:].contiguous(),
                              output_final_state=True, cu_seqlens=cu_seqlens, **options)  # fmt: skip
     # rows: (B, T, H, K), zero past the first doc; A_all: (N, H, K, K)
     A = _last(A_all, cu_seqlens)  # zero when the last sequence is not the first

@@ -224,7 +224,7 @@ def test_the_sequence_parallel_model_costs_what_its_formulas_say():
 
     links = m.Links(per_node=2, alpha_intra=1.0, alpha_inter=10.0, bw_intra=4.0, bw_inter=1.0)
     assert m.chain(links, 2, 8, 1) == 1.0 + 2.0  # one NVLink hop
-    assert m.chain(links, 3, 8, 2) == (1.0 + 1.0) + (10.0 + 4.0) + 4.0  # a node boundary
+    assert m.chain(links, 3, 8, 2) == (1.0 + 1.0) + (10.0 + 4.0) + (10.0 + 4.0)  # a node edge
     assert m.ring_allgather(links, 4, 8) == 3 * (10.0 + 8.0)
     layers = m.recipe_layers(ROOT / "configs/recipes/gated_deltanet-attn-1.3b.yaml")
     gdn = layers[0]
@@ -234,6 +234,8 @@ def test_the_sequence_parallel_model_costs_what_its_formulas_say():
     for name in ("gla-1.3b", "gated_deltanet-1.3b"):
         recipe = m.recipe_layers(ROOT / f"configs/recipes/{name}.yaml")
         for P in (2, 16, 256):
-            scan, gather = (m.efficiency(recipe, P, 16384, {"recurrent": way}, rate, m.Links(), 4)
-                            for way in ("scan", "allgather"))  # fmt: skip
-            assert 0 < gather <= scan <= 1
+            gather, scan, wave = (
+                m.efficiency(recipe, P, 16384, {"recurrent": way}, rate, m.Links(), 4)
+                for way in ("allgather", "scan", "wavefront")
+            )
+            assert 0 < gather <= scan <= wave <= 1

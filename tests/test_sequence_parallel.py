@@ -65,6 +65,51 @@ def _compare_model(groups, pattern, packed: bool, recompute=False, **extra) -> f
 def _kernel_cases(groups) -> dict:
     """The SP kernels with a caller's initial state on rank 0, against one rank: outputs, the
     last rank's final state, and the gradients of q, k, v, gates and the initial state."""
+    shard = groups.shard(T)
+    errors = {}
+    for name, (kernel, parallel, inputs, state) in _cases().items():
+        leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
+        o, final = kernel(*leaves[:-1], initial_state=leaves[-1], output_final_state=True)
+        weights = torch.randn_like(o)
+        full = torch.autograd.grad((o * weights).sum() + final.sum(), leaves)
+        local = [shard.local(x).detach().requires_grad_() for x in leaves[:-1]]
+        S = leaves[-1].detach().clone().requires_grad_()
+        o_sp, final_sp = parallel(*local, shard=shard, initial_state=S)
+        last = final_sp.sum() if shard.rank == shard.size - 1 else 0.0 * final_sp.sum()
+        grads = torch.autograd.grad((o_sp * shard.local(weights)).sum() + last, [*local, S],
+                                    allow_unused=True)  # fmt: skip
+        grads = [torch.zeros_like(S) if g is None else g for g in grads]  # scan: S on rank 0
+        errs = [_relative(o_sp, shard.local(o).detach())]
+        if shard.rank == shard.size - 1:
+            errs.append(_relative(final_sp, final.detach()))
+        for g, g_full in zip(grads[:-1], full[:-1], strict=True):
+            errs.append(_relative(g, shard.local(g_full)))
+        dist.all_reduce(grads[-1], group=shard.group)  # the state's gradient from every slice
+        errs.append(_relative(grads[-1], full[-1]))
+        errors[f"kernel:{name}"] = max(errs)
+    return errors
+
+
+def _exchanges_agree(groups) -> dict:
+    """1.0 where the scan and the all-gather give different outputs or final states, bit for
+    bit (both fold the same maps in the same order), else 0.0; packed documents included."""
+    shard, packed = groups.shard(T), groups.shard(T, torch.tensor(PACKED, dtype=torch.int32))
+    out = {}
+    for name, (_, parallel, inputs, state) in _cases().items():
+        for where, sh, S in (("rows", shard, state), ("packed", packed, None)):
+            local = [sh.local(x[:1] if S is None else x) for x in inputs]
+            got = []
+            for groups.state_exchange in ("scan", "allgather"):
+                sh.state_exchange = groups.state_exchange
+                got.append(parallel(*local, shard=sh, initial_state=S, cu_seqlens=sh.cu_seqlens))
+            same = all(torch.equal(a, b) for a, b in zip(*got, strict=True))
+            out[f"same:{name}:{where}"] = float(not same)
+    groups.state_exchange = "scan"
+    return out
+
+
+def _cases() -> dict:
+    """(kernel, its SP form, inputs, initial state) of every family, rows of T tokens."""
     from rnnscale.kernels.delta import chunk_delta_product, chunk_gated_delta_rule
     from rnnscale.kernels.gla import chunk_gla
     from rnnscale.kernels.scan import linear_scan
@@ -100,29 +145,7 @@ def _kernel_cases(groups) -> dict:
         "simple_gla_triton": (chunk_simple_gla, functools.partial(
             sp.chunk_simple_gla_sp, backend="triton", chunk_size=16), (q, k, v, g_head), S0),
     }  # fmt: skip
-    shard = groups.shard(T)
-    errors = {}
-    for name, (kernel, parallel, inputs, state) in cases.items():
-        leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
-        o, final = kernel(*leaves[:-1], initial_state=leaves[-1], output_final_state=True)
-        weights = torch.randn_like(o)
-        full = torch.autograd.grad((o * weights).sum() + final.sum(), leaves)
-        local = [shard.local(x).detach().requires_grad_() for x in leaves[:-1]]
-        S = leaves[-1].detach().clone().requires_grad_()
-        o_sp, final_sp = parallel(*local, shard=shard, initial_state=S)
-        last = final_sp.sum() if shard.rank == shard.size - 1 else 0.0 * final_sp.sum()
-        grads = torch.autograd.grad((o_sp * shard.local(weights)).sum() + last, [*local, S],
-                                    allow_unused=True)  # fmt: skip
-        grads = [torch.zeros_like(S) if g is None else g for g in grads]  # scan: S on rank 0
-        errs = [_relative(o_sp, shard.local(o).detach())]
-        if shard.rank == shard.size - 1:
-            errs.append(_relative(final_sp, final.detach()))
-        for g, g_full in zip(grads[:-1], full[:-1], strict=True):
-            errs.append(_relative(g, shard.local(g_full)))
-        dist.all_reduce(grads[-1], group=shard.group)  # the state's gradient from every slice
-        errs.append(_relative(grads[-1], full[-1]))
-        errors[f"kernel:{name}"] = max(errs)
-    return errors
+    return cases
 
 
 def _recurrent_state_numel(model) -> int:
@@ -185,6 +208,7 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
             gated_deltanet={"num_householder": 2, "allow_neg_eigval": True},
         )  # fmt: skip
         results.update(_kernel_cases(groups))
+        results.update(_exchanges_agree(groups))
         # the all-gather exchange (parallel.sp_state_exchange=allgather)
         groups.state_exchange = "allgather"
         results.update({f"allgather:{k}": v for k, v in _kernel_cases(groups).items()})
@@ -212,7 +236,7 @@ def _run(world: int, tmp_path, job: str) -> list[dict]:
 def test_every_mixer_and_a_hybrid_equal_the_single_rank_run(tmp_path, world):
     results = _run(world, tmp_path, "equal")
     worst = {case: max(r[case] for r in results) for case in results[0]}
-    assert len(worst) == 2 * (len(MIXERS) + 1) + 3 + 2 * 8 + 1
+    assert len(worst) == 2 * (len(MIXERS) + 1) + 3 + 2 * 8 + 1 + 2 * 8
     bad = {case: err for case, err in worst.items() if not err < TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
 

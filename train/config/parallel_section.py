@@ -48,7 +48,8 @@ class ParallelSection:
     )
     sp_scan_blocks: int = doc(
         4,
-        "scan: the most pieces each state travels in (along rows x heads; none under 256 KiB), "
+        "scan: the most pieces each state travels in (along rows x heads; none under 256 KiB; "
+        "one at P = 2), "
         "each forwarded as soon as it arrives, so the last rank waits P - 1 piece hops plus "
         "one state, not P - 1 states.",
         ge=1,
