@@ -13,11 +13,12 @@ except ring attention's block passing (which is built to overlap). Per layer and
   each rank 1/P of the causal T x T work); at P > 1 a recurrent layer also corrects its outputs
   by S_in (2 |S| per token; the delta rule also runs K more value columns, 6 H K^2);
 - scan: a chain of P - 1 hops each way (forward states, backward gradients), the state of
-  4 |S| bytes in `--blocks` pieces: sum over hops of (alpha + piece / bandwidth) plus
-  (blocks - 1) pieces on the slowest hop, per layer: as built, a send completes only once the
-  receiver has posted its receive, so the ranks keep step layer by layer and every layer pays
-  the whole chain; `wavefront` (not built): sends that do not wait, so that rank r runs r hops
-  behind rank 0 and the step pays the chain once each way;
+  4 |S| bytes in `--blocks` pieces (one at P = 2): sum over hops of (alpha + piece /
+  bandwidth) plus (blocks - 1) pieces on the slowest hop. As built, a rank waits for its sends
+  only at its next exchange, so rank r runs r hops behind rank 0 through all the layers (a
+  wavefront) and a step pays the chain once each way; `lockstep` (the scan before that, for
+  comparison): every exchange waits for its own sends, i.e. for the next rank, so every
+  layer pays the whole chain;
 - all-gather: a ring all-gather of 4 (|A| + |S|) bytes forward and its mirror backward:
   (P - 1) x (alpha + bytes / bandwidth) each, on the slowest link the ring crosses;
 - Ulysses: 4 all-to-alls forward and 4 backward of the L x d slice (bf16); only when the heads
@@ -117,9 +118,9 @@ def layer_time(layer: Layer, P: int, T: int, way: str, rate: float, links: Links
         return compute
     if layer.kind == "recurrent":
         compute += 3 * layer.sp_flops * L / rate if P > 1 else 0.0
-        if way == "scan":
+        if way == "lockstep":
             return compute + 2 * chain(links, P, 4 * layer.state, blocks)
-        if way == "wavefront":  # the chain is charged once per step, in step_time
+        if way == "scan":  # a wavefront: the chain is charged once per step, in step_time
             return compute
         return compute + 2 * ring_allgather(links, P, 4 * (layer.transition + layer.state))
     if way == "ulysses":
@@ -136,13 +137,16 @@ def layer_time(layer: Layer, P: int, T: int, way: str, rate: float, links: Links
 
 
 def step_time(layers: list[Layer], P: int, T: int, ways: dict, rate, links, blocks):
-    """One rank's step. `wavefront` (not built): the scan with sends that do not wait for the
-    receiver, so rank r runs r hops behind rank 0 through all the layers and the step pays the
-    chain once each way (the largest state's), not once per layer."""
+    """One rank's step. `scan` as built: sends are waited on at the next exchange, so rank r
+    runs r hops behind rank 0 through all the layers (a wavefront) and the step pays the chain
+    once each way (the largest state's), and once more after every attention layer, whose
+    collectives bring the ranks back into step; `lockstep`: each exchange waiting for its own
+    sends (and so for the next rank), every layer paying the whole chain."""
     total = 0.0
-    if ways.get("recurrent") == "wavefront":
+    if ways.get("recurrent") == "scan":
         states = [x.state for x in layers if x.kind == "recurrent"]
-        total += 2 * chain(links, P, 4 * max(states), blocks) if states else 0.0
+        resyncs = 1 + sum(x.kind == "attention" for x in layers)
+        total += 2 * resyncs * chain(links, P, 4 * max(states), blocks) if states else 0.0
     for layer in layers:
         t = layer_time(layer, P, T, ways.get(layer.kind, "-"), rate, links, blocks)
         if t is None:
@@ -212,7 +216,7 @@ def series(rate: float, links: Links, blocks: int) -> dict[str, tuple[list[Layer
     for name in RECIPES:
         layers = recipe_layers(ROOT / f"configs/recipes/{name}.yaml")
         attn = any(x.kind == "attention" for x in layers)
-        for way in ("scan", "allgather") if attn else ("scan", "wavefront", "allgather"):
+        for way in ("scan", "allgather") if attn else ("scan", "lockstep", "allgather"):
             for attention in ("ulysses", "ring") if attn else ("-",):
                 label = f"{name}, {way}" + (f" + {attention}" if attn else "")
                 out[label] = (layers, {"recurrent": way, "attention": attention})
@@ -358,19 +362,18 @@ def published(lines: dict, rate: float, links: Links, blocks: int) -> None:
     def time(way, P, T):
         return step_time(layers, P, T, {"recurrent": way}, rate, links, blocks)
 
-    ways = ("scan", "wavefront", "allgather")
+    ways = ("scan", "lockstep", "allgather")
     weak = {way: time(way, 64, 1 << 20) / time(way, 1, 1 << 14) for way in ways}
     speedup = {way: time("allgather", 256, 1 << 23) / time(way, 256, 1 << 23) for way in ways}
-    print("\nbeside ZeCO's published claims (its abstract; its scan overlaps the chain with "
-          "compute, ours does not)")  # fmt: skip
+    print("\nbeside ZeCO's published claims (its abstract, arXiv 2507.01004; 1B GLA models)")
     print()
     print("| claim | published (ZeCO) | modelled here, gla-1.3b |")
     print("|---|---|---|")
     print(f"| 1M tokens on 64 GPUs vs 16K on one: time ratio | about 1 | scan {weak['scan']:.2f}, "
-          f"wavefront {weak['wavefront']:.2f}, all-gather {weak['allgather']:.2f} |")  # fmt: skip
+          f"lockstep {weak['lockstep']:.2f}, all-gather {weak['allgather']:.2f} |")  # fmt: skip
     print(
         f"| 256 GPUs, 8M tokens: speed of the scan over the previous best (LASP-2's all-gather) "
-        f"| 1.6x | scan {speedup['scan']:.2f}x, wavefront {speedup['wavefront']:.2f}x |"
+        f"| 1.6x | scan {speedup['scan']:.2f}x, lockstep {speedup['lockstep']:.2f}x |"
     )
 
 
@@ -384,7 +387,7 @@ def plot(curves: dict, here: list, per_gpu: int, path: Path) -> None:
                                     gridspec_kw={"width_ratios": [3, 1.2]})  # fmt: skip
     for label, effs in curves.items():
         points = [(P, e) for P, e in zip(SIZES[1:], effs, strict=True) if e is not None]
-        styles = {", scan": "-o", "wavefront": "-.", "allgather": "--"}
+        styles = {", scan": "-o", "lockstep": "-.", "allgather": "--"}
         style = next((v for k, v in styles.items() if k in label), ":s")
         ax.plot(*zip(*points, strict=True), style, markersize=4, label=label)
     ax.set(xscale="log", xlabel="GPUs per sequence (P)", ylabel="weak-scaling efficiency",

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from rnnscale.parallel.layout import ParallelLayout
+from rnnscale.parallel.p2p import exchange, message_tag
 
 # ---------------------------------------------------------------------------------------------
 # process groups
@@ -273,7 +274,7 @@ class _Halo(torch.autograd.Function):
     def forward(ctx, tail, shard):
         ctx.shard, ctx.tag = shard, message_tag(shard)  # the backward answers with tag + 1
         received = torch.zeros_like(tail)
-        _exchange(shard, tail.contiguous(), received, ctx.tag, forward=True)
+        exchange(shard, tail.contiguous(), received, ctx.tag, forward=True)
         shard.stats.record(
             "halo", tail.numel() * tail.element_size() * (shard.rank < shard.size - 1)
         )
@@ -283,33 +284,9 @@ class _Halo(torch.autograd.Function):
     def backward(ctx, grad):
         shard = ctx.shard
         back = torch.zeros_like(grad)
-        _exchange(shard, grad.contiguous(), back, ctx.tag + 1, forward=False)
+        exchange(shard, grad.contiguous(), back, ctx.tag + 1, forward=False)
         shard.stats.record("halo", grad.numel() * grad.element_size() * (shard.rank > 0))
         return back, None
-
-
-def message_tag(shard: Shard) -> int:
-    """The first of 128 message tags of a new point-to-point exchange (a halo, or a state
-    scan's pieces forward and back), the same on every rank of the group: each exchange's
-    messages pair with their own receives, whatever order a backward runs them in."""
-    shard.exchanges += 1
-    return 128 * (shard.exchanges - 1)
-
-
-def _exchange(shard: Shard, send, recv, tag: int, forward: bool) -> None:
-    """Send `send` one rank on (forward) or back, and receive into `recv` from the other side.
-    The tag pairs each message with its own receive, whatever order a backward runs the
-    exchanges of one layer in (the k and v halos of `swa` have the same shape)."""
-    rank, P = shard.rank, shard.size
-    to, frm = (rank + 1, rank - 1) if forward else (rank - 1, rank + 1)
-    ops = []
-    if 0 <= to < P:
-        ops.append(dist.P2POp(dist.isend, send, group=shard.group, tag=tag, group_peer=to))
-    if 0 <= frm < P:
-        ops.append(dist.P2POp(dist.irecv, recv, group=shard.group, tag=tag, group_peer=frm))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
 
 
 def previous_tokens(shard: Shard, x: torch.Tensor, n: int) -> torch.Tensor:

@@ -15,7 +15,9 @@ its own kernel pass (`rnnscale.parallel.state_passing`); rank r needs
   The state travels in up to `blocks` pieces along its first two axes (rows x heads, or rows
   x channels for the elementwise scan; none under MIN_PIECE_BYTES), all their receives posted
   at once and each piece forwarded as soon as it arrives, so the last rank waits P - 1 piece
-  hops plus one whole state, not P - 1 whole states. Every rank
+  hops plus one whole state, not P - 1 whole states. Sends are waited on at the next
+  exchange (`rnnscale.parallel.p2p.settle`), so the ranks run as a wavefront and a pass pays
+  the chain once, not once per layer. Every rank
   has run its own slice from a zero state before the exchange (the work that does not need
   S_in), and corrects its outputs once S_in is there. Forward values are the all-gather's bit
   for bit: both fold the same maps in the same order in fp32.
@@ -26,7 +28,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from rnnscale.parallel.sequence import Shard, message_tag
+from rnnscale.parallel.p2p import PENDING, message_tag, settle
+from rnnscale.parallel.sequence import Shard
 
 MAX_BLOCKS = 64  # pieces per exchange: the backward's tags start MAX_BLOCKS after the forward's
 # a piece smaller than this costs more in message latency than pipelining saves: a state of
@@ -75,6 +78,7 @@ class _ScanStates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, S_last, S_init, shard: Shard, apply, blocks: int):
         rank, P = shard.rank, shard.size
+        settle()
         tag = message_tag(shard)
         ctx.shard, ctx.map, ctx.tag = shard, apply, tag
         ctx.pieces = pieces = _pieces(S_last, blocks, P)
@@ -87,8 +91,7 @@ class _ScanStates(torch.autograd.Function):
             if rank < P - 1:
                 out = (apply(A[part], S_in[part]) + S_last[part]).contiguous()
                 sends.append(_send(shard, out, rank + 1, tag + i))
-        for work, _ in sends:  # a send completes once the receiver has posted its receive
-            work.wait()  # (gloo; NCCL's stream waits likewise): the ranks keep step per layer
+        PENDING.extend(sends)  # waited at the next exchange
         ctx.save_for_backward(A, S_in)
         return S_in
 
@@ -97,6 +100,7 @@ class _ScanStates(torch.autograd.Function):
         A, S_in = ctx.saved_tensors
         shard, apply, tag = ctx.shard, ctx.map, ctx.tag + MAX_BLOCKS
         rank, P = shard.rank, shard.size
+        settle()
         G_in = grad.clone()  # becomes the whole gradient of this rank's S_in
         G_out = torch.zeros_like(S_in)  # the gradient of S_out, from the next rank
         dA = torch.zeros_like(A)
@@ -114,8 +118,7 @@ class _ScanStates(torch.autograd.Function):
             if rank > 0:
                 piece = G_in[part].contiguous()
                 sends.append(_send(shard, piece, rank - 1, tag + i))
-        for work, _ in sends:
-            work.wait()
+        PENDING.extend(sends)
         return dA, G_out, G_in if rank == 0 else None, None, None, None
 
 

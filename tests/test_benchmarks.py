@@ -234,8 +234,8 @@ def test_the_sequence_parallel_model_costs_what_its_formulas_say():
     for name in ("gla-1.3b", "gated_deltanet-1.3b"):
         recipe = m.recipe_layers(ROOT / f"configs/recipes/{name}.yaml")
         for P in (2, 16, 256):
-            gather, scan, wave = (
+            gather, lockstep, scan = (
                 m.efficiency(recipe, P, 16384, {"recurrent": way}, rate, m.Links(), 4)
-                for way in ("allgather", "scan", "wavefront")
+                for way in ("allgather", "lockstep", "scan")
             )
-            assert 0 < gather <= scan <= wave <= 1
+            assert 0 < gather <= lockstep <= scan <= 1
