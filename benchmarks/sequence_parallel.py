@@ -63,6 +63,25 @@ COMMON = [
 ]  # fmt: skip  (P = 1 would take both cores otherwise)
 
 
+def mixer_state(mixer) -> tuple[str, int, int] | None:
+    """(description, transition elements, state elements) of one row of a gla, gated_deltanet
+    or mamba2 layer; None for other mixers."""
+    if hasattr(mixer, "head_v_dim"):  # gated_deltanet: a K x K transition per head
+        H, K, V = mixer.num_heads, mixer.head_dim, mixer.head_v_dim
+        return f"gated_deltanet (H={H}, K={K}, V={V})", H * K * K, H * K * V
+    if hasattr(mixer, "state_size"):  # mamba2: a decay per head
+        H, N, Pd = mixer.num_heads, mixer.state_size, mixer.head_dim
+        return f"mamba2 (H={H}, N={N}, P={Pd})", H, H * N * Pd
+    if hasattr(mixer, "key_dim"):  # gla: a decay per key
+        H, K, V = (
+            mixer.num_heads,
+            mixer.key_dim // mixer.num_heads,
+            mixer.value_dim // mixer.num_heads,
+        )
+        return f"gla (H={H}, K={K}, V={V})", H * K, H * K * V
+    return None
+
+
 def recurrent_shapes() -> dict[str, tuple[int, int]]:
     """(transition, state) elements of one layer per sequence for the 1.3B recipes."""
     import torch
@@ -75,19 +94,8 @@ def recurrent_shapes() -> dict[str, tuple[int, int]]:
         cfg = load_config(ROOT / f"configs/recipes/{name}-1.3b.yaml", ["model.num_layers=1"])
         with torch.device("meta"):
             mixer = build_model(cfg.model, cfg.kernels).blocks[0].mixer
-        if name == "gla":
-            H, K, V = (
-                mixer.num_heads,
-                mixer.key_dim // mixer.num_heads,
-                mixer.value_dim // mixer.num_heads,
-            )
-            shapes[f"gla (H={H}, K={K}, V={V})"] = (H * K, H * K * V)  # a decay per key
-        elif name == "gated_deltanet":
-            H, K, V = mixer.num_heads, mixer.head_dim, mixer.head_v_dim
-            shapes[f"gated_deltanet (H={H}, K={K}, V={V})"] = (H * K * K, H * K * V)  # K x K
-        else:
-            H, N, Pd = mixer.num_heads, mixer.state_size, mixer.head_dim
-            shapes[f"mamba2 (H={H}, N={N}, P={Pd})"] = (H, H * N * Pd)  # a decay per head
+        label, transition, state = mixer_state(mixer)
+        shapes[label] = (transition, state)
     return shapes
 
 

@@ -46,6 +46,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from sequence_parallel import COMMON, MODELS, mixer_state  # noqa: E402
+
 IMG = ROOT / "docs" / "img" / "sp_model.png"
 RECIPES = ("gla-1.3b", "gated_deltanet-1.3b", "mamba2-1.3b", "gated_deltanet-attn-1.3b")
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -177,18 +180,12 @@ def recipe_layers(path: Path, overrides: list[str] = ()) -> list[Layer]:
     for block in model.blocks:
         m = block.mixer
         flops = functools.partial(_block_flops, m, mlp)
-        if hasattr(m, "head_v_dim"):  # gated_deltanet: a K x K transition per head
-            H, K, V = m.num_heads, m.head_dim, m.head_v_dim
-            # the read of S_in (2 K V) and the kernel's K more value columns (6 K K: its read
-            # and write along the key, and the query's read)
-            extra = 2 * H * K * V + 6 * H * K * K
-            layers.append(Layer("recurrent", flops, H * K * K, H * K * V, sp_flops=extra))
-        elif hasattr(m, "state_size"):  # mamba2: a decay per head
-            H, N, Pd = m.num_heads, m.state_size, m.head_dim
-            layers.append(Layer("recurrent", flops, H, H * N * Pd, sp_flops=2 * H * N * Pd))
-        elif hasattr(m, "key_dim"):  # gla: a decay per key
-            H, K, V = m.num_heads, m.key_dim // m.num_heads, m.value_dim // m.num_heads
-            layers.append(Layer("recurrent", flops, H * K, H * K * V, sp_flops=2 * H * K * V))
+        if (shape := mixer_state(m)) is not None:
+            _, transition, state = shape
+            # the read of S_in (2 |S|); the delta rule also runs K more value columns (6 H K^2:
+            # its read and write along the key, and the query's read), 6 x its transition
+            extra = 2 * state + (6 * transition if hasattr(m, "head_v_dim") else 0)
+            layers.append(Layer("recurrent", flops, transition, state, sp_flops=extra))
         elif getattr(m, "window", None) is not None:  # swa: a halo of window - 1 tokens
             layers.append(Layer("local", flops))
         else:  # attention
@@ -293,8 +290,6 @@ def here_table(blocks: int) -> list[tuple[str, float, float]]:
     """This machine at P = 2: the model (links measured by ping-pong, compute calibrated to the
     step of 2 data-parallel ranks on T tokens each: the same two processes sharing the cores)
     against the measured efficiency of the same runs against those ranks."""
-    from sequence_parallel import COMMON, MODELS
-
     T, rows = measured_here()
     if not rows:
         print("\nno measured weak-scaling rows in docs/performance.md: run "

@@ -9,18 +9,17 @@ its own kernel pass (`rnnscale.parallel.state_passing`); rank r needs
   maps of the ranks before it. One collective, but a rank sends (P - 1) (|A| + |S|) fp32
   elements forward and as many backward: the volume grows with P.
 - `scan` (ZeCO's All-Scan, arXiv 2507.01004): a chain. Rank r receives S_in from rank r - 1,
-  computes `A_r(S_in) + S_r` and sends that one state to rank r + 1; the backward runs the
-  mirror chain from the last rank to the first with the gradient of each S_in. A rank sends
-  |S| elements in each direction in which it has a neighbour, at any P and T, and never A.
-  The state travels in up to `blocks` pieces along its first two axes (rows x heads, or rows
-  x channels for the elementwise scan; none under MIN_PIECE_BYTES), all their receives posted
-  at once and each piece forwarded as soon as it arrives, so the last rank waits P - 1 piece
-  hops plus one whole state, not P - 1 whole states. Sends are waited on at the next
-  exchange (`rnnscale.parallel.p2p.settle`), so the ranks run as a wavefront and a pass pays
-  the chain once, not once per layer. Every rank
-  has run its own slice from a zero state before the exchange (the work that does not need
-  S_in), and corrects its outputs once S_in is there. Forward values are the all-gather's bit
-  for bit: both fold the same maps in the same order in fp32.
+  computes `A_r(S_in) + S_r` and sends that one state to rank r + 1; the backward runs the mirror
+  chain from the last rank to the first with the gradient of each S_in. A rank sends |S| elements
+  in each direction in which it has a neighbour, at any P and T, and never A. The state travels in
+  up to `shard.scan_blocks` pieces along its first two axes (rows x heads, or rows x channels for
+  the elementwise scan; none under MIN_PIECE_BYTES), all their receives posted at once and each
+  piece forwarded as soon as it arrives, so the last rank waits P - 1 piece hops plus one whole
+  state, not P - 1 whole states. Sends are waited on at the next exchange
+  (`rnnscale.parallel.p2p.settle`), so the ranks run as a wavefront and a pass pays the chain
+  once, not once per layer. Every rank has run its own slice from a zero state before the exchange
+  (the work that does not need S_in), and corrects its outputs once S_in is there. Forward values
+  are the all-gather's bit for bit: both fold the same maps in the same order in fp32.
 """
 
 from __future__ import annotations
@@ -76,12 +75,12 @@ class _ScanStates(torch.autograd.Function):
     the next rank's S_in (= this rank's S_out), adds this rank's own, and passes it on."""
 
     @staticmethod
-    def forward(ctx, A, S_last, S_init, shard: Shard, apply, blocks: int):
+    def forward(ctx, A, S_last, S_init, shard: Shard, apply):
         rank, P = shard.rank, shard.size
         settle()
         tag = message_tag(shard)
         ctx.shard, ctx.map, ctx.tag = shard, apply, tag
-        ctx.pieces = pieces = _pieces(S_last, blocks, P)
+        ctx.pieces = pieces = _pieces(S_last, shard.scan_blocks, P)
         S_in = S_init.clone() if rank == 0 else torch.empty_like(S_last)
         receives = _receives(shard, S_in, pieces, rank - 1, tag) if rank > 0 else []
         sends = []
@@ -119,14 +118,14 @@ class _ScanStates(torch.autograd.Function):
                 piece = G_in[part].contiguous()
                 sends.append(_send(shard, piece, rank - 1, tag + i))
         PENDING.extend(sends)
-        return dA, G_out, G_in if rank == 0 else None, None, None, None
+        return dA, G_out, G_in if rank == 0 else None, None, None
 
 
-def scan_states(shard: Shard, A, S_last, S_init, apply, blocks: int) -> torch.Tensor:
+def scan_states(shard: Shard, A, S_last, S_init, apply) -> torch.Tensor:
     """This rank's incoming state (fp32, shaped like `S_last`) by the `scan` exchange: `A`, the
     slice's transition (`apply(A, S)` maps a state through it), `S_last` its state from zero,
     `S_init` the state rank 0 starts from (zeros when the caller passed none). The first two
     axes of `A` and `S_last` are shared (rows x heads, or rows x channels): the pieces."""
     flat_A, flat_S = A.float().flatten(0, 1), S_last.float().flatten(0, 1)
-    S_in = _ScanStates.apply(flat_A, flat_S, S_init.float().flatten(0, 1), shard, apply, blocks)
+    S_in = _ScanStates.apply(flat_A, flat_S, S_init.float().flatten(0, 1), shard, apply)
     return S_in.view_as(S_last)

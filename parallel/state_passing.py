@@ -67,7 +67,7 @@ def _incoming(shard: Shard, A, S_last, initial_state, apply, receives: bool) -> 
     A, S_last = A.float(), S_last.float()
     if shard.state_exchange == "scan":
         S_init = torch.zeros_like(S_last) if initial_state is None else initial_state.float()
-        S_in = scan_states(shard, A, S_last, S_init, apply, shard.scan_blocks)
+        S_in = scan_states(shard, A, S_last, S_init, apply)
         return S_in * float(receives)
     parts = gather_states(shard, torch.cat([A.reshape(-1), S_last.reshape(-1)]))  # (P, n)
     S_in = torch.zeros_like(S_last) if initial_state is None else initial_state.float()
@@ -133,22 +133,22 @@ def _delta(kernel, inputs, shard, initial_state, cu_seqlens, options):
     # K value columns of zeros starting from the identity carry q^T M_t..M_1 and A
     first = N if cu_seqlens is None else 1  # the sequences whose incoming state is passed
     V = v.shape[-1]
-    start = torch.zeros(N, H, K, V + K, dtype=torch.float32, device=q.device)
+    eye = torch.zeros(N, H, K, K, dtype=torch.float32, device=q.device)
     if receives:  # else A = 0 and the rows are zero: nothing reaches this slice
-        start[:first, ..., V:] = torch.eye(K, device=q.device)
+        eye[:first] = torch.eye(K, device=q.device)
     zeros = v.new_zeros(*v.shape[:-1], K)
     if resolve_backend(options.get("backend", "auto"), q) == "torch":
-        both = torch.cat([v, zeros], dim=-1)
         # one call with V + K value columns from [0 | I]: the columns evolve independently,
         # and the chunks' WY factors (the costly part) are computed once for both
-        out, last = kernel(q, k, both, g, beta, initial_state=start, output_final_state=True,
-                           cu_seqlens=cu_seqlens, **options)  # fmt: skip
+        start = torch.cat([eye.new_zeros(N, H, K, V), eye], dim=-1)
+        out, last = kernel(q, k, torch.cat([v, zeros], dim=-1), g, beta, initial_state=start,
+                           output_final_state=True, cu_seqlens=cu_seqlens, **options)  # fmt: skip
         o, rows, final, A_all = out[..., :V], out[..., V:], last[..., :V], last[..., V:]
     else:  # Triton: a second call, so that the tiles keep their size
         o, final = kernel(q, k, v, g, beta, initial_state=None, output_final_state=True,
                           cu_seqlens=cu_seqlens, **options)  # fmt: skip
-        rows, A_all = kernel(q, k, zeros, g, beta, initial_state=start[..., V:].contiguous(),
-                             output_final_state=True, cu_seqlens=cu_seqlens, **options)  # fmt: skip
+        rows, A_all = kernel(q, k, zeros, g, beta, initial_state=eye, output_final_state=True,
+                             cu_seqlens=cu_seqlens, **options)  # fmt: skip
     # rows: (B, T, H, K), zero past the first doc; A_all: (N, H, K, K)
     A = _last(A_all, cu_seqlens)  # zero when the last sequence is not the first
     S_in = _incoming(shard, A, _last(final, cu_seqlens), initial_state, torch.matmul, receives)
