@@ -84,7 +84,8 @@ def _last(final: torch.Tensor, cu_seqlens) -> torch.Tensor:
 
 
 def _decay_scan(kernel, inputs, shard, initial_state, cu_seqlens, options):
-    """Scalar-decay (g `[B, T, H]`) and per-key-decay (g `[B, T, H, K]`) linear attention."""
+    """Scalar-decay (g `[B, T, H]`; q and k may be grouped, `[B, T, G, K]`, as the kernel
+    takes them) and per-key-decay (g `[B, T, H, K]`) linear attention."""
     q, k, v, g = inputs
     o, final = kernel(q, k, v, g, initial_state=None, output_final_state=True,
                       cu_seqlens=cu_seqlens, **options)  # fmt: skip
@@ -101,8 +102,13 @@ def _decay_scan(kernel, inputs, shard, initial_state, cu_seqlens, options):
         return (A[..., None] if per_key else A[..., None, None]) * S
 
     S_in = _incoming(shard, A, _last(final, cu_seqlens), initial_state, apply, receives)
-    decay = c.exp() if per_key else c.exp()[..., None]  # (B, n, H, K or 1)
-    extra = scale * torch.einsum("bthk,bhkv->bthv", q[:, :n].float() * decay, S_in)
+    if per_key:
+        extra = torch.einsum("bthk,bhkv->bthv", q[:, :n].float() * c.exp(), S_in)
+    else:  # q may be grouped, [B, n, G, K] read by H / G heads each (Mamba2): never repeated
+        G, H = q.shape[2], S_in.shape[1]
+        read = torch.einsum("btgk,bgjkv->btgjv", q[:, :n].float(), S_in.unflatten(1, (G, H // G)))
+        extra = read.flatten(2, 3) * c.exp()[..., None]  # (B, n, H, V)
+    extra = scale * extra
     o = torch.cat([o[:, :n] + extra.to(o.dtype), o[:, n:]], dim=1)
     reached = apply(c[:, -1].exp(), S_in)  # the first sequence's final state gains A_0 S_in
     return o, _add_first(final, reached, cu_seqlens)

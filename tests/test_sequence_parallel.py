@@ -130,6 +130,9 @@ def _cases() -> dict:
     cases = {
         "gla": (chunk_gla, sp.chunk_gla_sp, (q, k, v, g_key), S0),
         "simple_gla": (chunk_simple_gla, sp.chunk_simple_gla_sp, (q, k, v, g_head), S0),
+        # Mamba2's B and C: one q and k shared by both heads, never repeated
+        "simple_gla_grouped": (chunk_simple_gla, sp.chunk_simple_gla_sp,
+                               (q[:, :, :1], k[:, :, :1], v, g_head), S0),
         "delta": (chunk_gated_delta_rule, sp.chunk_gated_delta_rule_sp,
                   (q, k, v, g_head, beta), S0),
         "delta_product": (chunk_delta_product, sp.chunk_delta_product_sp,
@@ -236,7 +239,7 @@ def _run(world: int, tmp_path, job: str) -> list[dict]:
 def test_every_mixer_and_a_hybrid_equal_the_single_rank_run(tmp_path, world):
     results = _run(world, tmp_path, "equal")
     worst = {case: max(r[case] for r in results) for case in results[0]}
-    assert len(worst) == 2 * (len(MIXERS) + 1) + 3 + 2 * 8 + 1 + 2 * 8
+    assert len(worst) == 2 * (len(MIXERS) + 1) + 3 + 2 * 9 + 1 + 2 * 9
     bad = {case: err for case, err in worst.items() if not err < TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
 

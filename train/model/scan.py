@@ -113,14 +113,16 @@ def scan(family: str, *inputs: torch.Tensor, state=None, cu_seqlens=None,
     """Run `family`'s recurrence over `inputs` (the kernel's tensors, `[B, T, ...]`) from
     `state`, in the form that fits: see the module docstring. Returns `(out, final_state)`.
     q and k may have fewer heads than v, each shared by a group of consecutive heads (Mamba2):
-    simple_gla's chunkwise op scores them once per group; every other form gets them repeated."""
+    simple_gla's chunkwise op and its sequence-parallel form score them once per group; every
+    other form gets them repeated."""
     f = SCANS[family]
     if f.scaled and scale is None:
         scale = inputs[0].shape[-1] ** -0.5  # the kernels' default: K ** -0.5
     options = {"scale": scale} if f.scaled else {}
     T = inputs[-1].shape[1]
     chunkwise = shard is None and not (T == 1 and cu_seqlens is None)
-    if f.scaled and not (chunkwise and family == "simple_gla"):  # grouped q, k: one per head
+    grouped = family == "simple_gla" and (chunkwise or shard is not None)
+    if f.scaled and not grouped:  # grouped q, k: one per head
         q, k, v, *rest = inputs
         inputs = (repeat_groups(q, v), repeat_groups(k, v), v, *rest)
     if shard is not None:
