@@ -97,8 +97,8 @@ class Attention(nn.Module):
         key = torch.arange(cached + T, device=device) + (past - cached)  # absolute positions
         query = torch.arange(T, device=device) + past
         mask = key[None, :] <= query[:, None]
-        if self.window is not None:
-            mask = mask & (query[:, None] - key[None, :] < self.window)
+        if self.window is not None:  # boolean comparisons: no (T, T) integers
+            mask &= key[None, :] > (query - self.window)[:, None]
         if cu_seqlens is not None:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
             doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
@@ -133,10 +133,11 @@ def _document_causal_mask(pos: torch.Tensor, keys: torch.Tensor, window) -> torc
     """`(Lq, Lk)`: query t (at `pos[t]` in its document) sees the key `keys[j]` tokens from the
     slice start when that key is not later, is in the same document (no further back than
     `pos[t]`), and is inside the window."""
-    back = torch.arange(len(pos), device=pos.device)[:, None] - keys[None, :]  # query - key
-    mask = (back >= 0) & (back <= pos[:, None])
+    query, key = torch.arange(len(pos), device=pos.device)[:, None], keys[None, :]
+    # comparisons of a column with a row: boolean (Lq, Lk) masks, no (Lq, Lk) integers
+    mask = (key <= query) & (key >= query - pos[:, None])
     if window is not None:
-        mask = mask & (back < window)
+        mask &= key > query - window
     return mask
 
 
