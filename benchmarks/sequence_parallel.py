@@ -1,7 +1,7 @@
 """Sequence parallelism: bytes per layer against the two ways attention is split, and measured
 weak scaling on this machine.
 
-    .venv/bin/python benchmarks/sequence_parallel.py [--smoke] [--steps N]
+    .venv/bin/python benchmarks/sequence_parallel.py [--smoke] [--steps N] [--rounds R]
 
 1. **Bytes per layer** (one rank, forward and backward), from the accounting functions the
    training collectives record with (`rnnscale.parallel.sequence`, `.state_exchange`): our
@@ -17,7 +17,10 @@ weak scaling on this machine.
    two processes sharing the machine's two cores and memory, the same gradient reductions),
    for a recurrent model (4 GLA layers) and a hybrid (Gated DeltaNet, sliding-window
    attention, Mamba2, GLA). Efficiency = the peer's step time / P = 2's (1.0: the longer
-   sequence costs nothing more per rank). Median of the steps after the first.
+   sequence costs nothing more per rank), in each of several rounds of the four runs
+   (`--rounds`, 3; each round starts one run later, and its runs follow one another, so its
+   ratio sees one state of this shared machine) from the median of the steps after the
+   first: the median of the rounds' ratios, with the lowest and highest.
 
 Nothing here is asserted on; tests/test_benchmarks.py runs `--smoke`.
 """
@@ -137,23 +140,23 @@ def bytes_table() -> None:
               + " | ".join(f"{kv[t] / 1e6:.1f}" for t in LENGTHS) + f" | - | {peer} |")  # fmt: skip
 
 
-def step_time(run_dir: Path) -> tuple[float, float, float]:
-    """Median, lowest and highest step time after the first step."""
-    times = [json.loads(line)["step_time_s"] for line in (run_dir / "metrics.jsonl").open()][1:]
-    return statistics.median(times), min(times), max(times)
+def step_times(run_dir: Path) -> list[float]:
+    """Every step's time after the first (which builds and warms up)."""
+    return [json.loads(line)["step_time_s"] for line in (run_dir / "metrics.jsonl").open()][1:]
 
 
-def spread(t: tuple[float, float, float]) -> str:
-    return f"{t[0]:.3f} ({t[1]:.3f}-{t[2]:.3f})"
+def spread(times: list[float]) -> str:
+    return f"{statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})"
 
 
-def train_step(tmp: str, name: str, model: list[str], ranks: int, P: int, T: int, steps: int,
-               way: str) -> tuple[float, float, float]:  # fmt: skip
+def train_steps(tmp: str, name: str, model: list[str], run: tuple, steps: int,
+                round_: int) -> list[float]:  # fmt: skip
     """Step times of `rnnscale.train` under torchrun: `ranks` processes, sequence groups of P,
     one row of T tokens per sequence group per step."""
+    ranks, P, T, way = run
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    run_dir = Path(tmp) / f"{name.replace(' ', '_')}-{ranks}-{P}-{way}"
+    run_dir = Path(tmp) / f"{name.replace(' ', '_')}-{ranks}-{P}-{way}-{round_}"
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(ranks), "-m", "rnnscale.train",
            *COMMON, *model, f"train.seq_len={T}", f"parallel.sequence_parallel_size={P}",
            f"train.global_batch_size={ranks // P}", f"train.max_steps={steps}",
@@ -161,31 +164,48 @@ def train_step(tmp: str, name: str, model: list[str], ranks: int, P: int, T: int
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{name} ({ranks} ranks, P={P}) failed:\n{r.stderr[-3000:]}")
-    return step_time(run_dir)
+    return step_times(run_dir)
 
 
-def weak_scaling(T: int, steps: int, models: dict[str, list[str]]) -> None:
+def efficiency(peer: list[list[float]], ours: list[list[float]]) -> str:
+    """The ratio of the peer's median step to ours in each round (a round's runs ran one after
+    another, so its ratio sees one state of the machine): their median, lowest and highest."""
+    rounds = [statistics.median(a) / statistics.median(b) for a, b in zip(peer, ours, strict=True)]
+    if len(rounds) == 1:
+        return f"{rounds[0]:.2f}"
+    return f"{statistics.median(rounds):.2f} ({min(rounds):.2f}-{max(rounds):.2f})"
+
+
+def weak_scaling(T: int, steps: int, models: dict[str, list[str]], rounds: int) -> None:
     print()
     print(f"weak scaling on this machine: P = 2 on T = {2 * T} against 1 rank on T = {T} and "
           f"against 2 data-parallel ranks on T = {T} each (the same 2 processes on the 2 cores, "
           f"the same ZeRO-2 reductions); one thread per process, fp32, one row per sequence "
-          f"group; step times: median (lowest-highest) of steps 2-{steps}; efficiency: the "
-          f"ratio of the medians")  # fmt: skip
+          f"group; {rounds} round(s) of the four runs one after another, each round starting "
+          f"one run later; step times: median (lowest-highest) of steps 2-{steps} of every "
+          f"round; efficiency: the ratio of the peer's median step to P = 2's in each round, "
+          f"the median of the rounds' ratios (lowest-highest)")  # fmt: skip
     print()
     print(
         f"| model | peer: 1 rank, T={T} (s) | peer: 2 data-parallel ranks, T={T} (s) | "
         f"exchange | P=2, T={2 * T} (s) | efficiency vs 1 rank | vs 2 data-parallel ranks |"
     )
     print("|---|---|---|---|---|---|---|")
+    runs = {"one": (1, 1, T, "scan"), "data": (2, 1, T, "scan"),
+            "scan": (2, 2, 2 * T, "scan"), "allgather": (2, 2, 2 * T, "allgather")}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="rnnscale-sp-bench-") as tmp:
         for name, model in models.items():
-            one = train_step(tmp, name, model, 1, 1, T, steps, "scan")
-            data = train_step(tmp, name, model, 2, 1, T, steps, "scan")
+            times: dict[str, list[list[float]]] = {key: [] for key in runs}
+            for r in range(rounds):  # no run always first: the machine drifts within a round
+                order = list(runs)[r % len(runs) :] + list(runs)[: r % len(runs)]
+                for key in order:
+                    times[key].append(train_steps(tmp, name, model, runs[key], steps, r))
+            one, data = sum(times["one"], []), sum(times["data"], [])
             for way in ("scan", "allgather"):
-                t = train_step(tmp, name, model, 2, 2, 2 * T, steps, way)
                 print(
-                    f"| {name} | {spread(one)} | {spread(data)} | {way} | {spread(t)} | "
-                    f"{one[0] / t[0]:.2f} | {data[0] / t[0]:.2f} |"
+                    f"| {name} | {spread(one)} | {spread(data)} | {way} | "
+                    f"{spread(sum(times[way], []))} | {efficiency(times['one'], times[way])} | "
+                    f"{efficiency(times['data'], times[way])} |"
                 )
 
 
@@ -194,12 +214,13 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="one model, short, 2 steps")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=4096, help="T of the P = 1 run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the four runs")
     args = parser.parse_args()
     bytes_table()
     if args.smoke:  # the first model only
-        weak_scaling(256, 2, dict(list(MODELS.items())[:1]))
+        weak_scaling(256, 2, dict(list(MODELS.items())[:1]), 1)
     else:
-        weak_scaling(args.seq_len, args.steps, MODELS)
+        weak_scaling(args.seq_len, args.steps, MODELS, args.rounds)
     return 0
 
 

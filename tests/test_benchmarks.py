@@ -214,6 +214,18 @@ def test_sequence_parallel_benchmark_runs(smoke):
     assert all(float(row[5]) > 0 and float(row[6]) > 0 for row in scaling)
 
 
+def test_the_sequence_parallel_overhead_benchmark_runs():
+    """benchmarks/sp_overhead.py (not in the suite): a row per layer of the hybrid and one for
+    the whole model, each timed plain and in its SP form."""
+    cmd = [sys.executable, "benchmarks/sp_overhead.py", "--seq-len", "128", "--repeats", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = rows(r.stdout, "layer")
+    assert [row[0] for row in table] == ["GatedDeltaNet", "SlidingWindowAttention", "Mamba2",
+                                         "GatedLinearAttention", "the whole model"]  # fmt: skip
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in table)
+
+
 def test_the_sequence_parallel_model_costs_what_its_formulas_say():
     """benchmarks/sp_model.py: one hop, a ring all-gather and a pipelined chain cost their
     alpha-beta formulas; the scan's modelled exchange grows with P - 1 hops of one state, the
