@@ -4,6 +4,7 @@ tags, and sends that are waited on at the next exchange rather than at their own
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch.distributed as dist
@@ -35,6 +36,32 @@ def message_tag(shard: Shard) -> int:
     return 128 * (shard.exchanges - 1)
 
 
+def post(shard: Shard, sends: list, receives: list) -> Callable[[], None]:
+    """Start `sends` and `receives`, each `(tensor, peer rank in the group, tag)`, as one batch,
+    and return the function that waits for the receives; the sends are waited on at the next
+    exchange (`settle`). One batch because NCCL runs a communicator's unbatched point-to-point
+    operations one after another on its stream: a send posted after a receive would wait for
+    it, and a chain could not forward one piece while the next arrives; a batch is one NCCL
+    group, whose operations progress together (gloo runs each on its own)."""
+    ops = [dist.P2POp(dist.isend, t, group=shard.group, tag=tag, group_peer=peer)
+           for t, peer, tag in sends]  # fmt: skip
+    ops += [dist.P2POp(dist.irecv, t, group=shard.group, tag=tag, group_peer=peer)
+            for t, peer, tag in receives]  # fmt: skip
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if len(works) != len(ops):  # one handle for the batch (NCCL coalesces): it covers both
+        PENDING.extend((work, [t for t, _, _ in sends]) for work in works)
+        received = works
+    else:
+        PENDING.extend((work, t) for work, (t, _, _) in zip(works, sends, strict=False))
+        received = works[len(sends) :]
+
+    def wait() -> None:
+        for work in received:
+            work.wait()
+
+    return wait
+
+
 def exchange(shard: Shard, send, recv, tag: int, forward: bool) -> None:
     """Send `send` one rank on (forward) or back, and receive into `recv` from the other side.
     The tag pairs each message with its own receive, whatever order a backward runs the
@@ -42,20 +69,5 @@ def exchange(shard: Shard, send, recv, tag: int, forward: bool) -> None:
     rank, P = shard.rank, shard.size
     settle()
     to, frm = (rank + 1, rank - 1) if forward else (rank - 1, rank + 1)
-    ops = []
-    if 0 <= to < P:
-        ops.append(dist.P2POp(dist.isend, send, group=shard.group, tag=tag, group_peer=to))
-    if 0 <= frm < P:
-        ops.append(dist.P2POp(dist.irecv, recv, group=shard.group, tag=tag, group_peer=frm))
-    if not ops:
-        return
-    works = dist.batch_isend_irecv(ops)
-    if len(works) != len(ops):  # one handle for the batch (NCCL coalesces): wait for it all
-        for work in works:
-            work.wait()
-        return
-    for op, work in zip(ops, works, strict=True):
-        if op.op is dist.isend:
-            PENDING.append((work, send))  # waited at the next exchange
-        else:
-            work.wait()
+    sends = [(send, to, tag)] if 0 <= to < P else []
+    post(shard, sends, [(recv, frm, tag)] if 0 <= frm < P else [])()

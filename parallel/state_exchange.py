@@ -13,9 +13,9 @@ its own kernel pass (`rnnscale.parallel.state_passing`); rank r needs
   chain from the last rank to the first with the gradient of each S_in. A rank sends |S| elements
   in each direction in which it has a neighbour, at any P and T, and never A. The state travels in
   up to `shard.scan_blocks` pieces along its first two axes (rows x heads, or rows x channels for
-  the elementwise scan; none under MIN_PIECE_BYTES), all their receives posted at once and each
-  piece forwarded as soon as it arrives, so the last rank waits P - 1 piece hops plus one whole
-  state, not P - 1 whole states. Sends are waited on at the next exchange
+  the elementwise scan; none under MIN_PIECE_BYTES), each piece forwarded as soon as it arrives
+  (its send batched with the next piece's receive), so the last rank waits P - 1 piece hops plus
+  one whole state, not P - 1 whole states. Sends are waited on at the next exchange
   (`rnnscale.parallel.p2p.settle`), so the ranks run as a wavefront and a pass pays the chain
   once, not once per layer. Every rank has run its own slice from a zero state before the exchange
   (the work that does not need S_in), and corrects its outputs once S_in is there. Forward values
@@ -25,9 +25,8 @@ its own kernel pass (`rnnscale.parallel.state_passing`); rank r needs
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from rnnscale.parallel.p2p import PENDING, message_tag, settle
+from rnnscale.parallel.p2p import message_tag, post, settle
 from rnnscale.parallel.sequence import Shard
 
 MAX_BLOCKS = 64  # pieces per exchange: the backward's tags start MAX_BLOCKS after the forward's
@@ -55,18 +54,25 @@ def _pieces(state: torch.Tensor, blocks: int, P: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _send(shard: Shard, tensor: torch.Tensor, peer: int, tag: int):
-    """Start sending `tensor`, counted by what it holds: the handle, and the tensor to keep
-    alive until the handle is waited on."""
-    shard.stats.record("state", tensor.numel() * tensor.element_size())
-    return dist.isend(tensor, group=shard.group, group_dst=peer, tag=tag), tensor
+def _chain(shard: Shard, pieces: list[slice], into: torch.Tensor, frm: int | None,
+           to: int | None, tag: int, make) -> None:  # fmt: skip
+    """One direction of the chain, piece by piece: piece i arrives from rank `frm` into
+    `into[piece]` (nothing arrives on the chain's first rank, `frm` None), then `make(piece)`
+    gives what this rank passes on to rank `to` (`to` None on the chain's last rank). Each
+    piece's send goes in one batch with the next piece's receive, so a rank forwards piece i while
+    piece i + 1 travels to it, on NCCL too (`rnnscale.parallel.p2p.post`)."""
 
+    def receive(i: int) -> list:
+        return [] if frm is None or i >= len(pieces) else [(into[pieces[i]], frm, tag + i)]
 
-def _receives(shard: Shard, into: torch.Tensor, pieces, peer: int, tag: int) -> list:
-    """Every piece's receive posted at once (the sender's pieces then match at once): the
-    handles, in piece order."""
-    return [dist.irecv(into[part], group=shard.group, group_src=peer, tag=tag + i)
-            for i, part in enumerate(pieces)]  # fmt: skip
+    wait = post(shard, [], receive(0))
+    for i, part in enumerate(pieces):
+        wait()
+        out = make(part)
+        sends = [] if to is None else [(out, to, tag + i)]
+        for tensor, _, _ in sends:  # counted by what is sent
+            shard.stats.record("state", tensor.numel() * tensor.element_size())
+        wait = post(shard, sends, receive(i + 1))
 
 
 class _ScanStates(torch.autograd.Function):
@@ -82,42 +88,39 @@ class _ScanStates(torch.autograd.Function):
         ctx.shard, ctx.map, ctx.tag = shard, apply, tag
         ctx.pieces = pieces = _pieces(S_last, shard.scan_blocks, P)
         S_in = S_init.clone() if rank == 0 else torch.empty_like(S_last)
-        receives = _receives(shard, S_in, pieces, rank - 1, tag) if rank > 0 else []
-        sends = []
-        for i, part in enumerate(pieces):
-            if receives:
-                receives[i].wait()
-            if rank < P - 1:
-                out = (apply(A[part], S_in[part]) + S_last[part]).contiguous()
-                sends.append(_send(shard, out, rank + 1, tag + i))
-        PENDING.extend(sends)  # waited at the next exchange
+
+        def passed_on(part):  # this rank's S_out, the next rank's S_in (none on the last)
+            if rank == P - 1:
+                return None
+            return (apply(A[part], S_in[part]) + S_last[part]).contiguous()
+
+        _chain(shard, pieces, S_in, rank - 1 if rank > 0 else None,
+               rank + 1 if rank < P - 1 else None, tag, passed_on)  # fmt: skip
         ctx.save_for_backward(A, S_in)
         return S_in
 
     @staticmethod
     def backward(ctx, grad):
         A, S_in = ctx.saved_tensors
-        shard, apply, tag = ctx.shard, ctx.map, ctx.tag + MAX_BLOCKS
+        shard, apply = ctx.shard, ctx.map
         rank, P = shard.rank, shard.size
         settle()
         G_in = grad.clone()  # becomes the whole gradient of this rank's S_in
         G_out = torch.zeros_like(S_in)  # the gradient of S_out, from the next rank
         dA = torch.zeros_like(A)
-        receives = _receives(shard, G_out, ctx.pieces, rank + 1, tag) if rank < P - 1 else []
-        sends = []
-        for i, part in enumerate(ctx.pieces):
-            if receives:
-                receives[i].wait()
+
+        def passed_back(part):  # the gradient of this rank's S_in, the previous rank's S_out
+            if rank < P - 1:  # G_out[part] has arrived: through the map to A and S_in
                 with torch.enable_grad():
                     a = A[part].detach().requires_grad_()
                     s = S_in[part].detach().requires_grad_()
                     da, ds = torch.autograd.grad(apply(a, s), (a, s), G_out[part])
                 dA[part] = da
                 G_in[part] += ds
-            if rank > 0:
-                piece = G_in[part].contiguous()
-                sends.append(_send(shard, piece, rank - 1, tag + i))
-        PENDING.extend(sends)
+            return G_in[part].contiguous()
+
+        _chain(shard, ctx.pieces, G_out, rank + 1 if rank < P - 1 else None,
+               rank - 1 if rank > 0 else None, ctx.tag + MAX_BLOCKS, passed_back)  # fmt: skip
         return dA, G_out, G_in if rank == 0 else None, None, None
 
 
