@@ -151,8 +151,8 @@ def spread(times: list[float]) -> str:
 
 def train_steps(tmp: str, name: str, model: list[str], run: tuple, steps: int,
                 round_: int) -> list[float]:  # fmt: skip
-    """Step times of `rnnscale.train` under torchrun: `ranks` processes, sequence groups of P,
-    one row of T tokens per sequence group per step."""
+    """Step times of `rnnscale.train` under torchrun; `run` is (ranks, P, T, exchange): `ranks`
+    processes, sequence groups of P, one row of T tokens per sequence group per step."""
     ranks, P, T, way = run
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}

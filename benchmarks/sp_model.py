@@ -311,7 +311,7 @@ def here_table(blocks: int) -> list[tuple[str, float, float]]:
         flops = sum(3 * x.flops(T) * T for x in layers)
         rate = flops / float(data.split()[0])  # compute as fast as the data-parallel ranks
         modelled = efficiency(layers, 2, T, ways, rate, links, blocks)
-        measured = float(measured.split()[0])  # the pooled ratio, not the rounds' range
+        measured = float(measured.split()[0])  # the rounds' median ratio, not their range
         print(f"| {model} | {way} | {T} | {measured:.2f} | {modelled:.3f} |")
         out.append((f"{model}, {way}", measured, modelled))
     return out
