@@ -189,3 +189,38 @@ def test_triton_backend_equals_the_torch_backend(name):
         got[backend] = [logits.detach().cpu()] + [p.grad.cpu() for p in net.parameters()]
     for want, have in zip(got["torch"], got["triton"], strict=True):
         torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "L,window,n,docs",
+    [(37, 6, 0, None), (37, 6, 3, None), (5, 6, 2, None), (1, 6, 5, None),
+     (40, 8, 7, [0, 3, 20, 21, 40]), (13, 1, 0, None)],
+)  # fmt: skip
+def test_blocked_sliding_window_equals_the_masked_dense_form(L, window, n, docs):
+    """`swa`'s blocked attention (blocks of `window` queries, O(L window)) gives the outputs
+    and the gradients of every input of SDPA under the full (L, n + L) mask, float64: with n
+    keys before the queries (a cache or a halo, fewer than window - 1 too), packed documents,
+    a length that is not a multiple of the window, and lengths below it (the dense form)."""
+    import torch.nn.functional as F
+
+    from rnnscale.train.model.attn import local_attention
+
+    gen = torch.Generator().manual_seed(L + n)
+    q, k, v = (torch.randn(2, m, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+               for m in (L, n + L, n + L))  # fmt: skip
+    if docs is None:
+        pos = torch.arange(L) + 50  # the queries continue a longer sequence
+    else:
+        starts = torch.tensor(docs)
+        pos = torch.arange(L) - torch.repeat_interleave(starts[:-1], starts.diff())
+    t, j = torch.arange(L)[:, None], torch.arange(-n, L)[None, :]
+    mask = (j <= t) & (j > t - window) & (j >= t - pos[:, None])
+    dense = F.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask
+    ).transpose(1, 2)  # fmt: skip
+    blocked = local_attention(q, k, v, window, pos)
+    grad = torch.randn(blocked.shape, generator=gen, dtype=torch.float64)
+    want = [dense, *torch.autograd.grad(dense, (q, k, v), grad)]
+    have = [blocked, *torch.autograd.grad(blocked, (q, k, v), grad)]
+    for a, b in zip(have, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

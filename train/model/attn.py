@@ -55,8 +55,11 @@ class Attention(nn.Module):
         if state is not None:
             k = torch.cat([state[0], k], dim=2)  # (B, H, cached + T, D)
             v = torch.cat([state[1], v], dim=2)
-        mask = self._mask(T, past, k.shape[2] - T, cu_seqlens, x.device)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if self.window is not None:
+            o = local_attention(q, k, v, self.window, pos[0], heads_first=True)
+        else:
+            mask = self._mask(T, past, k.shape[2] - T, cu_seqlens, x.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), self._cache(k, v, past + T)
 
     def _sequence_parallel(self, x, shard) -> torch.Tensor:
@@ -74,13 +77,12 @@ class Attention(nn.Module):
             n = self.window - 1
             k = torch.cat([previous_tokens(shard, k, n), k], dim=1)  # (B, n + L, H, D)
             v = torch.cat([previous_tokens(shard, v, n), v], dim=1)
-            mask = _document_causal_mask(pos, torch.arange(-n, L, device=x.device), self.window)
-            o = _sdpa(q, k, v, mask)
+            o = local_attention(q, k, v, self.window, pos)
         elif H % shard.size == 0:
             o = ulysses_attention(shard, q, k, v, _global_attention(shard))
         else:
             keys = torch.arange(-shard.start, shard.total - shard.start, device=x.device)
-            mask = _document_causal_mask(pos, keys, None)
+            mask = _document_causal_mask(pos, keys)
             o = _sdpa(q, gather_sequence(shard, k), gather_sequence(shard, v), mask)
         return self.o_proj(o.reshape(B, L, -1))
 
@@ -91,14 +93,13 @@ class Attention(nn.Module):
         return (k, v)
 
     def _mask(self, T: int, past: int, cached: int, cu_seqlens, device) -> torch.Tensor | None:
-        """None for a plain causal batch; else a (T, cached + T) boolean mask."""
-        if cu_seqlens is None and cached == 0 and self.window is None:
+        """Global attention's mask: None for a plain causal batch; else a (T, cached + T)
+        boolean mask (comparisons of a column with a row: no (T, T) integers)."""
+        if cu_seqlens is None and cached == 0:
             return None
         key = torch.arange(cached + T, device=device) + (past - cached)  # absolute positions
         query = torch.arange(T, device=device) + past
         mask = key[None, :] <= query[:, None]
-        if self.window is not None:  # boolean comparisons: no (T, T) integers
-            mask &= key[None, :] > (query - self.window)[:, None]
         if cu_seqlens is not None:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
             doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
@@ -129,16 +130,54 @@ def _sdpa(q, k, v, mask) -> torch.Tensor:
     return o.transpose(1, 2)
 
 
-def _document_causal_mask(pos: torch.Tensor, keys: torch.Tensor, window) -> torch.Tensor:
+def _document_causal_mask(pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """`(Lq, Lk)`: query t (at `pos[t]` in its document) sees the key `keys[j]` tokens from the
-    slice start when that key is not later, is in the same document (no further back than
-    `pos[t]`), and is inside the window."""
+    slice start when that key is not later and is in the same document (no further back than
+    `pos[t]`)."""
     query, key = torch.arange(len(pos), device=pos.device)[:, None], keys[None, :]
     # comparisons of a column with a row: boolean (Lq, Lk) masks, no (Lq, Lk) integers
-    mask = (key <= query) & (key >= query - pos[:, None])
-    if window is not None:
-        mask &= key > query - window
-    return mask
+    return (key <= query) & (key >= query - pos[:, None])
+
+
+def local_attention(q, k, v, window: int, pos: torch.Tensor, heads_first: bool = False):
+    """Sliding-window attention in blocks, O(L * window) work and memory, not O(L^2).
+
+    `q [B, L, H, D]` against `k, v [B, n + L, H, D]` whose first n (< window) tokens precede
+    the queries: a generation cache or a sequence-parallel halo (`heads_first`: all three
+    `[B, H, ., D]`, and so is the result). Query t sees key j (numbered from query 0) when
+    t - window < j <= t, j >= -n, and j >= t - pos[t] (its own document: `pos` `(L,)` is each
+    query's position in it). The queries go in blocks of Q = min(window, L); block i's keys
+    are its own Q and the window - 1 before (zeros where none exist, masked), so every block
+    has the same banded mask: query a sees key b of its block's Q + window - 1 when
+    a <= b <= a + window - 1, less the document and cache bounds. Where the blocks would
+    score no fewer pairs than the whole (L, n + L) mask (decoding, L near the window), that
+    mask instead."""
+    if heads_first:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    B, L, H, D = q.shape
+    n, halo = k.shape[1] - L, window - 1
+    Q = min(window, L)
+    nb = -(-L // Q)  # blocks
+    if nb * Q * (Q + halo) >= L * (n + L):  # short (decoding, L <~ window): one masked SDPA
+        keys = torch.arange(-n, L, device=q.device)
+        mask = _document_causal_mask(pos, keys)
+        mask &= keys[None, :] > torch.arange(L, device=q.device)[:, None] - window
+        o = _sdpa(q, k, v, mask)
+        return o.transpose(1, 2) if heads_first else o
+    pad = nb * Q - L
+    qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B, nb, Q, H, D).permute(0, 3, 1, 2, 4)
+    # keys: window - 1 slots before query 0 (the n given, zeros before them), the L, the pad
+    k, v = (F.pad(x, (0, 0, 0, 0, halo - n, pad)) for x in (k, v))
+    kb, vb = (x.unfold(1, Q + halo, Q).permute(0, 2, 1, 4, 3) for x in (k, v))  # (B,H,nb,S,D)
+    a = torch.arange(Q, device=q.device)[:, None]  # query in its block
+    b = torch.arange(Q + halo, device=q.device)[None, :]  # key in its block's keys
+    first = (torch.arange(nb, device=q.device) * Q)[:, None, None]  # block i's query 0
+    doc = F.pad(pos.to(q.device), (0, pad), value=L + halo).view(nb, Q, 1)  # pad: unbounded
+    mask = (b >= a) & (b <= a + halo) & (b >= a + halo - doc) & (first + b >= halo - n)
+    o = F.scaled_dot_product_attention(
+        *(x.reshape(B * H, nb, -1, D) for x in (qb, kb, vb)), attn_mask=mask
+    ).view(B, H, nb * Q, D)[:, :, :L]  # fmt: skip
+    return o if heads_first else o.transpose(1, 2)
 
 
 def _global_attention(shard):
@@ -150,6 +189,6 @@ def _global_attention(shard):
             return _sdpa(q, k, v, None)
         pos = shard.global_positions(q.device)
         keys = torch.arange(shard.total, device=q.device)
-        return _sdpa(q, k, v, _document_causal_mask(pos, keys, None))
+        return _sdpa(q, k, v, _document_causal_mask(pos, keys))
 
     return attend
