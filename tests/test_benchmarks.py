@@ -251,3 +251,15 @@ def test_the_sequence_parallel_model_costs_what_its_formulas_say():
                 for way in ("allgather", "lockstep", "scan")
             )
             assert 0 < gather <= lockstep <= scan <= 1
+
+
+def test_the_attention_benchmark_runs():
+    """benchmarks/attention.py (not in the suite): the blocked window and document forms beside
+    SDPA under the whole mask, each row computing the same outputs."""
+    cmd = [sys.executable, "benchmarks/attention.py", "--seq-len", "256", "--window", "16",
+           "--repeats", "1"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = rows(r.stdout, "attention")
+    assert len(table) == 4 and all(float(row[1]) > 0 and float(row[2]) > 0 for row in table)
+    assert all(float(row[4]) < 1e-4 for row in table)  # the same outputs

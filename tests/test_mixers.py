@@ -224,3 +224,36 @@ def test_blocked_sliding_window_equals_the_masked_dense_form(L, window, n, docs)
     have = [blocked, *torch.autograd.grad(blocked, (q, k, v), grad)]
     for a, b in zip(have, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "n,docs", [(0, [0, 3, 20, 21, 40]), (0, [0, 40]), (9, [0, 17, 40]), (5, [0, 40])]
+)
+def test_document_attention_in_query_blocks_equals_the_whole_mask(n, docs):
+    """Packed global attention in query blocks (each against its documents' keys only) gives
+    the outputs and gradients of SDPA under the whole (L, n + L) document-causal mask, float64:
+    short and long documents, one document (the causal SDPA), and n keys before the queries
+    (the key/value all-gather's rows before a sequence-parallel slice, where the first
+    document starts)."""
+    import torch.nn.functional as F
+
+    from rnnscale.train.model.attn import document_attention
+
+    L = docs[-1]
+    gen = torch.Generator().manual_seed(L + n)
+    q, k, v = (torch.randn(1, m, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+               for m in (L, n + L, n + L))  # fmt: skip
+    starts = torch.tensor(docs)
+    pos = torch.arange(L) - torch.repeat_interleave(starts[:-1], starts.diff())
+    pos[: docs[1]] += n  # the first document began n keys before the queries
+    t, j = torch.arange(L)[:, None], torch.arange(-n, L)[None, :]
+    mask = (j <= t) & (j >= t - pos[:, None])
+    dense = F.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask
+    ).transpose(1, 2)  # fmt: skip
+    blocked = document_attention(q, k, v, pos, block=6)
+    grad = torch.randn(blocked.shape, generator=gen, dtype=torch.float64)
+    want = [dense, *torch.autograd.grad(dense, (q, k, v), grad)]
+    have = [blocked, *torch.autograd.grad(blocked, (q, k, v), grad)]
+    for a, b in zip(have, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

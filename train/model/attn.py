@@ -57,6 +57,9 @@ class Attention(nn.Module):
             v = torch.cat([state[1], v], dim=2)
         if self.window is not None:
             o = local_attention(q, k, v, self.window, pos[0], heads_first=True)
+        elif cu_seqlens is not None:  # no cache: checked above
+            qkv = (x.transpose(1, 2) for x in (q, k, v))
+            o = document_attention(*qkv, pos[0]).transpose(1, 2)
         else:
             mask = self._mask(T, past, k.shape[2] - T, cu_seqlens, x.device)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
@@ -81,9 +84,9 @@ class Attention(nn.Module):
         elif H % shard.size == 0:
             o = ulysses_attention(shard, q, k, v, _global_attention(shard))
         else:
-            keys = torch.arange(-shard.start, shard.total - shard.start, device=x.device)
-            mask = _document_causal_mask(pos, keys)
-            o = _sdpa(q, gather_sequence(shard, k), gather_sequence(shard, v), mask)
+            end = shard.start + L  # no later key is seen
+            k, v = (gather_sequence(shard, x)[:, :end] for x in (k, v))
+            o = document_attention(q, k, v, pos)
         return self.o_proj(o.reshape(B, L, -1))
 
     def _position(self, state) -> int:
@@ -93,18 +96,12 @@ class Attention(nn.Module):
         return (k, v)
 
     def _mask(self, T: int, past: int, cached: int, cu_seqlens, device) -> torch.Tensor | None:
-        """Global attention's mask: None for a plain causal batch; else a (T, cached + T)
-        boolean mask (comparisons of a column with a row: no (T, T) integers)."""
-        if cu_seqlens is None and cached == 0:
+        """Global attention's mask over one document: None for a plain causal batch; after a
+        cache of `cached` keys, (T, cached + T) booleans (no (T, T) integers)."""
+        if cached == 0:
             return None
         key = torch.arange(cached + T, device=device) + (past - cached)  # absolute positions
-        query = torch.arange(T, device=device) + past
-        mask = key[None, :] <= query[:, None]
-        if cu_seqlens is not None:
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
-            doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-            mask = mask & (doc[:, None] == doc[None, :])
-        return mask
+        return key[None, :] <= (torch.arange(T, device=device) + past)[:, None]
 
 
 class SlidingWindowAttention(Attention):
@@ -137,6 +134,32 @@ def _document_causal_mask(pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     query, key = torch.arange(len(pos), device=pos.device)[:, None], keys[None, :]
     # comparisons of a column with a row: boolean (Lq, Lk) masks, no (Lq, Lk) integers
     return (key <= query) & (key >= query - pos[:, None])
+
+
+def document_attention(q, k, v, pos: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Causal attention inside packed documents: `q [B, L, H, D]` against `k, v [B, n + L, H,
+    D]` whose first n keys precede the queries (the rows before a sequence-parallel slice);
+    query t (at `pos[t]` in its document) sees the keys t - pos[t] .. t, numbered from query 0.
+
+    The queries go in blocks of `block`, each against the keys from its first query's document
+    start to its last query (document starts never decrease along the rows), under its own
+    (block, keys) mask: O(L (block + document)) scores and mask where one (L, n + L) mask
+    costs O(L (n + L)); a single long document scores about half of the square, and rows
+    that are one document from the first query on take the unmasked causal SDPA (PyTorch's
+    flash kernels)."""
+    L, n = q.shape[1], k.shape[1] - q.shape[1]
+    starts = torch.arange(0, L, block, device=pos.device)
+    ends = torch.cat([starts, starts.new_tensor([L - 1])])
+    first = (ends - pos[ends] + n).clamp(min=0).tolist()  # each block's first key, the last's
+    if first[0] == first[-1] == 0 and n == 0:  # one document, from query 0: plain causal
+        return _sdpa(q, k, v, None)
+    out = []
+    for s, lo in zip(range(0, L, block), first):
+        e = min(s + block, L)
+        keys = torch.arange(lo - n - s, e - s, device=q.device)  # numbered from query s
+        mask = _document_causal_mask(pos[s:e], keys)
+        out.append(_sdpa(q[:, s:e], k[:, lo : e + n], v[:, lo : e + n], mask))
+    return torch.cat(out, 1)
 
 
 def local_attention(q, k, v, window: int, pos: torch.Tensor, heads_first: bool = False):
@@ -187,8 +210,6 @@ def _global_attention(shard):
     def attend(q, k, v, *args, **kwargs):  # (B, T, H / P, D) each
         if shard.global_cu_seqlens is None:
             return _sdpa(q, k, v, None)
-        pos = shard.global_positions(q.device)
-        keys = torch.arange(shard.total, device=q.device)
-        return _sdpa(q, k, v, _document_causal_mask(pos, keys))
+        return document_attention(q, k, v, shard.global_positions(q.device))
 
     return attend
