@@ -44,7 +44,7 @@ def causal_conv1d(
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     N = check_sequences(B, T, cu_seqlens)
     check_state(initial_state, (N, D, W - 1), "[N, D, W - 1]")
-    taps, tail = _sources(B, T, W, cu_seqlens, x.device)
+    edge, taps, tail = _sources(B, T, W, cu_seqlens, x.device)
     # one buffer: the inputs, then every sequence's carried inputs, then a zero row
     if initial_state is None:
         past = x.new_zeros(N * (W - 1), D)
@@ -52,7 +52,7 @@ def causal_conv1d(
         past = initial_state.to(x.dtype).transpose(1, 2).reshape(N * (W - 1), D)
     buf = torch.cat([x.reshape(B * T, D), past, x.new_zeros(1, D)])  # (B*T + N*(W-1) + 1, D)
     bias = None if bias is None else bias.to(x.dtype)
-    y = _Taps.apply(buf, taps, weight.to(x.dtype), bias, activation == "silu")  # (B*T, D)
+    y = _Taps.apply(buf, B * T, edge, taps, weight.to(x.dtype), bias, activation == "silu")
     final = buf[tail].permute(0, 2, 1) if output_final_state else None  # (N, D, W-1)
     if not with_recipe:
         return y.view(B, T, D), final
@@ -63,20 +63,24 @@ def causal_conv1d(
     kept, silu = buf.detach(), activation == "silu"
 
     def again():
-        return _Taps.activate(_Taps.sum(kept, taps, w, b), silu).view(B, T, D)
+        return _Taps.activate(_Taps.sum(kept, B * T, edge, taps, w, b), silu).view(B, T, D)
 
     return y.view(B, T, D), final, memoized(again)
 
 
 class _Taps(torch.autograd.Function):
-    """`y_t = act(sum_j w_j * buf[taps_tj] + bias)` per channel. Autograd of the gathered
-    windows would keep them, W copies of the input, and the SiLU its input; this keeps the
-    buffer and the indices, one tap at a time, and recomputes the sum in the backward."""
+    """`y_t = act(sum_j w_j * x_{t - lag_j} + bias)` per channel, lag_j = W - 1 - j, on the
+    buffer's first B*T rows (the inputs). Each tap is a shifted slice of the inputs, one
+    multiply-add over all rows; the `edge` rows (the first W - 1 of each sequence, whose
+    windows reach before its start) are then computed again from their `taps`, rows of the
+    buffer (the carried states and the zero row included), and overwritten. Autograd of
+    gathered windows would keep W copies of the input, and the SiLU its input; this keeps the
+    buffer and the edge's indices, and recomputes the sum in the backward."""
 
     @staticmethod
-    def forward(ctx, buf, taps, weight, bias, silu):  # (R, D), (B*T, W) long, (D, W), (D,)
-        y = _Taps.sum(buf, taps, weight, bias)
-        ctx.save_for_backward(buf, taps, weight, bias)
+    def forward(ctx, buf, BT, edge, taps, weight, bias, silu):  # edge (E,), taps (E, W)
+        y = _Taps.sum(buf, BT, edge, taps, weight, bias)
+        ctx.save_for_backward(buf, edge, taps, weight, bias)
         ctx.silu = silu
         return _Taps.activate(y, silu)  # (B*T, D)
 
@@ -85,28 +89,44 @@ class _Taps(torch.autograd.Function):
         return F.silu(y) if silu else y
 
     @staticmethod
-    def sum(buf, taps, weight, bias):
-        y = buf[taps[:, 0]] * weight[:, 0]
-        for j in range(1, taps.shape[1]):
-            y = y.addcmul_(buf[taps[:, j]], weight[:, j])
+    def sum(buf, BT, edge, taps, weight, bias):
+        W, x = weight.shape[1], buf[:BT]
+        y = x * weight[:, W - 1]
+        for j in range(max(W - BT, 0), W - 1):  # tap j reads lag = W - 1 - j rows earlier
+            lag = W - 1 - j
+            y[lag:].addcmul_(x[: BT - lag], weight[:, j])
+        if len(edge):
+            y[edge] = (buf[taps] * weight.T).sum(1)  # (E, W, D) -> (E, D)
         return y if bias is None else y.add_(bias)
 
     @staticmethod
     def backward(ctx, dy):
-        buf, taps, weight, bias = ctx.saved_tensors
+        buf, edge, taps, weight, bias = ctx.saved_tensors
         if ctx.silu:  # silu'(y) = sigmoid(y) (1 + y (1 - sigmoid(y)))
-            y = _Taps.sum(buf, taps, weight, bias)
+            y = _Taps.sum(buf, len(dy), edge, taps, weight, bias)
             sig = torch.sigmoid(y)
             dy = dy * sig * (1 + y * (1 - sig))
-        dbuf, dw = torch.zeros_like(buf), torch.empty_like(weight)
-        for j in range(taps.shape[1]):  # one tap's rows are distinct: exact adds on GPUs too
-            dbuf.index_add_(0, taps[:, j], dy * weight[:, j])
-            dw[:, j] = (dy * buf[taps[:, j]]).sum(0)
-        return dbuf, None, dw, None if bias is None else dy.sum(0), None
+        W, BT = weight.shape[1], len(dy)
+        inner = dy.index_fill(0, edge, 0)  # the rows the shifted slices computed
+        x, dbuf, dw = buf[:BT], torch.zeros_like(buf), torch.empty_like(weight)
+        for j in range(W):
+            lag = W - 1 - j
+            if lag >= BT:  # every output is on the edge
+                dw[:, j] = 0
+                continue
+            dbuf[: BT - lag].addcmul_(inner[lag:], weight[:, j])
+            dw[:, j] = (inner[lag:] * x[: BT - lag]).sum(0)
+        if len(edge):  # the edge rows through their taps (one tap's rows are distinct)
+            de = dy[edge]  # (E, D)
+            for j in range(W):
+                dbuf.index_add_(0, taps[:, j], de * weight[:, j])
+            dw += (de[:, None, :] * buf[taps]).sum(0).T
+        return dbuf, None, None, None, dw, None if bias is None else dy.sum(0), None
 
 
-def _sources(B, T, W, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the buffer each output tap reads, `[B*T, W]`, and each sequence's last W - 1
+def _sources(B, T, W, cu_seqlens, device):
+    """The edge: rows whose window reaches before their sequence's start, `[E]`, with the
+    rows of the buffer each of their taps reads, `[E, W]`; and each sequence's last W - 1
     inputs, `[N, W - 1]`. Row B*T + n*(W-1) + i is input i of sequence n's carried state."""
     if cu_seqlens is None:
         bounds = torch.arange(B + 1, device=device) * T
@@ -116,8 +136,11 @@ def _sources(B, T, W, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = ends - starts
     N = len(starts)
     seq = torch.repeat_interleave(torch.arange(N, device=device), lengths, output_size=B * T)
+    rows = torch.arange(B * T, device=device)
+    edge = rows[rows - starts[seq] < W - 1]  # (E,)
+    seq = seq[edge]
     lag = torch.arange(W - 1, -1, -1, device=device)  # tap j reads t - lag_j
-    src = torch.arange(B * T, device=device)[:, None] - lag  # (B*T, W)
+    src = edge[:, None] - lag  # (E, W)
     before = src - starts[seq][:, None]  # < 0: before the sequence starts
     carried = B * T + seq[:, None] * (W - 1) + (W - 1) + before  # into the carried state
     taps = torch.where(before >= 0, src, carried)
@@ -128,7 +151,7 @@ def _sources(B, T, W, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:
         ends_src,
         B * T + torch.arange(N, device=device)[:, None] * (W - 1) + (W - 1) + before_end,
     )
-    return taps, tail
+    return edge, taps, tail
 
 
 def naive_causal_conv1d(
