@@ -58,10 +58,10 @@ class Attention(nn.Module):
         if self.window is not None:
             o = local_attention(q, k, v, self.window, pos[0], heads_first=True)
         elif cu_seqlens is not None:  # no cache: checked above
-            qkv = (x.transpose(1, 2) for x in (q, k, v))
-            o = document_attention(*qkv, pos[0]).transpose(1, 2)
+            rows = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D)
+            o = document_attention(*rows, pos[0]).transpose(1, 2)
         else:
-            mask = self._mask(T, past, k.shape[2] - T, cu_seqlens, x.device)
+            mask = self._mask(T, past, k.shape[2] - T, x.device)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), self._cache(k, v, past + T)
 
@@ -95,7 +95,7 @@ class Attention(nn.Module):
     def _cache(self, k, v, position: int):
         return (k, v)
 
-    def _mask(self, T: int, past: int, cached: int, cu_seqlens, device) -> torch.Tensor | None:
+    def _mask(self, T: int, past: int, cached: int, device) -> torch.Tensor | None:
         """Global attention's mask over one document: None for a plain causal batch; after a
         cache of `cached` keys, (T, cached + T) booleans (no (T, T) integers)."""
         if cached == 0:
