@@ -91,12 +91,14 @@ class _Taps(torch.autograd.Function):
     @staticmethod
     def sum(buf, BT, edge, taps, weight, bias):
         W, x = weight.shape[1], buf[:BT]
-        y = x * weight[:, W - 1]
+        y = buf.new_empty(BT + 1, buf.shape[1])  # row BT: the edge's scratch row
+        torch.mul(x, weight[:, W - 1], out=y[:BT])
         for j in range(max(W - BT, 0), W - 1):  # tap j reads lag = W - 1 - j rows earlier
             lag = W - 1 - j
-            y[lag:].addcmul_(x[: BT - lag], weight[:, j])
+            y[lag:BT].addcmul_(x[: BT - lag], weight[:, j])
         if len(edge):
             y[edge] = (buf[taps] * weight.T).sum(1)  # (E, W, D) -> (E, D)
+        y = y[:BT]
         return y if bias is None else y.add_(bias)
 
     @staticmethod
@@ -107,7 +109,8 @@ class _Taps(torch.autograd.Function):
             sig = torch.sigmoid(y)
             dy = dy * sig * (1 + y * (1 - sig))
         W, BT = weight.shape[1], len(dy)
-        inner = dy.index_fill(0, edge, 0)  # the rows the shifted slices computed
+        dy = torch.cat([dy, dy.new_zeros(1, dy.shape[1])])  # the scratch row: no gradient
+        inner = dy.index_fill(0, edge, 0)[:BT]  # the rows the shifted slices computed
         x, dbuf, dw = buf[:BT], torch.zeros_like(buf), torch.empty_like(weight)
         for j in range(W):
             lag = W - 1 - j
@@ -116,34 +119,37 @@ class _Taps(torch.autograd.Function):
                 continue
             dbuf[: BT - lag].addcmul_(inner[lag:], weight[:, j])
             dw[:, j] = (inner[lag:] * x[: BT - lag]).sum(0)
-        if len(edge):  # the edge rows through their taps (one tap's rows are distinct)
+        if len(edge):  # the edge through its taps (one tap's real rows are distinct; the
+            # slots past a short sequence add zeros to the zero row)
             de = dy[edge]  # (E, D)
             for j in range(W):
                 dbuf.index_add_(0, taps[:, j], de * weight[:, j])
             dw += (de[:, None, :] * buf[taps]).sum(0).T
-        return dbuf, None, None, None, dw, None if bias is None else dy.sum(0), None
+        return dbuf, None, None, None, dw, None if bias is None else dy[:BT].sum(0), None
 
 
 def _sources(B, T, W, cu_seqlens, device):
-    """The edge: rows whose window reaches before their sequence's start, `[E]`, with the
-    rows of the buffer each of their taps reads, `[E, W]`; and each sequence's last W - 1
-    inputs, `[N, W - 1]`. Row B*T + n*(W-1) + i is input i of sequence n's carried state."""
+    """The edge: every sequence's first W - 1 rows, `[N * (W - 1)]`, whose windows reach before
+    its start, with the rows of the buffer each of their taps reads, `[N * (W - 1), W]`; and
+    each sequence's last W - 1 inputs, `[N, W - 1]`. Row B*T + n*(W-1) + i is input i of
+    sequence n's carried state. Slots past a sequence shorter than W - 1 write to row B*T (a
+    scratch row after the outputs) and read the buffer's zero row: fixed shapes, no
+    data-dependent indexing (the meta device runs it too)."""
     if cu_seqlens is None:
         bounds = torch.arange(B + 1, device=device) * T
     else:
         bounds = cu_seqlens.to(device=device, dtype=torch.long)
     starts, ends = bounds[:-1], bounds[1:]
-    lengths = ends - starts
     N = len(starts)
-    seq = torch.repeat_interleave(torch.arange(N, device=device), lengths, output_size=B * T)
-    rows = torch.arange(B * T, device=device)
-    edge = rows[rows - starts[seq] < W - 1]  # (E,)
-    seq = seq[edge]
+    step = torch.arange(W - 1, device=device)  # the row's place in its sequence
+    inside = step < (ends - starts)[:, None]  # (N, W-1)
+    edge = torch.where(inside, starts[:, None] + step, B * T).reshape(-1)
     lag = torch.arange(W - 1, -1, -1, device=device)  # tap j reads t - lag_j
-    src = edge[:, None] - lag  # (E, W)
-    before = src - starts[seq][:, None]  # < 0: before the sequence starts
-    carried = B * T + seq[:, None] * (W - 1) + (W - 1) + before  # into the carried state
-    taps = torch.where(before >= 0, src, carried)
+    before = (step[:, None] - lag).expand(N, W - 1, W)  # < 0: before the sequence starts
+    carried = B * T + torch.arange(N, device=device)[:, None, None] * (W - 1) + (W - 1) + before
+    zero = B * T + N * (W - 1)  # the buffer's zero row
+    taps = torch.where(before >= 0, starts[:, None, None] + before, carried)
+    taps = torch.where(inside[..., None], taps, zero).reshape(N * (W - 1), W)
     ends_src = ends[:, None] - torch.arange(W - 1, 0, -1, device=device)  # (N, W-1)
     before_end = ends_src - starts[:, None]
     tail = torch.where(
