@@ -111,12 +111,9 @@ class _Taps(torch.autograd.Function):
         W, BT = weight.shape[1], len(dy)
         dy = torch.cat([dy, dy.new_zeros(1, dy.shape[1])])  # the scratch row: no gradient
         inner = dy.index_fill(0, edge, 0)[:BT]  # the rows the shifted slices computed
-        x, dbuf, dw = buf[:BT], torch.zeros_like(buf), torch.empty_like(weight)
-        for j in range(W):
+        x, dbuf, dw = buf[:BT], torch.zeros_like(buf), torch.zeros_like(weight)
+        for j in range(max(W - BT, 0), W):  # a lag of BT or more reads only the edge
             lag = W - 1 - j
-            if lag >= BT:  # every output is on the edge
-                dw[:, j] = 0
-                continue
             dbuf[: BT - lag].addcmul_(inner[lag:], weight[:, j])
             dw[:, j] = (inner[lag:] * x[: BT - lag]).sum(0)
         if len(edge):  # the edge through its taps (one tap's real rows are distinct; the
@@ -146,17 +143,14 @@ def _sources(B, T, W, cu_seqlens, device):
     edge = torch.where(inside, starts[:, None] + step, B * T).reshape(-1)
     lag = torch.arange(W - 1, -1, -1, device=device)  # tap j reads t - lag_j
     before = (step[:, None] - lag).expand(N, W - 1, W)  # < 0: before the sequence starts
-    carried = B * T + torch.arange(N, device=device)[:, None, None] * (W - 1) + (W - 1) + before
+    # sequence n's carried input `before` (< 0) rows before its start
+    carried = B * T + torch.arange(N, device=device) * (W - 1) + (W - 1)  # (N,) + before
     zero = B * T + N * (W - 1)  # the buffer's zero row
-    taps = torch.where(before >= 0, starts[:, None, None] + before, carried)
+    taps = torch.where(before >= 0, starts[:, None, None], carried[:, None, None]) + before
     taps = torch.where(inside[..., None], taps, zero).reshape(N * (W - 1), W)
     ends_src = ends[:, None] - torch.arange(W - 1, 0, -1, device=device)  # (N, W-1)
     before_end = ends_src - starts[:, None]
-    tail = torch.where(
-        before_end >= 0,
-        ends_src,
-        B * T + torch.arange(N, device=device)[:, None] * (W - 1) + (W - 1) + before_end,
-    )
+    tail = torch.where(before_end >= 0, starts[:, None], carried[:, None]) + before_end
     return edge, taps, tail
 
 
