@@ -33,7 +33,7 @@ import ray
 
 from rnnscale.train.config import ConfigError, RunConfig
 from rnnscale.train.logger import append_event
-from rnnscale.train.preemption import NOTICE_FILE
+from rnnscale.train.preemption import NOTICE_FILE, post_notice
 from rnnscale.train.preflight import plan
 
 RESIZE_NOTICE = "resize"  # how the notice file's text starts when the driver grows the run
@@ -111,8 +111,7 @@ class Regrow:
                 return
             if size is not None and size > self.workers:
                 self.target = size
-                notice = f"{RESIZE_NOTICE}: {size} workers fit again\n"
-                (self.cfg.run_dir / NOTICE_FILE).write_text(notice)
+                post_notice(self.cfg.run_dir, f"{RESIZE_NOTICE}: {size} workers fit again")
                 return
 
 

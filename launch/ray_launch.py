@@ -37,7 +37,7 @@ from ray.train.torch.config import (
 from rnnscale.launch.elastic import run_resizing
 from rnnscale.train.config import RunConfig, from_dict, to_dict
 from rnnscale.train.distributed import loopback_interface, process_group_backend
-from rnnscale.train.preemption import NOTICE_FILE, Preempted, notice_signals
+from rnnscale.train.preemption import Preempted, notice_signals, post_notice
 from rnnscale.train.run_dir import finished_message, last_event
 from rnnscale.train.run_lock import HELD_VAR, RunLock
 
@@ -314,7 +314,7 @@ def _notices_to_file(cfg: RunConfig):
     signals = notice_signals(cfg.checkpoint.preempt_signal)
 
     def handler(signum, frame):
-        (cfg.run_dir / NOTICE_FILE).write_text(signal.Signals(signum).name + "\n")
+        post_notice(cfg.run_dir, signal.Signals(signum).name)
         print(f"rnnscale: {signal.Signals(signum).name}: the workers stop after this step, with "
               f"a checkpoint", file=sys.stderr, flush=True)  # fmt: skip
 

@@ -97,3 +97,22 @@ def test_a_notice_past_its_grace_period_exits_at_once(tmp_path):
         "checkpoint.preempt_grace_s=0.5 s: exiting now; the newest committed checkpoint, X, "
         "is intact"
     )
+
+
+def test_the_notice_file_appears_whole(tmp_path, monkeypatch):
+    """Rank 0 may stat the notice file at any moment: it must appear with its reason already in
+    it (a plain write is seen empty first; CI once read the Ray driver's notice without its
+    "(SIGTERM)"), so it comes by renaming a whole temporary file over the name."""
+    import rnnscale.train.checkpoint as checkpoint
+    from rnnscale.train.preemption import post_notice
+
+    seen, replace = [], os.replace
+
+    def spy(src, dst):
+        seen.append((Path(dst).exists(), Path(src).read_text()))
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", spy)
+    post_notice(tmp_path, "SIGTERM")
+    assert seen == [(False, "SIGTERM\n")] and (tmp_path / NOTICE_FILE).read_text() == "SIGTERM\n"
+    assert [p.name for p in tmp_path.iterdir()] == [NOTICE_FILE]

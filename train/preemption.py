@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from rnnscale.train.checkpoint import write_atomic
+
 EXIT_PREEMPTED = 75
 NOTICE_FILE = "PREEMPT"  # in the run directory
 
@@ -45,6 +47,12 @@ def notice_signals(preempt_signal: str) -> list[signal.Signals]:
     """SIGTERM, and checkpoint.preempt_signal unless it is none."""
     names = ["SIGTERM"] + ([preempt_signal] if preempt_signal != "none" else [])
     return [getattr(signal, n) for n in names]
+
+
+def post_notice(run_dir: Path, why: str) -> None:
+    """Write the notice file whole (a temporary file renamed over it): rank 0 may look at any
+    moment, and a file it finds must already say why (a plain write is seen empty at first)."""
+    write_atomic(Path(run_dir) / NOTICE_FILE, why.rstrip("\n") + "\n")
 
 
 class Preempted(Exception):
