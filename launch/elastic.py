@@ -26,7 +26,6 @@ chosen among those that do.
 
 from __future__ import annotations
 
-import json
 import threading
 
 import ray
@@ -35,6 +34,7 @@ from rnnscale.train.config import ConfigError, RunConfig
 from rnnscale.train.logger import append_event
 from rnnscale.train.preemption import NOTICE_FILE, post_notice
 from rnnscale.train.preflight import plan
+from rnnscale.train.run_dir import last_event
 
 RESIZE_NOTICE = "resize"  # how the notice file's text starts when the driver grows the run
 
@@ -74,8 +74,7 @@ def best_size(cfg: RunConfig) -> int | None:
 
 def stopped_to_resize(cfg: RunConfig) -> bool:
     """Whether the run's last event is its stop on the driver's resize notice."""
-    lines = (cfg.run_dir / "events.jsonl").read_text().splitlines()
-    last = json.loads(lines[-1]) if lines else {}
+    last = last_event(cfg.run_dir / "events.jsonl")
     return last.get("event") == "preempted" and f"({RESIZE_NOTICE}:" in str(last.get("notice"))
 
 

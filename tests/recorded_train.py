@@ -47,11 +47,13 @@ class Recorder:
 
 def kept_rows(run_dir: Path) -> dict[tuple[int, int, int], tuple[str, list[list[int]]]]:
     """(step, rank, micro) -> (the start that trained them, rows), as the finished run trained
-    on them."""
+    on them. A start killed while it wrote a batch's line (before training on it) leaves that
+    line cut: it is skipped (`launcher.records`)."""
+    from launcher import records
+
     starts: dict[str, list[dict]] = {}
     for path in sorted((Path(run_dir) / "rows").glob("*.jsonl")):
-        for text in path.read_text().splitlines():
-            line = json.loads(text)
+        for line in records(path):
             starts.setdefault(line["start"], []).append(line)
     kept: dict[tuple[int, int, int], tuple[str, list[list[int]]]] = {}
     for lines in sorted(starts.values(), key=lambda ls: min(x["t"] for x in ls)):

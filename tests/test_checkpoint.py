@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launcher import kill_when, losses, past, run_ranks, starts
+from launcher import kill_when, losses, past, records, run_ranks, starts
 from privileged import cannot
 
 from rnnscale.kernels.gla import chunk_torch as gla_chunk_torch
@@ -74,7 +74,7 @@ def test_killed_run_resumes_bit_for_bit(repo_root, tmp_path, ranks, kills, saves
     # every start, those of runs that began afresh (the mid-save kill left nothing committed)
     # moved aside with their logs included
     assert starts(run_dir) == killed + 1 and killed >= kills - 1
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = records(run_dir / "events.jsonl")
     assert any(e["event"] == "start" and e["resumed_from"] for e in events)
     committed = [p for p in (run_dir / "checkpoints").iterdir() if (p / "manifest.json").exists()]
     assert len(committed) == 2  # checkpoint.keep

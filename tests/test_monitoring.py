@@ -357,6 +357,30 @@ def test_a_new_run_in_a_used_directory_keeps_the_old_logs_aside(repo_root, tmp_p
     assert not (run_dir / "events.jsonl").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
+def test_a_resume_ends_a_line_cut_by_the_kill_and_loses_only_that_record(repo_root, tmp_path):
+    """A SIGKILL mid-write leaves the last record cut; the resume gives it its newline before
+    appending, so the next start's records stay readable (status counts the restart)."""
+    from rnnscale.train.logger import append_event
+    from rnnscale.train.run_dir import prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    cfg = _config(repo_root, run_dir, "train.max_steps=30")
+    _write_run(run_dir, cfg, steps=30, starts=1)
+    for name in ("metrics", "events"):
+        with open(run_dir / f"{name}.jsonl", "a") as f:
+            f.write('{"step": 31, "lo')  # cut by the kill
+    prepare_run_dir(cfg, resuming=True)
+    append_event(run_dir / "events.jsonl", "start", step=20)
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    assert lines[-2] == '{"step": 31, "lo' and json.loads(lines[-1])["event"] == "start"
+    assert (run_dir / "metrics.jsonl").read_text().endswith('{"step": 31, "lo\n')
+    assert "restarts: 1" in status_report(run_dir)
+    (run_dir / "config.yaml").write_text("x")
+    prepare_run_dir(cfg, resuming=True)  # config.yaml rewritten whole; nothing else left
+    assert load_config(run_dir / "config.yaml").run_dir == cfg.run_dir
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+
 def test_status_of_a_resumed_run_counts_each_step_once(repo_root, tmp_path):
     """Attempt 1 logs steps 1-30 at 1,024 tokens/s and dies; attempt 2 resumes from the
     checkpoint of step 20 and logs steps 21-45 at 4,096 tokens/s. Steps 21-30 of attempt 1

@@ -4,7 +4,6 @@ checkpoint of that step and exit code 75; the same command then ends with the lo
 run that never stopped, bit for bit. A notice whose checkpoint cannot be committed within the
 grace period exits with 75 at once, saying what a resume starts from."""
 
-import json
 import os
 import random
 import signal
@@ -15,10 +14,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launcher import losses, past, run_ranks
+from launcher import losses, past, records, run_ranks
 from test_checkpoint import command
 
-from rnnscale.train.preemption import EXIT_PREEMPTED, NOTICE_FILE
+from rnnscale.train.preemption import EXIT_PREEMPTED, NOTICE_FILE, post_notice
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +38,7 @@ def notify(how: str, proc: subprocess.Popen, run_dir: Path) -> None:
     if how == "SIGTERM":
         proc.send_signal(signal.SIGTERM)
     elif how == "file":
-        (run_dir / NOTICE_FILE).write_text("test\n")
+        post_notice(run_dir, "test")
     else:  # SIGUSR1 to rank 1 only, a child of torchrun
         ranks = [p for p in psutil.Process(proc.pid).children() if "rnnscale.train" in p.cmdline()]
         rank1 = [p for p in ranks if p.environ().get("RANK") == "1"]
@@ -47,7 +46,7 @@ def notify(how: str, proc: subprocess.Popen, run_dir: Path) -> None:
 
 
 def events(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    return records(run_dir / "events.jsonl")
 
 
 @pytest.mark.parametrize("ranks,how", [(1, "SIGTERM"), (2, "SIGUSR1"), (1, "file")])
@@ -104,7 +103,6 @@ def test_the_notice_file_appears_whole(tmp_path, monkeypatch):
     it (a plain write is seen empty first; CI once read the Ray driver's notice without its
     "(SIGTERM)"), so it comes by renaming a whole temporary file over the name."""
     import rnnscale.train.checkpoint as checkpoint
-    from rnnscale.train.preemption import post_notice
 
     seen, replace = [], os.replace
 
@@ -115,4 +113,29 @@ def test_the_notice_file_appears_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.os, "replace", spy)
     post_notice(tmp_path, "SIGTERM")
     assert seen == [(False, "SIGTERM\n")] and (tmp_path / NOTICE_FILE).read_text() == "SIGTERM\n"
+    assert [p.name for p in tmp_path.iterdir()] == [NOTICE_FILE]
+
+
+def test_two_threads_writing_the_notice_never_share_a_temporary_file(tmp_path):
+    """The Ray driver's signal handler and its resize watcher may write the notice at once:
+    each write has its own temporary file, so neither truncates nor loses the other's."""
+    import threading
+
+    from rnnscale.train.preemption import post_notice
+
+    errors = []
+
+    def write(why):
+        try:
+            for _ in range(100):
+                post_notice(tmp_path, why)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in ("SIGTERM", "resize: 4")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and (tmp_path / NOTICE_FILE).read_text() in ("SIGTERM\n", "resize: 4\n")
     assert [p.name for p in tmp_path.iterdir()] == [NOTICE_FILE]

@@ -8,7 +8,6 @@ the driver (a checkpoint, exit 75, the same command goes on). Ray Train V1 is re
 an embedded Ray run starts, and a one-process run, listens on the loopback only."""
 
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launcher import losses, records
 from listening import listeners, process_tree
 from netns_cluster import NetnsCluster, remove_leftovers, unavailable
 from privileged import cannot
@@ -39,16 +39,8 @@ COMMON = ["log.progress_bar=false", "log.wandb.mode=disabled", "log.tensorboard=
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e.get("event") == kind]
-
-
-def last_losses(run_dir: Path) -> dict[int, float]:
-    """Step -> loss, the last record of each step (steps after a restart are logged again)."""
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").open())}
+    """The `kind` events of a run, live or ended."""
+    return [e for e in records(run_dir / "events.jsonl") if e.get("event") == kind]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +49,7 @@ def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("whole")
     config = Path(__file__).resolve().parents[1] / "configs/debug_cpu.yaml"
     trainer.run(load_config(config, [f"run.dir={run_dir}", *COMMON]))
-    return last_losses(run_dir)
+    return losses(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +63,7 @@ def two_ranks(tmp_path_factory):
                    "rnnscale.train", "configs/debug_cpu.yaml", f"run.dir={run_dir}", *COMMON],
                   cwd=Path(__file__).resolve().parents[1], timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    return last_losses(run_dir)
+    return losses(run_dir)
 
 
 def test_the_listener_check_sees_every_address(repo_root):
@@ -147,8 +139,8 @@ def test_a_killed_ray_worker_is_restarted_and_the_run_resumes(repo_root, tmp_pat
     assert not wide, f"listening beyond 127.0.0.1: {wide}"
     starts = events(run_dir, "start")
     assert len(starts) == 2 and starts[1]["resumed_from"], starts  # restarted once, resumed
-    assert last_losses(run_dir) == two_ranks  # exact: the uninterrupted run of 2 ranks
-    assert last_losses(run_dir) == pytest.approx(want, abs=1e-4)  # and close to 1 rank's
+    assert losses(run_dir) == two_ranks  # exact: the uninterrupted run of 2 ranks
+    assert losses(run_dir) == pytest.approx(want, abs=1e-4)  # and close to 1 rank's
     status = subprocess.run([str(BIN / "rnnscale"), "status", str(run_dir)],
                             capture_output=True, text=True)  # fmt: skip
     assert "restarts: 1" in status.stdout, status.stdout
@@ -272,7 +264,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes(repo_root, tmp_pat
     assert "the process group's TCP store (torch c10d) listens on every interface" in logs
     starts = events(run_dir, "start")  # a busy machine may cost a second restart
     assert len(starts) >= 2 and starts[-1]["resumed_from"], starts
-    assert last_losses(run_dir) == two_ranks  # exact: the uninterrupted run of 2 ranks
+    assert losses(run_dir) == two_ranks  # exact: the uninterrupted run of 2 ranks
 
 
 def test_cluster_files_parse(repo_root):
@@ -329,7 +321,7 @@ def test_a_stopped_ray_worker_is_found_hung_and_the_run_resumes(repo_root, tmp_p
     assert "no progress for" in out and "train.hang_timeout_s=5" in out, out[-4000:]
     starts = events(run_dir, "start")
     assert len(starts) == 2 and starts[1]["resumed_from"], starts
-    assert last_losses(run_dir) == two_ranks  # exact
+    assert losses(run_dir) == two_ranks  # exact
     status = subprocess.run([str(BIN / "rnnscale"), "status", str(run_dir)],
                             capture_output=True, text=True)  # fmt: skip
     assert "hangs detected: 1, last after step" in status.stdout, status.stdout
@@ -350,11 +342,11 @@ def test_sigterm_to_the_ray_driver_stops_with_a_checkpoint(repo_root, tmp_path, 
     (stop,) = events(run_dir, "preempted")
     assert stop["notice"] == f"{run_dir / 'PREEMPT'} (SIGTERM)" and stop["checkpoint"], stop
     assert f"rnnscale: preempted ({run_dir / 'PREEMPT'} (SIGTERM)) after step {stop['step']}" in out
-    assert max(last_losses(run_dir)) == stop["step"] < MAX_STEPS
+    assert max(losses(run_dir)) == stop["step"] < MAX_STEPS
     proc = ray_run(repo_root, run_dir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
-    assert last_losses(run_dir) == two_ranks  # exact
+    assert losses(run_dir) == two_ranks  # exact
     assert events(run_dir, "start")[-1]["resumed_from"] == stop["checkpoint"]
 
 
@@ -421,7 +413,7 @@ def test_a_node_lost_for_good_the_run_goes_on_with_fewer_and_grows_back(repo_roo
     worlds = [e["world_size"] for e in events(run_dir, "start")]
     assert worlds[0] == 2 and 1 in worlds and worlds[-1] == 2, worlds
     assert f"rnnscale: done: {ELASTIC_STEPS} steps" in logs
-    assert sorted(last_losses(run_dir)) == list(range(1, ELASTIC_STEPS + 1))
+    assert sorted(losses(run_dir)) == list(range(1, ELASTIC_STEPS + 1))
     status = subprocess.run([str(BIN / "rnnscale"), "status", str(run_dir)],
                             capture_output=True, text=True)  # fmt: skip
     assert "workers resized: 2 -> 1 -> 2" in status.stdout, status.stdout

@@ -18,6 +18,7 @@ ignored labels only, which count no token.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -63,8 +64,11 @@ def make_batches(data: DataSection, shape: RowShape, seed: int, run_dir: Path,
     clean_stale_shared_memory()  # left by a killed earlier run; it would hang this one
     check_streams(data)
     check_tokenizer(data, shape.vocab_size)
-    if layout.rank == 0:
-        shutil.copyfile(data.tokenizer, Path(run_dir) / "tokenizer.model")
+    if layout.rank == 0:  # whole or not at all: generation or an export may read it any time
+        out = Path(run_dir) / "tokenizer.model"
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        shutil.copyfile(data.tokenizer, tmp)
+        os.replace(tmp, out)
     return _packed_loader(data, shape, seed, data.streams, layout,
                           num_workers=data.num_workers)  # fmt: skip
 

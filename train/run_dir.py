@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from rnnscale.train.checkpoint import write_atomic
 from rnnscale.train.config import ConfigError, RunConfig, dump_yaml
 from rnnscale.train.notice import notice
 
@@ -34,8 +35,23 @@ def prepare_run_dir(cfg: RunConfig, resuming: bool = False) -> Path:
             kept = run_dir / f"{name}.{stamp}.jsonl"
             old.rename(kept)
             notice(f"{run_dir} held an earlier run; its {name} are now in {kept.name}")
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    if resuming:  # a line cut by the kill that stopped the last start ends here, on its own
+        for name in ("metrics", "events"):
+            end_torn_line(run_dir / f"{name}.jsonl")
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # `rnnscale status` may read it now
     return run_dir
+
+
+def end_torn_line(path: Path) -> None:
+    """Give a JSON-lines file whose last line was cut (a kill or a full disk mid-write) the
+    newline it lacks, so the next record starts a line of its own: only the cut record is
+    unreadable (readers skip it), not the next one too."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
 
 
 def last_logged_loss(run_dir: Path) -> float:

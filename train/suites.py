@@ -58,6 +58,7 @@ def recall_trained_run(config, run_dir, steps: int, rows: int):
     a model that knows the task, for tests/test_suites.py and benchmarks/evaluation.py."""
     from pathlib import Path
 
+    from rnnscale.train.checkpoint import write_atomic
     from rnnscale.train.config import dump_yaml, load_config
     from rnnscale.train.export import export_model
     from rnnscale.train.model import build_model
@@ -70,7 +71,7 @@ def recall_trained_run(config, run_dir, steps: int, rows: int):
     model = build_model(cfg.model, cfg.kernels)
     fit_recall(model, task, steps, rows)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     export_model(model.eval(), run_dir)
     return run_dir
 
