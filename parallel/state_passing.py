@@ -20,7 +20,10 @@ zeros whose initial state is the identity (the state's columns evolve independen
 PyTorch path and in a second call on the Triton path (the alternative in docs/scans.md section
 5 is a second pass with S_in; this needs no wait for S_in). Only the first document of a slice
 receives S_in; the correction is written in torch ops, so autograd carries the gradients to q,
-the gates, k and beta, and through the exchange's backward to the earlier ranks. Every
+the gates, k and beta, and through the exchange's backward to the earlier ranks. On the
+PyTorch path the decay families form no correction: the exchange runs inside the kernel
+(`_Link`, the kernel's `state_link`), between a cheap pass over its chunk updates from zero
+and a second one from S_in, and mirrored in its backward (docs/scans.md section 5). Every
 function takes and returns what its kernel does (`(out, final_state)`, final state `[N, ...]`
 per local sequence).
 """
@@ -32,10 +35,15 @@ import torch
 from rnnscale.kernels.common.backend import resolve_backend
 from rnnscale.kernels.delta import chunk_delta_product, chunk_gated_delta_rule
 from rnnscale.kernels.gla import chunk_gla
+from rnnscale.kernels.gla import chunk_torch as gla_torch
 from rnnscale.kernels.scan import linear_scan
 from rnnscale.kernels.simple_gla import chunk_simple_gla
+from rnnscale.kernels.simple_gla import chunk_torch as simple_gla_torch
 from rnnscale.parallel.sequence import Shard, gather_states
 from rnnscale.parallel.state_exchange import scan_states
+
+# the PyTorch paths that take a `state_link`: the exchange runs inside them (`_Link`)
+LINKED = {chunk_gla: gla_torch.chunk_gla, chunk_simple_gla: simple_gla_torch.chunk_simple_gla}
 
 
 def _first_length(T: int, cu_seqlens: torch.Tensor | None, shard: Shard) -> int:
@@ -83,10 +91,72 @@ def _last(final: torch.Tensor, cu_seqlens) -> torch.Tensor:
     return final if cu_seqlens is None else final[-1:]
 
 
+class _Link:
+    """The state exchange as a kernel's state link (`rnnscale.kernels.common.chunk_autograd.
+    StateLink`): it runs between the kernel's pass from zero and its pass from the true
+    incoming states, and its backward between the two passes of the gradients, so that no
+    correction term is formed. The exchange is `_incoming` (either way), as a graph of its own
+    whose backward `outgoing` runs. `A` `[n, H(, K)]`: the slice's decay (zero unless its first
+    sequence is also its last); n: the sequences that pass a state (every row, or one)."""
+
+    def __init__(self, shard: Shard, A, apply, receives: bool, rows: bool):
+        self.shard, self.A, self.apply, self.receives, self.rows = shard, A, apply, receives, rows
+
+    @staticmethod
+    def _flat(x):  # [N, ...] as the kernel shapes it -> [N, H, K, V]
+        return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+    def incoming(self, final, S0):
+        ends, starts = self._flat(final), self._flat(S0)
+        last, first = (ends, starts) if self.rows else (ends[-1:], starts[:1])
+        with torch.enable_grad():
+            self.leaves = [x.detach().float().requires_grad_() for x in (last, first)]
+            self.S_in = _incoming(self.shard, self.A, self.leaves[0], self.leaves[1],
+                                  self.apply, self.receives)  # fmt: skip
+        true = torch.zeros_like(starts)
+        true[: len(last)] = self.S_in.detach()
+        return true.view_as(S0)
+
+    def outgoing(self, dS0):
+        grads = self._flat(dS0)
+        n = len(self.S_in)
+        G_out, G_init = torch.autograd.grad(self.S_in, self.leaves, grads[:n].float(),
+                                            allow_unused=True)  # fmt: skip
+        extra = torch.zeros_like(grads)
+        if G_out is not None:
+            extra[len(grads) - n :] = G_out  # into the states this slice hands on
+        caller = None  # a caller's initial state: rows only
+        if self.rows and G_init is not None:
+            caller = G_init.to(dS0.dtype).view_as(dS0)
+        return extra.view_as(dS0), caller
+
+
+def _linked_decay_scan(kernel, inputs, shard, initial_state, cu_seqlens, options):
+    """`_decay_scan` on the PyTorch path: the exchange inside the kernel."""
+    q, k, v, g = inputs
+    receives = _check_state(shard, initial_state, cu_seqlens)
+    n = _first_length(q.shape[1], cu_seqlens, shard)
+    whole = receives and (cu_seqlens is None or len(cu_seqlens) == 2)
+    total = g[:, :n].float().sum(1)  # (B, H[, K]): the log-decay of the slice's first sequence
+    A = total.exp() if whole else torch.zeros_like(total)
+    per_key = g.dim() == 4
+
+    def apply(A, S):  # flattened: A (n H[, K]), S (n H, K, V)
+        return (A[..., None] if per_key else A[..., None, None]) * S
+
+    link = _Link(shard, A, apply, receives, rows=cu_seqlens is None)
+    options = {k: v for k, v in options.items() if k != "backend" and v is not None}
+    return LINKED[kernel](q, k, v, g, initial_state=initial_state, output_final_state=True,
+                          cu_seqlens=cu_seqlens, state_link=link, **options)  # fmt: skip
+
+
 def _decay_scan(kernel, inputs, shard, initial_state, cu_seqlens, options):
     """Scalar-decay (g `[B, T, H]`; q and k may be grouped, `[B, T, G, K]`, as the kernel
     takes them) and per-key-decay (g `[B, T, H, K]`) linear attention."""
     q, k, v, g = inputs
+    backend = resolve_backend(options.get("backend", "auto"), q)
+    if backend == "torch" and kernel in LINKED:
+        return _linked_decay_scan(kernel, inputs, shard, initial_state, cu_seqlens, options)
     o, final = kernel(q, k, v, g, initial_state=None, output_final_state=True,
                       cu_seqlens=cu_seqlens, **options)  # fmt: skip
     scale = options.get("scale")

@@ -82,13 +82,33 @@ def _chunk_grads(intra: Intra, do, q, k, v, b, S_in, dS_out):
     return dq.sum_to_size(q.shape), dk.sum_to_size(k.shape), dv, db  # shared q, k: sum over R
 
 
-def _entering_states(k, v, b, S0, layout: ChunkLayout):
-    """`(S_in [M, H, K, V], final [N, H, K, V])`: the state entering each chunk, and each
-    sequence's last, from the chunk-local updates `(k exp(b_C - b))^T v` and decays exp(b_C)."""
+class StateLink(Protocol):
+    """Initial states that depend on this call's own final states: a sequence-parallel rank's
+    incoming states (`rnnscale.parallel.state_passing`), which its predecessors hand on once
+    they have this slice's final states from zero. With one, the costly chunk updates are
+    formed once: the states from zero are a cheap pass over them, and so are the true states
+    after `incoming`; the backward mirrors it with the gradients."""
+
+    def incoming(self, final: torch.Tensor, S0: torch.Tensor) -> torch.Tensor:
+        """The initial states `[N, ...]` from the final states reached from zero and the
+        caller's initial states S0 (both `[N, ...]`, as the call shapes its states)."""
+
+    def outgoing(self, dS0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(extra gradient of the final states, gradient of the caller's S0)` from the
+        gradient the initial states get from this call with the final states' own."""
+
+
+def _updates(k, v, b):
+    """The chunk-local state updates `(k exp(b_C - b))^T v` [M, H, K, V] and decays exp(b_C)
+    [M, H, G, 1]: the costly part of the states' pass, formed once per call."""
     b_last = b[..., -1:, :]  # (M, H, 1, G)
-    dS = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # (M, H, K, V)
-    chunk_decay = b_last.transpose(-1, -2).exp()  # (M, H, G, 1)
-    return scan_chunks(layout, S0, lambda S, decay, dS: (decay * S + dS, S), (chunk_decay, dS))
+    return b_last.transpose(-1, -2).exp(), (k * (b_last - b).exp()).transpose(-1, -2) @ v
+
+
+def _entering_states(updates, S0, layout: ChunkLayout):
+    """`(S_in [M, H, K, V], final [N, H, K, V])`: the state entering each chunk, and each
+    sequence's last, from the chunk updates and S0."""
+    return scan_chunks(layout, S0, lambda S, decay, dS: (decay * S + dS, S), updates)
 
 
 def chunked_again(prep, raw, needs) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
@@ -113,37 +133,46 @@ class ChunkLinearAttention(torch.autograd.Function):
     """`(o [M, H, C, V], final [N, H, K, V])` from unchunked inputs `raw` and `prep(*raw)`, which
     chunks them into `q, k [M, H, C, K]`, `v [M, H, C, V]` and cumulative gates `b [M, H, C, G]`,
     all in one float dtype as the initial states `S0 [N, H, K, V]`; `layout` orders the chunks,
-    `intra` scores them. Gradients for S0 and every input in `raw`."""
+    `intra` scores them; `link` (a `StateLink`, or None) makes the initial states depend on
+    the final ones. Gradients for S0 and every input in `raw`."""
 
     @staticmethod
-    def forward(ctx, prep, S0, layout: ChunkLayout, scale: float, intra: Intra, *raw):
+    def forward(ctx, prep, S0, layout: ChunkLayout, scale: float, intra: Intra, link, *raw):
         q, k, v, b = prep(*raw)
-        S_in, final = _entering_states(k, v, b, S0, layout)  # (M, H, K, V), (N, H, K, V)
+        updates = _updates(k, v, b)
+        if link is not None:
+            S0 = link.incoming(_entering_states(updates, torch.zeros_like(S0), layout)[1], S0)
+        S_in, final = _entering_states(updates, S0, layout)  # (M, H, K, V), (N, H, K, V)
         A = intra.scores(q, k, b, causal_mask(q.shape[-2], q.device))  # (M, H, C, C)
         o = scale * ((q * b.exp()) @ S_in + A @ v)  # (M, H, C, V)
         ctx.save_for_backward(S0, *raw)
-        ctx.prep, ctx.layout, ctx.scale, ctx.intra = prep, layout, scale, intra
+        ctx.prep, ctx.layout, ctx.scale, ctx.intra, ctx.link = prep, layout, scale, intra, link
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         S0, *raw = ctx.saved_tensors
-        leaves, chunked = chunked_again(ctx.prep, raw, ctx.needs_input_grad[5:])
+        leaves, chunked = chunked_again(ctx.prep, raw, ctx.needs_input_grad[6:])
         q, k, v, b = (x.detach() for x in chunked)
-        S_in, _ = _entering_states(k, v, b, S0, ctx.layout)
+        updates = _updates(k, v, b)
+        S_in, _ = _entering_states(updates, S0, ctx.layout)
         do = ctx.scale * do  # (M, H, C, V)
-        chunk_decay = b[..., -1:, :].transpose(-1, -2).exp()  # (M, H, G, 1)
-        dS_out, dS0 = scan_chunks(
-            ctx.layout,
-            dfinal,
-            lambda dS, decay, x: (decay * dS + x, dS),
-            (chunk_decay, (q * b.exp()).transpose(-1, -2) @ do),
-            reverse=True,
-        )  # dS_out: gradient of the state leaving each chunk (M, H, K, V); dS0 (N, H, K, V)
+        per_chunk = (updates[0], (q * b.exp()).transpose(-1, -2) @ do)
+
+        def states_back(dfinal):  # (gradient of the state leaving each chunk, dS0)
+            return scan_chunks(ctx.layout, dfinal, lambda dS, decay, x: (decay * dS + x, dS),
+                               per_chunk, reverse=True)  # fmt: skip
+
+        dS0_caller = None
+        if ctx.link is not None:  # the final states' gradient from the link, then the whole pass
+            extra, dS0_caller = ctx.link.outgoing(states_back(dfinal)[1])
+            dfinal = dfinal + extra
+        dS_out, dS0 = states_back(dfinal)  # (M, H, K, V), (N, H, K, V)
+        dS0 = dS0 if ctx.link is None else dS0_caller
         grads = tuple(torch.empty_like(x) for x in (q, k, v, b))  # dq, dk, dv, db
         C, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
         for sl in chunk_blocks(v.shape[0], v[0].numel() // V * max(C, K, V)):
             parts = _chunk_grads(ctx.intra, *(x[sl] for x in (do, q, k, v, b, S_in, dS_out)))
             for grad, part in zip(grads, parts):
                 grad[sl] = part
-        return None, dS0, None, None, None, *unchunked_grads(leaves, chunked, grads)
+        return None, dS0, None, None, None, None, *unchunked_grads(leaves, chunked, grads)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from rnnscale.kernels.common.checks import check_linear_attention
-from rnnscale.kernels.common.chunk_autograd import ChunkLinearAttention
+from rnnscale.kernels.common.chunk_autograd import ChunkLinearAttention, StateLink
 from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, to_chunks
 
 
@@ -109,6 +109,7 @@ def chunk_gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    state_link: StateLink | None = None,
     chunk_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention: `S_t = diag(exp g_t) S_{t-1} + k_t v_t^T`, `o_t = scale q_t^T S_t`.
@@ -123,6 +124,9 @@ def chunk_gla(
         cu_seqlens: int `[N + 1]` offsets of packed documents in a `B = 1` batch; the state
             resets at each offset and N counts documents instead of batch rows.
         chunk_size: C, the chunk length.
+        state_link: the initial states as a function of the final ones (a
+            `rnnscale.kernels.common.chunk_autograd.StateLink`: sequence parallelism's chain,
+            `rnnscale.parallel.state_passing`), with initial_state the caller's.
     Returns:
         `(o [B, T, H, V] in the dtype of v, final_state or None)`.
     """
@@ -141,7 +145,7 @@ def chunk_gla(
 
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
     o, final = ChunkLinearAttention.apply(
-        prep, S0.to(acc), layout, scale, PerKeyDecayScores, q, k, v, g
+        prep, S0.to(acc), layout, scale, PerKeyDecayScores, state_link, q, k, v, g
     )  # (M, H, C, V), (N, H, K, V)
     o = from_chunks(o.transpose(1, 2), layout)  # (B, T, H, V)
     return o.to(v.dtype), (final if output_final_state else None)

@@ -18,7 +18,11 @@ from __future__ import annotations
 import torch
 
 from rnnscale.kernels.common.checks import check_linear_attention
-from rnnscale.kernels.common.chunk_autograd import ChunkLinearAttention, decay_matrix
+from rnnscale.kernels.common.chunk_autograd import (
+    ChunkLinearAttention,
+    StateLink,
+    decay_matrix,
+)
 from rnnscale.kernels.common.chunks import chunk_layout, from_chunks, to_chunks
 
 
@@ -47,6 +51,7 @@ def chunk_simple_gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    state_link: StateLink | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scalar-decay linear attention: `S_t = exp(g_t) S_{t-1} + k_t v_t^T`, `o_t = scale q_t^T S_t`.
@@ -56,8 +61,9 @@ def chunk_simple_gla(
             (Mamba2's B and C): the scores `q k^T` are then formed once per group.
         v: `[B, T, H, V]`.
         g: `[B, T, H]` log-space decay per head (<= 0), accumulated in fp32.
-        scale, initial_state `[N, H, K, V]`, output_final_state, cu_seqlens, chunk_size: as in
-            `rnnscale.kernels.gla.chunk_gla`.
+        scale, initial_state `[N, H, K, V]`, output_final_state, cu_seqlens, chunk_size,
+            state_link: as in `rnnscale.kernels.gla.chunk_torch.chunk_gla` (the link sees
+            grouped heads' states as `[N, G, H / G, K, V]`).
     Returns:
         `(o [B, T, H, V] in the dtype of v, final_state [N, H, K, V] or None)`.
     """
@@ -80,7 +86,7 @@ def chunk_simple_gla(
     S0 = q.new_zeros(layout.N, H, K, V, dtype=acc) if initial_state is None else initial_state
     S0 = S0.to(acc) if G == H else S0.to(acc).unflatten(1, (G, -1))
     o, final = ChunkLinearAttention.apply(
-        prep, S0, layout, scale, ScalarDecayScores, q, k, v, g
+        prep, S0, layout, scale, ScalarDecayScores, state_link, q, k, v, g
     )  # (M, H, C, V), (N, H, K, V); (M, G, H / G, ...) when grouped
     o = from_chunks(o.flatten(1, -3).transpose(1, 2), layout)  # (B, T, H, V)
     return o.to(v.dtype), (final.flatten(1, -3) if output_final_state else None)
