@@ -102,7 +102,7 @@ def test_the_notice_file_appears_whole(tmp_path, monkeypatch):
     """Rank 0 may stat the notice file at any moment: it must appear with its reason already in
     it (a plain write is seen empty first; CI once read the Ray driver's notice without its
     "(SIGTERM)"), so it comes by renaming a whole temporary file over the name."""
-    import rnnscale.train.checkpoint as checkpoint
+    import rnnscale.train.files as files
 
     seen, replace = [], os.replace
 
@@ -110,7 +110,7 @@ def test_the_notice_file_appears_whole(tmp_path, monkeypatch):
         seen.append((Path(dst).exists(), Path(src).read_text()))
         replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", spy)
+    monkeypatch.setattr(files.os, "replace", spy)
     post_notice(tmp_path, "SIGTERM")
     assert seen == [(False, "SIGTERM\n")] and (tmp_path / NOTICE_FILE).read_text() == "SIGTERM\n"
     assert [p.name for p in tmp_path.iterdir()] == [NOTICE_FILE]

@@ -28,13 +28,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rnnscale.train.files import write_atomic
 from rnnscale.train.notice import notice
 
 MANIFEST, META = "manifest.json", "meta.json"
@@ -116,23 +116,6 @@ def weights_only_loading():
 
 
 # ---- writing -------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """`path` holds `text` whole or not at all: written to a temporary file of its own (no
-    other thread or process writes the same one) and renamed over the name."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # as a plain write would leave it (mkstemp makes it 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class SaveFailed(RuntimeError):

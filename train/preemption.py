@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from rnnscale.train.checkpoint import write_atomic
+from rnnscale.train.files import write_atomic
 
 EXIT_PREEMPTED = 75
 NOTICE_FILE = "PREEMPT"  # in the run directory

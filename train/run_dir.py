@@ -8,8 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from rnnscale.train.checkpoint import write_atomic
 from rnnscale.train.config import ConfigError, RunConfig, dump_yaml
+from rnnscale.train.files import end_torn_line, write_atomic
 from rnnscale.train.notice import notice
 
 
@@ -40,18 +40,6 @@ def prepare_run_dir(cfg: RunConfig, resuming: bool = False) -> Path:
             end_torn_line(run_dir / f"{name}.jsonl")
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # `rnnscale status` may read it now
     return run_dir
-
-
-def end_torn_line(path: Path) -> None:
-    """Give a JSON-lines file whose last line was cut (a kill or a full disk mid-write) the
-    newline it lacks, so the next record starts a line of its own: only the cut record is
-    unreadable (readers skip it), not the next one too."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) != b"\n":
-            f.write(b"\n")
 
 
 def last_logged_loss(run_dir: Path) -> float:

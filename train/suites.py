@@ -58,9 +58,9 @@ def recall_trained_run(config, run_dir, steps: int, rows: int):
     a model that knows the task, for tests/test_suites.py and benchmarks/evaluation.py."""
     from pathlib import Path
 
-    from rnnscale.train.checkpoint import write_atomic
     from rnnscale.train.config import dump_yaml, load_config
     from rnnscale.train.export import export_model
+    from rnnscale.train.files import write_atomic
     from rnnscale.train.model import build_model
 
     task = AssociativeRecall(num_keys=8, num_values=8, pairs=4, queries=4, seed=0)

@@ -17,8 +17,8 @@ from rnnscale.train.checkpoint import (
     read_meta,
     sha256_of,
     verify,
-    write_atomic,
 )
+from rnnscale.train.files import write_atomic
 
 
 def needs_universal(path: Path, world: int, zero_stage: int) -> bool:

@@ -140,11 +140,12 @@ class ChunkLinearAttention(torch.autograd.Function):
     def forward(ctx, prep, S0, layout: ChunkLayout, scale: float, intra: Intra, link, *raw):
         q, k, v, b = prep(*raw)
         updates = _updates(k, v, b)
+        # the intra-chunk part needs no state: before a link's wait for its incoming states
+        o_intra = intra.scores(q, k, b, causal_mask(q.shape[-2], q.device)) @ v  # (M, H, C, V)
         if link is not None:
             S0 = link.incoming(_entering_states(updates, torch.zeros_like(S0), layout)[1], S0)
         S_in, final = _entering_states(updates, S0, layout)  # (M, H, K, V), (N, H, K, V)
-        A = intra.scores(q, k, b, causal_mask(q.shape[-2], q.device))  # (M, H, C, C)
-        o = scale * ((q * b.exp()) @ S_in + A @ v)  # (M, H, C, V)
+        o = scale * ((q * b.exp()) @ S_in + o_intra)  # (M, H, C, V)
         ctx.save_for_backward(S0, *raw)
         ctx.prep, ctx.layout, ctx.scale, ctx.intra, ctx.link = prep, layout, scale, intra, link
         return o, final
